@@ -1,0 +1,151 @@
+"""Lung segmentation on CT by density and morphology (Triton Python backend).
+
+Input ``CT_HU`` (int16, slice x row x column, Hounsfield units, slices ordered along
+the normal) and ``SPACING_MM`` (slice, row, column spacing). Output ``LUNG_LABELS``
+(uint8): 0 background, 1 and 2 the two lungs, 1 being the one whose mean column
+index is smaller. Which of them is the patient's left is for the caller to decide
+from the image orientation.
+
+The steps: the body is the largest connected region denser than -500 HU, with each
+axial slice's holes filled; lung candidates are air (< -400 HU) inside the body;
+in each slice, small air regions near the body's midline (trachea, main bronchi)
+are removed; the remaining 3D regions are the lungs, split by erosion when they
+touch; vessels (holes) are filled slice by slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+BODY_HU = -500.0
+AIR_HU = -400.0
+# A cross-section of trachea or a main bronchus is at most this large (mm^2).
+AIRWAY_MAX_AREA_MM2 = 500.0
+# ... and lies within this fraction of the body's width either side of its centre.
+AIRWAY_MIDLINE_FRACTION = 0.15
+# A lung candidate holds at least this fraction of the largest candidate.
+SECOND_LUNG_MIN_FRACTION = 0.15
+MAX_SPLIT_EROSIONS = 12
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _fill_slices(mask: np.ndarray) -> np.ndarray:
+    filled = np.empty_like(mask)
+    for index in range(mask.shape[0]):
+        filled[index] = ndimage.binary_fill_holes(mask[index])
+    return filled
+
+
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """Voxels inside the patient: the largest dense region, each slice filled."""
+    dense = hu > BODY_HU
+    # An opening in-plane detaches the table and blankets that touch the body.
+    structure = np.zeros((1, 3, 3), dtype=bool)
+    structure[0] = ndimage.generate_binary_structure(2, 1)
+    opened = ndimage.binary_opening(dense, structure=structure, iterations=2)
+    return _fill_slices(_largest_component(opened))
+
+
+def _remove_airways(air: np.ndarray, body: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    pixel_area = float(spacing[1] * spacing[2])
+    cleaned = air.copy()
+    for index in range(air.shape[0]):
+        columns = np.nonzero(body[index].any(axis=0))[0]
+        if columns.size == 0:
+            continue
+        centre = (columns[0] + columns[-1]) / 2.0
+        half_band = AIRWAY_MIDLINE_FRACTION * (columns[-1] - columns[0] + 1)
+        labels, count = ndimage.label(air[index])
+        if count == 0:
+            continue
+        ids = np.arange(1, count + 1)
+        areas = ndimage.sum_labels(air[index], labels, index=ids) * pixel_area
+        centroids = ndimage.center_of_mass(air[index], labels, ids)
+        for label, area, (_, col) in zip(ids, areas, centroids, strict=True):
+            if area <= AIRWAY_MAX_AREA_MM2 and abs(col - centre) <= half_band:
+                cleaned[index][labels == label] = False
+    return cleaned
+
+
+def _split(component: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Split one region that holds both lungs by eroding until two large cores appear."""
+    eroded = component
+    for _ in range(MAX_SPLIT_EROSIONS):
+        eroded = ndimage.binary_erosion(eroded)
+        labels, count = ndimage.label(eroded)
+        if count < 2:
+            continue
+        sizes = ndimage.sum_labels(eroded, labels, index=np.arange(1, count + 1))
+        order = np.argsort(sizes)[::-1]
+        if sizes[order[1]] >= SECOND_LUNG_MIN_FRACTION * sizes[order[0]]:
+            seeds = np.zeros(component.shape, dtype=np.uint8)
+            seeds[labels == order[0] + 1] = 1
+            seeds[labels == order[1] + 1] = 2
+            # Every voxel of the region goes to its nearest core.
+            _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+            owner = seeds[tuple(nearest)]
+            return component & (owner == 1), component & (owner == 2)
+    return None
+
+
+def segment_lungs(hu: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Label the two lungs in ``hu``; see the module docstring for the method."""
+    labels_out = np.zeros(hu.shape, dtype=np.uint8)
+    body = body_mask(hu)
+    air = (hu < AIR_HU) & body
+    air = _remove_airways(air, body, spacing)
+    labels, count = ndimage.label(air)
+    if count == 0:
+        return labels_out
+    sizes = ndimage.sum_labels(air, labels, index=np.arange(1, count + 1))
+    order = np.argsort(sizes)[::-1]
+    largest = labels == order[0] + 1
+    lungs: list[np.ndarray]
+    if count >= 2 and sizes[order[1]] >= SECOND_LUNG_MIN_FRACTION * sizes[order[0]]:
+        lungs = [largest, labels == order[1] + 1]
+    else:
+        halves = _split(largest)
+        lungs = list(halves) if halves is not None else [largest]
+    lungs = [_fill_slices(lung) for lung in lungs]
+    lungs.sort(key=lambda lung: float(np.nonzero(lung)[2].mean()))
+    for number, lung in enumerate(lungs, start=1):
+        labels_out[lung & (labels_out == 0)] = number
+    return labels_out
+
+
+class TritonPythonModel:
+    """Triton's entry point; the algorithm above is plain numpy/scipy."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self._pb = pb_utils
+
+    def execute(self, requests: list[object]) -> list[object]:
+        pb = self._pb
+        responses = []
+        for request in requests:
+            try:
+                hu = pb.get_input_tensor_by_name(request, "CT_HU").as_numpy()
+                spacing = pb.get_input_tensor_by_name(request, "SPACING_MM").as_numpy()
+                if hu.ndim != 3 or spacing.shape != (3,):
+                    raise ValueError(
+                        f"CT_HU must be 3-D and SPACING_MM have 3 values, got {hu.shape} and"
+                        f" {spacing.shape}"
+                    )
+                labels = segment_lungs(hu, spacing.astype(np.float64))
+                output = pb.Tensor("LUNG_LABELS", labels)
+                responses.append(pb.InferenceResponse(output_tensors=[output]))
+            except Exception as exc:  # a request's failure is reported, not raised
+                responses.append(
+                    pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc)))
+                )
+        return responses

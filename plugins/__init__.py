@@ -1,0 +1,1 @@
+"""Infergate's reference plugins, registered through the ``infergate.plugins`` entry points."""

@@ -1,0 +1,3 @@
+"""Infergate: a DICOM inference gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""The ``infergate`` command: ``serve``, ``check`` and ``plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from infergate import __version__
+from infergate.config import Settings, load_settings
+from infergate.dicom.scp import StorageSCP
+from infergate.dicom.spool import Spool
+from infergate.errors import ConfigError, InfergateError
+from infergate.inference.embedded import EmbeddedTriton
+from infergate.inference.triton import TritonClient
+from infergate.logs import configure_logging, get_logger
+from infergate.pipeline import Pipeline
+from infergate.plugins import LoadedPlugin, discover
+from infergate.store import Store
+
+log = get_logger("infergate.cli")
+
+
+@contextlib.contextmanager
+def triton_for(settings: Settings) -> Iterator[TritonClient]:
+    """A client for the configured Triton; starts and stops the embedded one."""
+    embedded = None
+    if settings.triton.mode == "embedded":
+        embedded = EmbeddedTriton(settings.triton, settings.storage.var_dir / "triton")
+        embedded.start()
+    client = TritonClient(settings.triton.grpc_url, settings.triton.request_timeout_s)
+    try:
+        if not client.is_ready():
+            raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")
+        yield client
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+
+def check_plugins(client: TritonClient, plugins: list[LoadedPlugin]) -> None:
+    for loaded in plugins:
+        client.check_plugin(loaded.spec)
+        log.info(
+            "check.plugin.ok",
+            plugin=loaded.spec.name,
+            version=loaded.spec.version,
+            model=loaded.spec.model_name,
+        )
+
+
+def serve(settings: Settings) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("serve.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    store = Store(settings.storage.database)
+    spool = Spool(settings.storage.spool_dir)
+    orphans = spool.clean_orphans()
+    if orphans:
+        log.warning("ingest.spool.orphans_removed", files=orphans)
+    plugins = discover()
+    for loaded in plugins:
+        log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
+    with triton_for(settings) as client:
+        check_plugins(client, plugins)
+        pipeline = Pipeline(settings, store, plugins, client)
+        pipeline.recover()
+        worker = threading.Thread(target=pipeline.run, args=(stop,), name="pipeline", daemon=True)
+        worker.start()
+        scp = StorageSCP(settings.ingest, spool, store)
+        scp.start()
+        log.info(
+            "serve.ready",
+            version=__version__,
+            ae_title=settings.ingest.ae_title,
+            port=settings.ingest.port,
+        )
+        # The main thread only waits: pynetdicom's blocking server deadlocks on shutdown
+        # from a signal handler (see PERFORMANCE.md).
+        while not stop.wait(1.0):
+            if not worker.is_alive():
+                log.error("serve.worker.died")
+                stop.set()
+        scp.stop()
+        worker.join(timeout=60)
+    store.close()
+    log.info("serve.stopped")
+    return 0
+
+
+def check(settings: Settings) -> int:
+    plugins = discover()
+    if not plugins:
+        log.warning("check.no_plugins")
+    with triton_for(settings) as client:
+        check_plugins(client, plugins)
+    log.info("check.ok", plugins=len(plugins))
+    return 0
+
+
+def list_plugins() -> int:
+    for loaded in discover():
+        spec = loaded.spec
+        print(f"{spec.name} {spec.version}")
+        print(f"  {spec.description}")
+        print(f"  modalities: {', '.join(sorted(spec.modalities))}")
+        print(
+            f"  Triton model: {spec.model_name}"
+            + (f" v{spec.model_version}" if spec.model_version else "")
+        )
+        for kind, tensors in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+            described = ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in tensors)
+            print(f"  {kind}: {described}")
+        if spec.segments:
+            print(f"  segments: {', '.join(f'{s.number}={s.label}' for s in spec.segments)}")
+        print(f"  from: {loaded.source}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="infergate", description="DICOM inference gateway")
+    parser.add_argument("--version", action="version", version=f"infergate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "receive studies, run plugins on Triton, send results"),
+        ("check", "check config, plugins and their Triton models, then exit"),
+        ("plugins", "list installed plugins"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, help="YAML settings file")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        configure_logging(settings.logging.level)
+        if args.command == "plugins":
+            return list_plugins()
+        if args.command == "check":
+            return check(settings)
+        return serve(settings)
+    except InfergateError as exc:
+        log.error(f"{args.command}.failed", error=type(exc).__name__, reason=str(exc))
+        print(f"infergate {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

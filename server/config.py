@@ -1,0 +1,187 @@
+"""Frozen settings: a YAML file (``--config``) plus ``INFERGATE_*`` environment variables.
+
+Environment variables override the file; nested keys use ``__``, for example
+``INFERGATE_INGEST__PORT=11113``. An unknown key anywhere is an error that names
+the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from infergate import __version__
+from infergate.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IngestSettings(_Section):
+    """The DICOM listener."""
+
+    ae_title: str = Field(default="INFERGATE", min_length=1, max_length=16)
+    host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the network by design
+    port: int = Field(default=11112, ge=1, le=65535)
+    # 128 KiB PDUs were measured faster than pynetdicom's 16 KiB default on this machine kind.
+    max_pdu_length: int = Field(default=131072, ge=4096)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class StorageSettings(_Section):
+    """Where state and spooled instances live."""
+
+    var_dir: Path = Path("var")
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.var_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.var_dir / "results"
+
+    @property
+    def database(self) -> Path:
+        return self.var_dir / "infergate.db"
+
+
+class AssemblySettings(_Section):
+    """When a series counts as complete."""
+
+    quiet_period_s: float = Field(default=10.0, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+class TritonSettings(_Section):
+    """The Triton Inference Server: started by Infergate (embedded) or reached by URL."""
+
+    mode: Literal["embedded", "remote"] = "embedded"
+    url: str = "127.0.0.1:8001"
+    model_repository: Path = Path("model_repository")
+    grpc_port: int = Field(default=8001, ge=1, le=65535)
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    metrics_port: int = Field(default=8002, ge=1, le=65535)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    startup_timeout_s: float = Field(default=120.0, gt=0)
+
+    @property
+    def grpc_url(self) -> str:
+        if self.mode == "embedded":
+            return f"127.0.0.1:{self.grpc_port}"
+        return self.url
+
+
+class DeviceSettings(_Section):
+    """The identity Infergate writes into every result object (General Equipment)."""
+
+    manufacturer: str = "Infergate project"
+    manufacturer_model_name: str = "Infergate"
+    device_serial_number: str = "INFERGATE-0001"
+    software_versions: str = __version__
+    institution_name: str | None = None
+
+
+class ResultsSettings(_Section):
+    """Numbering and identity of result objects."""
+
+    device: DeviceSettings = DeviceSettings()
+    seg_series_number: int = Field(default=9001, ge=1)
+    sr_series_number: int = Field(default=9002, ge=1)
+    # Root of the UIDs Infergate creates; results derive theirs deterministically
+    # from it and the job, so a re-run never mints new UIDs.
+    uid_root: str = Field(default="1.2.826.0.1.3680043.8.498.", pattern=r"^[0-9.]+\.$")
+
+
+class Destination(_Section):
+    """A DICOM node that receives results."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class ExportSettings(_Section):
+    """Delivery of results."""
+
+    destination: Destination | None = None
+    attempts: int = Field(default=5, ge=1)
+    retry_delay_s: float = Field(default=5.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """All of Infergate's configuration. Frozen once loaded."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INFERGATE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    ingest: IngestSettings = IngestSettings()
+    storage: StorageSettings = StorageSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    triton: TritonSettings = TritonSettings()
+    results: ResultsSettings = ResultsSettings()
+    export: ExportSettings = ExportSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init arguments; the environment wins over it.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load settings from ``path`` (YAML) and the environment.
+
+    Raises :class:`ConfigError` naming the offending key and the file.
+    """
+    source = str(path) if path is not None else "the defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}' in {source}")
+        else:
+            problems.append(
+                f"invalid value for '{key}' in {source} or the environment: {error['msg']}"
+            )
+    return "; ".join(problems)

@@ -1,0 +1,238 @@
+"""The DICOM listener: C-ECHO and C-STORE, spool first, acknowledge after.
+
+The C-STORE handler only validates the identifying attributes, spools the bytes
+as received (no decoding of pixel data, no transcoding), commits the instance to
+the state store and then returns a status. Anything slow happens elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from infergate.config import IngestSettings
+from infergate.dicom.scu import set_nodelay
+from infergate.dicom.spool import Spool
+from infergate.dicom.status import Status, status_for
+from infergate.errors import InfergateError, InvalidInstanceError, UIDMismatchError
+from infergate.logs import get_logger
+from infergate.store import InstanceRecord, Store
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+
+log = get_logger(__name__)
+
+VERIFICATION = UID("1.2.840.10008.1.1")
+ACCEPTED_STORAGE = (CTImageStorage,)
+ACCEPTED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+# Structlog's context (association id, peer) follows pynetdicom into its threads.
+_config.PASS_CONTEXTVARS = True
+
+
+@dataclass
+class _AssociationStats:
+    association_id: str
+    started: float
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+
+
+@dataclass
+class StorageSCP:
+    """The listener; ``start()`` returns once it accepts connections."""
+
+    settings: IngestSettings
+    spool: Spool
+    store: Store
+    _ae: AE = field(init=False)
+    _server: Any = field(init=False, default=None)
+    _stats: weakref.WeakKeyDictionary[Association, _AssociationStats] = field(
+        init=False, default_factory=weakref.WeakKeyDictionary
+    )
+
+    def __post_init__(self) -> None:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu_length
+        ae.network_timeout = self.settings.network_timeout_s
+        ae.acse_timeout = self.settings.network_timeout_s
+        ae.dimse_timeout = self.settings.network_timeout_s
+        ae.require_called_aet = True
+        ae.add_supported_context(VERIFICATION)
+        for sop_class in ACCEPTED_STORAGE:
+            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        self._ae = ae
+
+    def start(self) -> None:
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self._ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "ingest.listener.started",
+            ae_title=self.settings.ae_title,
+            host=self.settings.host,
+            port=self.settings.port,
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("ingest.listener.stopped")
+
+    # -- association events ------------------------------------------------------
+
+    def _on_connect(self, event: evt.Event) -> None:
+        set_nodelay(event)
+        stats = _AssociationStats(association_id=uuid.uuid4().hex[:16], started=time.monotonic())
+        self._stats[event.assoc] = stats
+        structlog.contextvars.bind_contextvars(association_id=stats.association_id)
+
+    def _peer(self, event: evt.Event) -> dict[str, Any]:
+        requestor = event.assoc.requestor
+        return {
+            "peer_address": requestor.address,
+            "peer_port": requestor.port,
+            "calling_ae": _ae_text(requestor.ae_title),
+            "called_ae": _ae_text(event.assoc.acceptor.ae_title),
+        }
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        log.info("ingest.association.accepted", **self._peer(event))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning("ingest.association.rejected", **self._peer(event))
+
+    def _on_closed(self, event: evt.Event) -> None:
+        stats = self._stats.get(event.assoc)
+        if stats is None:
+            return
+        name = (
+            "ingest.association.released"
+            if event.event is evt.EVT_RELEASED
+            else ("ingest.association.aborted")
+        )
+        log.info(
+            name,
+            association_id=stats.association_id,
+            instances=stats.instances,
+            bytes=stats.bytes,
+            failures=stats.failures,
+            duration_s=round(time.monotonic() - stats.started, 3),
+        )
+
+    # -- DIMSE services -----------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("ingest.echo", **self._peer(event))
+        return int(Status.SUCCESS)
+
+    def _on_store(self, event: evt.Event) -> int:
+        stats = self._stats.get(event.assoc)
+        association_id = stats.association_id if stats else "unknown"
+        try:
+            record = self._accept_instance(event, association_id)
+        except InfergateError as exc:
+            status = status_for(exc)
+            if stats:
+                stats.failures += 1
+            log.warning(
+                "ingest.instance.refused",
+                reason=str(exc),
+                error=type(exc).__name__,
+                status=f"0x{int(status):04X}",
+            )
+            return int(status)
+        if stats:
+            stats.instances += 1
+            stats.bytes += record.size
+        return int(Status.SUCCESS)
+
+    def _accept_instance(self, event: evt.Event, association_id: str) -> InstanceRecord:
+        header = _identify(event)
+        data = event.encoded_dataset(include_meta=True)
+        path = self.spool.write(data)
+        requestor = event.assoc.requestor
+        record = InstanceRecord(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            series_uid=header.series_uid,
+            study_uid=header.study_uid,
+            modality=header.modality,
+            path=path,
+            size=len(data),
+            association_id=association_id,
+            calling_ae=_ae_text(requestor.ae_title),
+            called_ae=_ae_text(event.assoc.acceptor.ae_title),
+        )
+        if self.store.record_instance(record):
+            log.debug(
+                "ingest.instance.stored",
+                series_uid=record.series_uid,
+                sop_instance_uid=record.sop_instance_uid,
+                bytes=record.size,
+            )
+        else:
+            self.spool.discard(path)
+            log.info(
+                "ingest.instance.duplicate",
+                series_uid=record.series_uid,
+                sop_instance_uid=record.sop_instance_uid,
+            )
+        return record
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    modality: str
+
+
+def _identify(event: evt.Event) -> _Header:
+    """Read the attributes ingest needs, without touching pixel data."""
+    request = event.request
+    if not isinstance(request, C_STORE):
+        raise InvalidInstanceError("not a C-STORE request")
+    command_uid = str(request.AffectedSOPInstanceUID or "")
+    try:
+        ds = event.dataset
+        values = {
+            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+            "sop_class_uid": str(ds.get("SOPClassUID", "")),
+            "series_uid": str(ds.get("SeriesInstanceUID", "")),
+            "study_uid": str(ds.get("StudyInstanceUID", "")),
+            "modality": str(ds.get("Modality", "")),
+        }
+    except Exception as exc:  # pydicom raises many types for a broken stream
+        raise InvalidInstanceError(f"dataset cannot be decoded: {type(exc).__name__}") from exc
+    missing = [name for name, value in values.items() if not value]
+    if missing:
+        raise InvalidInstanceError(f"dataset lacks {', '.join(missing)}")
+    if values["sop_instance_uid"] != command_uid:
+        raise UIDMismatchError("SOP Instance UID in the dataset differs from the C-STORE request")
+    return _Header(**values)
+
+
+def _ae_text(value: str | bytes) -> str:
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").strip()
+    return value.strip()

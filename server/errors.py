@@ -1,0 +1,62 @@
+"""The one exception hierarchy of Infergate.
+
+Everything the gateway raises on purpose derives from :class:`InfergateError`.
+DICOM status codes are not known here: the network edge (``infergate.dicom``)
+maps these classes to statuses.
+"""
+
+
+class InfergateError(Exception):
+    """Base of every error Infergate raises on purpose."""
+
+
+class ConfigError(InfergateError):
+    """The configuration is invalid; the message names the key and the file."""
+
+
+class StoreError(InfergateError):
+    """The state store could not record or read something."""
+
+
+class SpoolError(InfergateError):
+    """An instance could not be written durably to the spool."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool has no room for the instance (disk full or over the threshold)."""
+
+
+class InvalidInstanceError(InfergateError):
+    """A received instance lacks what Infergate needs to store or process it."""
+
+
+class PluginError(InfergateError):
+    """A plugin is missing, invalid, or failed in its own code."""
+
+
+class VolumeError(InfergateError):
+    """A series cannot be turned into a consistent volume."""
+
+
+class InferenceError(InfergateError):
+    """Triton refused, failed or timed out on a request."""
+
+
+class TritonUnavailableError(InferenceError):
+    """Triton could not be reached or is not ready."""
+
+
+class ModelMismatchError(InferenceError):
+    """A Triton model is missing or does not match the plugin's spec."""
+
+
+class ResultEncodingError(InfergateError):
+    """A result object could not be built as valid DICOM."""
+
+
+class ExportError(InfergateError):
+    """A result could not be delivered to its destination."""
+
+
+class UIDMismatchError(InvalidInstanceError):
+    """The dataset's SOP Instance UID is not the one the C-STORE request announced."""

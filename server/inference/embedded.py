@@ -1,0 +1,149 @@
+"""A local Triton Inference Server, started and stopped by Infergate.
+
+The ``nvidia-pytriton`` wheel ships a real ``tritonserver`` (2.51) with the Python
+backend. Its backend directory is assembled under the var folder: the backend
+library and utilities from the wheel plus the stub built for this interpreter's
+Python version. Models in the Python backend run in this interpreter's
+environment, so numpy and scipy come from Infergate's own dependencies.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from infergate.config import TritonSettings
+from infergate.errors import TritonUnavailableError
+from infergate.inference.triton import TritonClient
+from infergate.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise TritonUnavailableError(
+            "the embedded Triton needs the nvidia-pytriton package; install Infergate with its"
+            " dependencies, or set triton.mode to remote"
+        ) from exc
+    return Path(pytriton.__file__).parent
+
+
+def prepare_backends(target: Path) -> Path:
+    """Assemble the Python backend folder Triton loads; returns the backend directory."""
+    root = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonUnavailableError(
+            f"nvidia-pytriton has no Python backend stub for Python {version}"
+        )
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        destination = python_dir / source.name
+        if not destination.exists() or destination.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, destination)
+    return target
+
+
+class EmbeddedTriton:
+    """The ``tritonserver`` process; ``start()`` returns when it is ready."""
+
+    def __init__(self, settings: TritonSettings, work_dir: Path) -> None:
+        self._settings = settings
+        self._work_dir = work_dir
+        self._process: subprocess.Popen[bytes] | None = None
+        self.log_path = work_dir / "tritonserver.log"
+
+    def start(self) -> None:
+        package = _pytriton_root()
+        binary = package / "tritonserver" / "bin" / "tritonserver"
+        backends = prepare_backends(self._work_dir / "backends")
+        libs = package.parent / "nvidia_pytriton.libs"
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        # The backend stub embeds an interpreter that finds its prefix, and so this
+        # environment's packages, through the first python3 on PATH.
+        env["PATH"] = os.pathsep.join(
+            p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p
+        )
+        repository = self._settings.model_repository.resolve()
+        command = [
+            str(binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backends}",
+            f"--grpc-port={self._settings.grpc_port}",
+            f"--http-port={self._settings.http_port}",
+            f"--metrics-port={self._settings.metrics_port}",
+            "--allow-http=true",
+            "--exit-on-error=false",
+            "--strict-readiness=false",
+            "--log-verbose=0",
+        ]
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self._process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=self._work_dir
+            )
+        log.info(
+            "triton.embedded.starting",
+            pid=self._process.pid,
+            grpc_port=self._settings.grpc_port,
+            model_repository=str(repository),
+            log_file=str(self.log_path),
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self._settings.startup_timeout_s
+        client = TritonClient(self._settings.grpc_url, self._settings.request_timeout_s)
+        try:
+            while time.monotonic() < deadline:
+                if self._process is not None and self._process.poll() is not None:
+                    raise TritonUnavailableError(
+                        f"tritonserver exited with code {self._process.returncode} during start;"
+                        f" see {self.log_path}: {self._log_tail()}"
+                    )
+                if client.is_ready():
+                    log.info("triton.embedded.ready", grpc_port=self._settings.grpc_port)
+                    return
+                time.sleep(0.25)
+        finally:
+            client.close()
+        self.stop()
+        raise TritonUnavailableError(
+            f"tritonserver was not ready after {self._settings.startup_timeout_s:.0f} s;"
+            f" see {self.log_path}"
+        )
+
+    def _log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.info("triton.embedded.stopped", returncode=process.returncode)

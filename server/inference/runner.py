@@ -1,0 +1,96 @@
+"""Running one job: volume, the plugin's preprocess, Triton, postprocess, result objects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from infergate.config import Settings
+from infergate.dicom.volume import load_series
+from infergate.errors import PluginError
+from infergate.inference.triton import TritonClient
+from infergate.logs import get_logger
+from infergate.plugins import LoadedPlugin
+from infergate.results.identity import ResultIdentity
+from infergate.results.writer import encode, write_result
+from infergate.store import JobRow, ResultRow, Store
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    results: list[ResultRow]
+    timings_s: dict[str, float]
+
+
+def _plugin_step(plugin: str, step: str, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except Exception as exc:  # plugin code may raise anything; it fails its own job
+        raise PluginError(f"plugin {plugin} failed in {step}: {type(exc).__name__}: {exc}") from exc
+
+
+def run_job(
+    job: JobRow,
+    store: Store,
+    plugin: LoadedPlugin,
+    triton: TritonClient,
+    settings: Settings,
+) -> JobOutcome:
+    """Run ``job`` to written result files; the caller records them in the store."""
+    spec = plugin.spec
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        timings[name] = round(now - started, 3)
+        started = now
+
+    loaded = load_series(store.instance_paths(job.series_uid))
+    lap("volume_s")
+    inputs = _plugin_step(spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series))
+    lap("preprocess_s")
+    outputs = triton.infer(
+        spec.model_name, inputs, tuple(t.name for t in spec.outputs), spec.model_version
+    )
+    lap("inference_s")
+    findings = _plugin_step(
+        spec.name, "postprocess", lambda: plugin.plugin.postprocess(loaded.series, outputs)
+    )
+    lap("postprocess_s")
+    identity = ResultIdentity(
+        job_id=job.job_id,
+        uid_root=settings.results.uid_root,
+        device=settings.results.device,
+        seg_series_number=settings.results.seg_series_number,
+        sr_series_number=settings.results.sr_series_number,
+    )
+    encoded = encode(loaded, findings, spec, identity)
+    lap("encode_s")
+    directory: Path = settings.storage.results_dir / job.job_id
+    rows = [
+        ResultRow(
+            sop_instance_uid=result.sop_instance_uid,
+            job_id=job.job_id,
+            kind=result.kind,
+            path=write_result(directory, result),
+            state="pending",
+            attempts=0,
+        )
+        for result in encoded
+    ]
+    lap("write_s")
+    log.info(
+        "inference.job.findings",
+        plugin=spec.name,
+        slices=len(loaded.headers),
+        **{k: v for k, v in findings.summary.items()},
+    )
+    return JobOutcome(results=rows, timings_s=timings)

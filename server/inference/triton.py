@@ -1,0 +1,178 @@
+"""A small typed adapter over tritonclient's gRPC client.
+
+Every tritonclient error becomes an :class:`InferenceError` here; nothing else in
+Infergate imports tritonclient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import tritonclient.grpc as grpcclient
+from infergate.errors import InferenceError, ModelMismatchError, TritonUnavailableError
+from infergate.plugin_api import PluginSpec, TensorSpec
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+# Large volumes travel in one message; tritonclient's default cap would refuse them.
+_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ModelTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    inputs: tuple[ModelTensor, ...]
+    outputs: tuple[ModelTensor, ...]
+
+
+class TritonClient:
+    """Readiness, metadata and inference against one Triton server over gRPC."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(
+            url=url,
+            channel_args=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ],
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    def model_metadata(self, model: str, version: str = "") -> ModelMetadata:
+        """Metadata of a ready model; :class:`ModelMismatchError` when it is not there."""
+        try:
+            if not self._client.is_model_ready(model, version, client_timeout=self.timeout_s):
+                raise ModelMismatchError(
+                    f"Triton at {self.url} has no ready model '{model}'{self._reason(model)}"
+                )
+            meta = self._client.get_model_metadata(
+                model, version, as_json=True, client_timeout=self.timeout_s
+            )
+        except InferenceServerException as exc:
+            raise TritonUnavailableError(
+                f"Triton at {self.url} did not answer for model '{model}': {exc.message()}"
+            ) from exc
+
+        def tensors(key: str) -> tuple[ModelTensor, ...]:
+            return tuple(
+                ModelTensor(t["name"], t["datatype"], tuple(int(d) for d in t.get("shape", [])))
+                for t in meta.get(key, [])
+            )
+
+        return ModelMetadata(
+            name=meta["name"],
+            versions=tuple(meta.get("versions", [])),
+            inputs=tensors("inputs"),
+            outputs=tensors("outputs"),
+        )
+
+    def _reason(self, model: str) -> str:
+        try:
+            index = self._client.get_model_repository_index(as_json=True)
+        except InferenceServerException:
+            return ""
+        for entry in index.get("models", []):
+            if entry.get("name") == model:
+                reason = entry.get("reason") or entry.get("state", "")
+                return f" (state {entry.get('state', 'unknown')}: {reason})"
+        return " (not in its model repository)"
+
+    def check_plugin(self, spec: PluginSpec) -> ModelMetadata:
+        """Check that the model a plugin calls exists and matches its declared tensors."""
+        meta = self.model_metadata(spec.model_name, spec.model_version)
+        problems = _compare("input", spec.inputs, meta.inputs) + _compare(
+            "output", spec.outputs, meta.outputs
+        )
+        if problems:
+            raise ModelMismatchError(
+                f"plugin {spec.name} {spec.version} does not match Triton model"
+                f" '{spec.model_name}': " + "; ".join(problems)
+            )
+        return meta
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.NDArray[np.generic]],
+        outputs: tuple[str, ...],
+        version: str = "",
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one inference request; raises :class:`InferenceError` on any failure."""
+        request_inputs = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            request_inputs.append(tensor)
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        try:
+            result = self._client.infer(
+                model,
+                request_inputs,
+                model_version=version,
+                outputs=requested,
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            status = exc.status() or ""
+            message = f"Triton model '{model}' failed: {exc.message()}"
+            if "UNAVAILABLE" in status or "DEADLINE" in status:
+                raise TritonUnavailableError(message) from exc
+            raise InferenceError(message) from exc
+        arrays: dict[str, npt.NDArray[np.generic]] = {}
+        for name in outputs:
+            array = result.as_numpy(name)
+            if array is None:
+                raise InferenceError(f"Triton model '{model}' returned no output '{name}'")
+            arrays[name] = array
+        return arrays
+
+
+def _compare(
+    kind: str, declared: tuple[TensorSpec, ...], served: tuple[ModelTensor, ...]
+) -> list[str]:
+    problems: list[str] = []
+    by_name = {t.name: t for t in served}
+    for spec in declared:
+        tensor = by_name.get(spec.name)
+        if tensor is None:
+            problems.append(
+                f"{kind} '{spec.name}' is not served (model has {sorted(by_name) or 'none'})"
+            )
+            continue
+        if tensor.datatype != spec.datatype:
+            problems.append(
+                f"{kind} '{spec.name}' is {tensor.datatype} in Triton,"
+                f" {spec.datatype} in the plugin"
+            )
+        if not _shapes_agree(spec.shape, tensor.shape):
+            problems.append(
+                f"{kind} '{spec.name}' has shape {list(tensor.shape)} in Triton,"
+                f" {list(spec.shape)} in the plugin"
+            )
+    return problems
+
+
+def _shapes_agree(declared: tuple[int, ...], served: tuple[int, ...]) -> bool:
+    if len(declared) != len(served):
+        return False
+    return all(d == s or -1 in (d, s) for d, s in zip(declared, served, strict=True))

@@ -1,0 +1,109 @@
+"""Logging: structlog JSON lines on stdout, with a guard against patient data.
+
+Every event has a stable dotted name (``ingest.instance.stored``) and carries the
+correlation ids bound in context (association, series, job). The PHI guard is the
+last line of defence: code must never pass patient data to a logger, and the guard
+redacts anything that looks like it, at every level.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+# Keys that name patient or visit identity. Matching is on the normalised key.
+_PHI_KEYS = frozenset(
+    {
+        "patientname",
+        "patientid",
+        "patientbirthdate",
+        "patientbirthtime",
+        "patientsex",
+        "patientage",
+        "patientaddress",
+        "otherpatientids",
+        "otherpatientnames",
+        "accessionnumber",
+        "referringphysicianname",
+        "performingphysicianname",
+        "institutionaladdress",
+        "name",
+        "birthdate",
+        "mrn",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def _normalise(key: str) -> str:
+    return key.replace("_", "").replace("-", "").replace(" ", "").lower()
+
+
+def phi_guard(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Redact patient-identifying keys and any DICOM object passed as a value."""
+    for key in list(event_dict):
+        value = event_dict[key]
+        if _normalise(key) in _PHI_KEYS:
+            event_dict[key] = REDACTED
+        elif isinstance(value, Dataset | DataElement | PersonName | bytes):
+            # A dataset or element can hold anything; only its type is safe to show.
+            event_dict[key] = f"[{type(value).__name__} not logged]"
+    return event_dict
+
+
+def _shared_processors() -> list[structlog.types.Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        phi_guard,
+    ]
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Send structlog and stdlib logging to ``stream`` (stdout) as JSON lines."""
+    out = stream if stream is not None else sys.stdout
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[
+            *_shared_processors(),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_shared_processors(),
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(numeric, logging.INFO))
+    # pynetdicom's debug output dumps whole datasets, patient module included, so
+    # it stays at WARNING whatever level Infergate runs at.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom narrates every module it copies at INFO; that is not an operator's event.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A logger for a module; events are named by the caller (``ingest.instance.stored``)."""
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

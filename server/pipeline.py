@@ -1,0 +1,154 @@
+"""The worker: assembly, jobs and export, one step after another, off the DICOM threads.
+
+Every step reads its work from the state store and records its outcome there, so
+a process that dies anywhere resumes from the store: jobs left running run again
+(with the same result UIDs), results not yet delivered are delivered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import structlog
+from infergate.config import Settings
+from infergate.dicom.assembly import complete_quiet_series
+from infergate.dicom.scu import send_files
+from infergate.errors import InfergateError
+from infergate.inference.runner import run_job
+from infergate.inference.triton import TritonClient
+from infergate.logs import get_logger
+from infergate.plugins import LoadedPlugin
+from infergate.store import ResultRow, Store
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    store: Store
+    plugins: list[LoadedPlugin]
+    triton: TritonClient
+    _next_export_at: dict[str, float] = field(default_factory=dict)
+
+    def recover(self) -> None:
+        """Put back what a dead process left half done."""
+        requeued = self.store.recover(time.time())
+        if requeued:
+            log.warning("pipeline.recovered", jobs_requeued=requeued)
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set."""
+        log.info("pipeline.started")
+        while not stop.is_set():
+            try:
+                self.step()
+            except InfergateError as exc:  # e.g. the store failed; try again next tick
+                log.error("pipeline.step.failed", error=type(exc).__name__, reason=str(exc))
+            stop.wait(self.settings.assembly.poll_interval_s)
+        log.info("pipeline.stopped")
+
+    def step(self) -> None:
+        complete_quiet_series(
+            self.store, self.plugins, time.time(), self.settings.assembly.quiet_period_s
+        )
+        self.run_jobs()
+        self.export()
+
+    def run_jobs(self) -> None:
+        by_name = {p.spec.name: p for p in self.plugins}
+        for job in self.store.runnable_jobs():
+            with structlog.contextvars.bound_contextvars(
+                job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
+            ):
+                plugin = by_name.get(job.plugin)
+                if plugin is None:
+                    reason = f"plugin {job.plugin} is not installed"
+                    self.store.fail_job(job.job_id, reason, time.time())
+                    log.error("inference.job.failed", plugin=job.plugin, reason=reason)
+                    continue
+                self.store.start_job(job.job_id, time.time())
+                log.info("inference.job.started", plugin=job.plugin, attempt=job.attempts + 1)
+                try:
+                    outcome = run_job(job, self.store, plugin, self.triton, self.settings)
+                except InfergateError as exc:
+                    self.store.fail_job(job.job_id, str(exc), time.time())
+                    log.error(
+                        "inference.job.failed",
+                        plugin=job.plugin,
+                        error=type(exc).__name__,
+                        reason=str(exc),
+                    )
+                    continue
+                self.store.finish_job(job.job_id, outcome.results, time.time())
+                log.info(
+                    "inference.job.done",
+                    plugin=job.plugin,
+                    results=[r.kind for r in outcome.results],
+                    **outcome.timings_s,
+                )
+
+    def export(self) -> None:
+        destination = self.settings.export.destination
+        pending = self.store.pending_results()
+        if not pending:
+            return
+        by_job: dict[str, list[ResultRow]] = defaultdict(list)
+        for row in pending:
+            by_job[row.job_id].append(row)
+        now = time.time()
+        for job_id, rows in by_job.items():
+            with structlog.contextvars.bound_contextvars(job_id=job_id):
+                if destination is None:
+                    self.store.mark_results_attempted(
+                        [r.sop_instance_uid for r in rows], "no destination configured", True
+                    )
+                    log.warning(
+                        "export.skipped",
+                        reason="export.destination is not configured; results stay on disk",
+                        paths=[str(r.path) for r in rows],
+                    )
+                    continue
+                if self._next_export_at.get(job_id, 0.0) > now:
+                    continue
+                self._send(job_id, rows)
+
+    def _send(self, job_id: str, rows: list[ResultRow]) -> None:
+        export = self.settings.export
+        if export.destination is None:
+            return
+        uids = [r.sop_instance_uid for r in rows]
+        attempt = max(r.attempts for r in rows) + 1
+        started = time.perf_counter()
+        try:
+            send_files(
+                [r.path for r in rows],
+                export.destination,
+                self.settings.ingest.ae_title,
+                export.timeout_s,
+            )
+        except InfergateError as exc:
+            give_up = attempt >= export.attempts
+            self.store.mark_results_attempted(uids, str(exc), give_up)
+            self._next_export_at[job_id] = time.time() + export.retry_delay_s
+            log.error(
+                "export.failed" if give_up else "export.retrying",
+                attempt=attempt,
+                of=export.attempts,
+                reason=str(exc),
+                destination=export.destination.ae_title,
+            )
+            return
+        self.store.mark_results_sent(uids, time.time())
+        self._next_export_at.pop(job_id, None)
+        log.info(
+            "export.sent",
+            destination=export.destination.ae_title,
+            kinds=[r.kind for r in rows],
+            sop_instance_uids=uids,
+            attempt=attempt,
+            duration_s=round(time.perf_counter() - started, 3),
+        )

@@ -1,0 +1,153 @@
+"""The plugin contract, version 1: the only module a plugin imports.
+
+A plugin is an object with a frozen :class:`PluginSpec` and two pure functions.
+``preprocess`` turns a :class:`Series` into the named arrays the Triton model
+takes; ``postprocess`` turns the model's named outputs into :class:`Findings`.
+The server does every side effect: reading DICOM, talking to Triton, encoding
+and sending results. A plugin never touches the network, the disk or DICOM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+API_VERSION = 1
+
+TritonDatatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
+]
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept: code value, coding scheme designator, code meaning."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A Triton model input or output. ``-1`` in ``shape`` means any size."""
+
+    name: str
+    datatype: TritonDatatype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """A segment a plugin can produce; ``number`` is its value in the label map."""
+
+    number: int
+    label: str
+    category: Code
+    type: Code
+    algorithm_type: Literal["AUTOMATIC", "SEMIAUTOMATIC"] = "AUTOMATIC"
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """What a plugin is, what it accepts, which model it calls and what it produces."""
+
+    name: str
+    version: str
+    description: str
+    modalities: frozenset[str]
+    model_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    segments: tuple[SegmentSpec, ...] = ()
+    model_version: str = ""
+    # The procedure the report is about (TID 1500 "Procedure reported").
+    procedure: Code = Code("363679005", "SCT", "Imaging procedure")
+    api_version: int = API_VERSION
+
+    def segment(self, number: int) -> SegmentSpec:
+        for seg in self.segments:
+            if seg.number == number:
+                return seg
+        raise KeyError(f"plugin {self.name} declares no segment {number}")
+
+
+@dataclass(frozen=True)
+class Series:
+    """A series as a volume, in patient geometry, with no patient data.
+
+    ``volume`` is indexed (slice, row, column), slices ordered along the slice
+    normal, values after the modality LUT (Hounsfield units for CT).
+    """
+
+    modality: str
+    volume: npt.NDArray[np.float32]
+    # Distance between slice centres along the normal, then row and column spacing, in mm.
+    spacing: tuple[float, float, float]
+    # Direction cosines of the rows and of the columns (ImageOrientationPatient).
+    row_direction: tuple[float, float, float]
+    column_direction: tuple[float, float, float]
+    # ImagePositionPatient of the first slice, in mm.
+    origin: tuple[float, float, float]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        dz, dy, dx = self.spacing
+        return dz * dy * dx / 1000.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A numeric measurement of a segment (TID 1500 measurement)."""
+
+    segment_number: int
+    name: Code
+    value: float
+    unit: Code
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A qualitative finding about a segment, or about the series (``segment_number`` None)."""
+
+    name: Code
+    value: Code
+    segment_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What a plugin found. ``label_map`` (uint8, same shape as the volume) holds segments."""
+
+    label_map: npt.NDArray[np.uint8] | None = None
+    segment_numbers: tuple[int, ...] = ()
+    measurements: tuple[Measurement, ...] = ()
+    evaluations: tuple[Evaluation, ...] = ()
+    summary: Mapping[str, float | int | str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Plugin(Protocol):
+    """The interface every plugin implements."""
+
+    @property
+    def spec(self) -> PluginSpec: ...
+
+    def preprocess(self, series: Series) -> dict[str, npt.NDArray[np.generic]]: ...
+
+    def postprocess(
+        self, series: Series, outputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Findings: ...
+
+
+# Codes used by several plugins (SNOMED CT and UCUM, as in DICOM PS3.16).
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+VOLUME = Code("118565006", "SCT", "Volume")
+MILLILITER = Code("mL", "UCUM", "milliliter")
+FINDING = Code("121071", "DCM", "Finding")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")

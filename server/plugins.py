@@ -1,0 +1,63 @@
+"""Plugin discovery through the ``infergate.plugins`` entry-point group, checked at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from infergate.errors import PluginError
+from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
+
+GROUP = "infergate.plugins"
+
+
+@dataclass(frozen=True)
+class LoadedPlugin:
+    """A plugin object and where it came from."""
+
+    plugin: Plugin
+    source: str
+
+    @property
+    def spec(self) -> PluginSpec:
+        return self.plugin.spec
+
+
+def validate(plugin: object, source: str) -> Plugin:
+    """Raise :class:`PluginError` unless ``plugin`` implements the contract consistently."""
+    if not isinstance(plugin, Plugin):
+        raise PluginError(
+            f"{source} is not an Infergate plugin (needs spec, preprocess, postprocess)"
+        )
+    spec = plugin.spec
+    if not isinstance(spec, PluginSpec):
+        raise PluginError(f"{source}: spec must be an infergate.plugin_api.PluginSpec")
+    if spec.api_version != API_VERSION:
+        raise PluginError(
+            f"plugin {spec.name} targets plugin API {spec.api_version};"
+            f" this Infergate has {API_VERSION}"
+        )
+    if not spec.modalities:
+        raise PluginError(f"plugin {spec.name} accepts no modality")
+    numbers = [s.number for s in spec.segments]
+    if len(set(numbers)) != len(numbers) or any(not 0 < n < 256 for n in numbers):
+        raise PluginError(f"plugin {spec.name}: segment numbers must be unique and in 1..255")
+    return plugin
+
+
+def discover() -> list[LoadedPlugin]:
+    """Load and validate every installed plugin; a broken one stops startup."""
+    loaded: list[LoadedPlugin] = []
+    names: set[str] = set()
+    for entry in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        source = f"entry point '{entry.name}' ({entry.value})"
+        try:
+            obj = entry.load()
+        except Exception as exc:  # a plugin's import can fail in any way
+            raise PluginError(f"{source} cannot be imported: {exc}") from exc
+        plugin = validate(obj, source)
+        if plugin.spec.name in names:
+            raise PluginError(f"two installed plugins are named {plugin.spec.name}")
+        names.add(plugin.spec.name)
+        loaded.append(LoadedPlugin(plugin=plugin, source=source))
+    return loaded

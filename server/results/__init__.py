@@ -1,0 +1,1 @@
+"""Encoding findings as DICOM result objects (highdicom), and writing them durably."""

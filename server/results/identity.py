@@ -1,0 +1,61 @@
+"""Identity of result objects: deterministic UIDs and the device, from config and the job.
+
+UIDs are derived from the configured root and the job id, never drawn at random,
+so a job that runs again after a crash produces objects with the same UIDs and a
+PACS sees a re-send, not a second result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+from infergate.config import DeviceSettings
+from infergate.plugin_api import Code, PluginSpec
+from pydicom.sr.coding import Code as PydicomCode
+from pydicom.uid import generate_uid
+
+
+def derived_uid(root: str, job_id: str, purpose: str) -> str:
+    """A UID under ``root`` that is the same for the same job and purpose."""
+    return str(generate_uid(prefix=root, entropy_srcs=[job_id, purpose]))
+
+
+@dataclass(frozen=True)
+class ResultIdentity:
+    """UIDs and numbering of one job's result objects, plus who made them."""
+
+    job_id: str
+    uid_root: str
+    device: DeviceSettings
+    seg_series_number: int
+    sr_series_number: int
+
+    def uid(self, purpose: str) -> str:
+        return derived_uid(self.uid_root, self.job_id, purpose)
+
+
+def coded(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def algorithm(spec: PluginSpec) -> hd.AlgorithmIdentificationSequence:
+    """The plugin as DICOM's Algorithm Identification (IHE AIR)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=spec.name,
+        family=PydicomCode("123109", "DCM", "Artificial Intelligence"),
+        version=spec.version,
+        source="Infergate plugin",
+    )
+
+
+def contributing_equipment(device: DeviceSettings, spec: PluginSpec) -> hd.ContributingEquipment:
+    """Infergate and the plugin, as Contributing Equipment of a result object."""
+    return hd.ContributingEquipment(
+        manufacturer=device.manufacturer,
+        manufacturer_model_name=device.manufacturer_model_name,
+        software_versions=f"{spec.name} {spec.version}",
+        device_serial_number=device.device_serial_number,
+        purpose_of_reference=PydicomCode("109104", "DCM", "Processing Equipment"),
+        institution_name=device.institution_name,
+    )

@@ -1,0 +1,146 @@
+"""A TID 1500 measurement report (Comprehensive 3D SR) through highdicom's constructors.
+
+Each measured segment becomes a volumetric measurement group that references the
+SEG segment and the source images it covers; qualitative findings about the whole
+series become a measurement group of their own. All source images and the SEG are
+recorded as evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from infergate.errors import ResultEncodingError
+from infergate.plugin_api import Findings, PluginSpec
+from infergate.results.identity import ResultIdentity, coded, contributing_equipment
+from infergate.results.seg import seg_segment_numbers
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+
+def _algorithm_id(spec: PluginSpec) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=spec.name, version=spec.version)
+
+
+def _segment_groups(
+    source: Sequence[Dataset],
+    seg: Dataset,
+    findings: Findings,
+    spec: PluginSpec,
+    identity: ResultIdentity,
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    if findings.label_map is None:
+        return []  # a SEG exists only with a label map
+    numbering = seg_segment_numbers(findings)
+    groups = []
+    for plugin_number in sorted(numbering):
+        segment = spec.segment(plugin_number)
+        in_slice = (findings.label_map == plugin_number).any(axis=(1, 2))
+        present = np.nonzero(in_slice)[0]
+        covered = [
+            hd.sr.SourceImageForSegmentation.from_source_image(source[int(index)])
+            for index in present
+        ]
+        measurements = [
+            hd.sr.Measurement(
+                name=coded(m.name),
+                value=m.value,
+                unit=coded(m.unit),
+                algorithm_id=_algorithm_id(spec),
+            )
+            for m in findings.measurements
+            if m.segment_number == plugin_number
+        ]
+        evaluations = [
+            hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
+            for e in findings.evaluations
+            if e.segment_number == plugin_number
+        ]
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=identity.uid(f"segment-{plugin_number}"), identifier=segment.label
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=numbering[plugin_number],
+                    source_images=covered,
+                ),
+                finding_type=coded(segment.type),
+                finding_sites=[hd.sr.FindingSite(anatomic_location=coded(segment.type))],
+                algorithm_id=_algorithm_id(spec),
+                measurements=measurements or None,
+                qualitative_evaluations=evaluations or None,
+            )
+        )
+    return groups
+
+
+def build_report(
+    source: Sequence[Dataset],
+    seg: Dataset | None,
+    findings: Findings,
+    spec: PluginSpec,
+    identity: ResultIdentity,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR for one job; ``seg`` is the job's SEG when it produced one."""
+    device = identity.device
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    try:
+        if seg is not None:
+            groups.extend(_segment_groups(source, seg, findings, spec, identity))
+        series_level = [e for e in findings.evaluations if e.segment_number is None]
+        if series_level:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=identity.uid("series-findings"), identifier=f"{spec.name} findings"
+                    ),
+                    algorithm_id=_algorithm_id(spec),
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
+                        for e in series_level
+                    ],
+                )
+            )
+        if not groups:
+            raise ResultEncodingError(f"plugin {spec.name} reported nothing to put in an SR")
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=identity.uid("device-observer"),
+                name=f"{device.manufacturer_model_name} {spec.name}"[:64],
+                manufacturer_name=device.manufacturer,
+                model_name=device.manufacturer_model_name,
+                serial_number=device.device_serial_number,
+            ),
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=coded(spec.procedure),
+            imaging_measurements=groups,
+        )
+        evidence = [*source, seg] if seg is not None else list(source)
+        return hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=identity.uid("sr-series"),
+            series_number=identity.sr_series_number,
+            sop_instance_uid=identity.uid("sr-instance"),
+            instance_number=1,
+            manufacturer=device.manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=device.institution_name,
+            series_description=f"AI {spec.name} report"[:64],
+            contributing_equipment=[contributing_equipment(device, spec)],
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ResultEncodingError(f"SR for plugin {spec.name} cannot be built: {exc}") from exc

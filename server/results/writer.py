@@ -1,0 +1,98 @@
+"""Encoding a job's findings into result objects and writing them durably."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from infergate.dicom.spool import fsync_dir
+from infergate.dicom.volume import LoadedSeries
+from infergate.errors import ResultEncodingError
+from infergate.plugin_api import Findings, PluginSpec
+from infergate.results.identity import ResultIdentity
+from infergate.results.seg import build_segmentation
+from infergate.results.sr import build_report
+from pydicom.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class EncodedResult:
+    kind: str  # "seg" or "sr"
+    dataset: Dataset
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+# Type 2 attributes of the Patient and General Study modules that result objects copy
+# from the source. Scanners and anonymisers omit them; DICOM wants them present, empty
+# when unknown (PS3.3 C.7.1.1, C.7.2.1).
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+# Said when a de-identified source names no method: we copy the fact, not a guess.
+DEIDENTIFICATION_UNSTATED = "NOT STATED BY SOURCE"
+
+
+def conformant_source(headers: tuple[Dataset, ...]) -> tuple[Dataset, ...]:
+    """``headers`` repaired where result objects would copy a defect into our output.
+
+    Receiving is tolerant; encoding is strict. Absent Type 2 patient and study
+    attributes are added empty; a source marked de-identified without a method
+    (Type 1C) gets one that says so. The headers are the job's own copies.
+    """
+    for ds in headers:
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        if (
+            ds.get("PatientIdentityRemoved") == "YES"
+            and not ds.get("DeidentificationMethod")
+            and not ds.get("DeidentificationMethodCodeSequence")
+        ):
+            ds.DeidentificationMethod = DEIDENTIFICATION_UNSTATED
+    return headers
+
+
+def encode(
+    loaded: LoadedSeries, findings: Findings, spec: PluginSpec, identity: ResultIdentity
+) -> list[EncodedResult]:
+    """The job's result objects: a SEG when there are segments, and always an SR."""
+    results: list[EncodedResult] = []
+    source = conformant_source(loaded.headers)
+    seg = None
+    if findings.label_map is not None and findings.segment_numbers:
+        seg = build_segmentation(source, findings, spec, identity)
+        results.append(EncodedResult("seg", seg))
+    report = build_report(source, seg, findings, spec, identity)
+    results.append(EncodedResult("sr", report))
+    return results
+
+
+def write_result(directory: Path, result: EncodedResult) -> Path:
+    """Write ``result`` to ``directory`` durably; its name comes from its kind, not DICOM data."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{result.kind}.dcm"
+    partial = directory / f".{result.kind}.dcm.partial"
+    try:
+        result.dataset.save_as(partial, enforce_file_format=True)
+        with partial.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.rename(partial, final)
+        fsync_dir(directory)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ResultEncodingError(f"cannot write result {final}: {exc.strerror}") from exc
+    return final

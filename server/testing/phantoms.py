@@ -1,0 +1,189 @@
+"""Synthetic CT series with known ground truth, written as DICOM files.
+
+The chest phantom is a soft-tissue body ellipse on a table, with two lungs of air
+density (ellipsoids of different sizes, so laterality is testable), vessels inside
+the lungs, and a trachea above them. Slices are written with shuffled Instance
+Numbers and file names, so anything that orders by them instead of by position
+along the normal gets the volume wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+TISSUE_HU = 40
+LUNG_HU = -850
+AIR_HU = -1000
+TABLE_HU = 250
+VESSEL_HU = 50
+
+
+@dataclass(frozen=True)
+class PhantomIdentity:
+    """Patient and visit identifiers written into the phantom, so tests can look for them."""
+
+    patient_name: str = "PHANTOM^LUNGS^TESTCASE"
+    patient_id: str = "PHI-ID-47110815"
+    patient_birth_date: str = "19450704"
+    accession_number: str = "ACC-PHI-2026"
+
+
+@dataclass(frozen=True)
+class ChestPhantom:
+    """What was written, and the truth to compare results with."""
+
+    directory: Path
+    paths: tuple[Path, ...]
+    study_uid: str
+    series_uid: str
+    sop_instance_uids: tuple[str, ...]
+    right_lung_ml: float
+    left_lung_ml: float
+    identity: PhantomIdentity
+
+
+def _ellipsoid(
+    grid: list[npt.NDArray[np.float64]],
+    centre: tuple[float, float, float],
+    semi_axes: tuple[float, float, float],
+) -> npt.NDArray[np.bool_]:
+    z, y, x = grid
+    inside: npt.NDArray[np.bool_] = (
+        ((x - centre[0]) / semi_axes[0]) ** 2
+        + ((y - centre[1]) / semi_axes[1]) ** 2
+        + ((z - centre[2]) / semi_axes[2]) ** 2
+    ) <= 1.0
+    return inside
+
+
+def write_chest_ct(
+    directory: Path,
+    *,
+    slices: int = 100,
+    size: int = 512,
+    pixel_spacing: float = 0.7,
+    slice_spacing: float = 2.5,
+    seed: int = 7,
+    identity: PhantomIdentity | None = None,
+) -> ChestPhantom:
+    """Write a synthetic chest CT series into ``directory`` and return its truth."""
+    ident = identity or PhantomIdentity()
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    half_fov = size * pixel_spacing / 2.0
+    coords = (np.arange(size) + 0.5) * pixel_spacing - half_fov
+    # Patient coordinates (LPS): x to the patient's left, y posterior, z head-ward.
+    z_top = (slices - 1) * slice_spacing / 2.0
+    z_positions = z_top - np.arange(slices) * slice_spacing
+    grid = np.meshgrid(z_positions, coords, coords, indexing="ij")
+    _, y, x = grid
+
+    volume = np.full((slices, size, size), AIR_HU, dtype=np.int16)
+    body = (x / 170.0) ** 2 + (y / 120.0) ** 2 <= 1.0
+    volume[body] = TISSUE_HU
+    volume[(np.abs(x) <= 200.0) & (y >= 135.0) & (y <= 150.0)] = TABLE_HU
+
+    extent = z_top
+    right = _ellipsoid(grid, (-70.0, -5.0, 0.0), (55.0, 80.0, 0.80 * extent))
+    left = _ellipsoid(grid, (70.0, -5.0, -5.0), (48.0, 72.0, 0.72 * extent))
+    volume[right | left] = LUNG_HU
+    trachea = (x**2 + (y + 40.0) ** 2 <= 9.0**2) & (grid[0] >= 0.55 * extent)
+    volume[trachea & body] = AIR_HU
+    for cx, cy, cz in ((-70.0, 0.0, 20.0), (-60.0, -30.0, -30.0), (65.0, 10.0, 0.0)):
+        vessel = _ellipsoid(grid, (cx, cy, cz), (5.0, 5.0, 5.0))
+        volume[vessel] = VESSEL_HU
+    noise = rng.normal(0.0, 15.0, size=volume.shape)
+    volume = np.clip(volume + noise, -1024, 3000).astype(np.int16)
+
+    voxel_ml = pixel_spacing * pixel_spacing * slice_spacing / 1000.0
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    numbers = rng.permutation(slices) + 1
+    paths: list[Path] = []
+    uids: list[str] = []
+    for index in range(slices):
+        ds = _slice_dataset(ident, study_uid, series_uid, frame_uid)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = int(numbers[index])
+        ds.ImagePositionPatient = [
+            -half_fov + pixel_spacing / 2,
+            -half_fov + pixel_spacing / 2,
+            float(z_positions[index]),
+        ]
+        ds.SliceLocation = float(z_positions[index])
+        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+        ds.SliceThickness = slice_spacing
+        ds.Rows = ds.Columns = size
+        ds.PixelData = (volume[index].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        path = directory / f"slice-{int(numbers[index]) * 7919 % 100003:06d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+        uids.append(ds.SOPInstanceUID)
+    return ChestPhantom(
+        directory=directory,
+        paths=tuple(paths),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uids=tuple(uids),
+        right_lung_ml=float(right.sum()) * voxel_ml,
+        left_lung_ml=float(left.sum()) * voxel_ml,
+        identity=ident,
+    )
+
+
+def _slice_dataset(ident: PhantomIdentity, study: str, series: str, frame: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20260101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber = ident.accession_number
+    ds.Modality = "CT"
+    ds.Manufacturer = "Infergate test phantom"
+    ds.ReferringPhysicianName = "REFERRER^PHI"
+    ds.StudyDescription = "CHEST PHANTOM"
+    ds.SeriesDescription = "SYNTHETIC CHEST 2.5MM"
+    ds.PatientName = ident.patient_name
+    ds.PatientID = ident.patient_id
+    ds.PatientBirthDate = ident.patient_birth_date
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "CHEST"
+    ds.KVP = 120
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.StudyID = "1"
+    ds.SeriesNumber = 3
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = frame
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    ds.WindowCenter = -600
+    ds.WindowWidth = 1500
+    return ds

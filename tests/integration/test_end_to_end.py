@@ -1,0 +1,196 @@
+"""A CT study in over DICOM, lungs segmented on the embedded Triton, SEG and SR in Orthanc.
+
+Real peers only: DCMTK's storescu sends, Infergate runs as its own process with its
+embedded tritonserver, Orthanc is the PACS, dciodvfy checks what arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from infergate.testing import ChestPhantom
+from peers import (
+    InfergateProcess,
+    Orthanc,
+    dciodvfy_errors,
+    infergate_config,
+    storescu,
+    walk_content,
+)
+
+pytestmark = pytest.mark.integration
+
+VOLUME = "118565006"
+FINDING_SITE = "363698007"
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    pacs = Orthanc(tmp_path / "orthanc")
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+@pytest.fixture
+def infergate(tmp_path: Path, orthanc: Orthanc) -> Iterator[InfergateProcess]:
+    server = InfergateProcess(tmp_path / "infergate", infergate_config(tmp_path / "var", orthanc))
+    server.workdir.mkdir()
+    yield server
+    server.stop()
+
+
+def _fetch(orthanc: Orthanc, study_uid: str, modality: str, folder: Path) -> list[Path]:
+    paths = []
+    for index, orthanc_id in enumerate(orthanc.find_instances(study_uid, modality)):
+        path = folder / f"{modality.lower()}-{index}.dcm"
+        path.write_bytes(orthanc.instance_file(orthanc_id))
+        paths.append(path)
+    return paths
+
+
+def _sr_volumes(sr: Dataset) -> dict[str, float]:
+    """Finding site meaning -> Volume (mL), from each measurement group of a TID 1500 SR."""
+    volumes: dict[str, float] = {}
+    for item in walk_content(sr.ContentSequence):
+        if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
+            continue
+        site = volume = None
+        for child in item.ContentSequence:
+            code = child.ConceptNameCodeSequence[0].CodeValue
+            if child.ValueType == "CODE" and code == FINDING_SITE:
+                site = child.ConceptCodeSequence[0].CodeMeaning
+            if child.ValueType == "NUM" and code == VOLUME:
+                volume = float(child.MeasuredValueSequence[0].NumericValue)
+        if site is not None and volume is not None:
+            volumes[site] = volume
+    return volumes
+
+
+def _assert_no_phi(server: InfergateProcess, identity: Any) -> None:
+    text = server.log_text()
+    for value in (identity.patient_name, identity.patient_id, identity.patient_birth_date,
+                  identity.accession_number, "PHANTOM^LUNGS", "REFERRER^PHI"):
+        assert value not in text, f"patient data {value!r} appeared in the log"
+
+
+def test_phantom_study_gets_seg_and_sr_in_the_same_study(
+    infergate: InfergateProcess, orthanc: Orthanc, chest_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    infergate.start()
+    storescu(infergate.port, list(chest_phantom.paths))
+    infergate.wait_event("export.sent", timeout=180)
+
+    segs = _fetch(orthanc, chest_phantom.study_uid, "SEG", tmp_path)
+    srs = _fetch(orthanc, chest_phantom.study_uid, "SR", tmp_path)
+    assert len(segs) == 1
+    assert len(srs) == 1
+    seg = pydicom.dcmread(segs[0])
+    sr = pydicom.dcmread(srs[0])
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == chest_phantom.study_uid
+
+    # The SEG references exactly the source instances, frame by frame.
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
+    assert referenced == set(chest_phantom.sop_instance_uids)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID in referenced
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert labels == ["Right lung", "Left lung"]
+
+    # The SR references the SEG and reports each lung's volume within 5% of the truth.
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert seg.SOPInstanceUID in evidence
+    assert set(chest_phantom.sop_instance_uids) <= evidence
+    volumes = _sr_volumes(sr)
+    assert volumes["Right lung"] == pytest.approx(chest_phantom.right_lung_ml, rel=0.05)
+    assert volumes["Left lung"] == pytest.approx(chest_phantom.left_lung_ml, rel=0.05)
+
+    assert dciodvfy_errors(segs[0]) == []
+    assert dciodvfy_errors(srs[0]) == []
+
+    events = {e["event"] for e in infergate.events()}
+    assert {"ingest.association.accepted", "assembly.series.complete", "routing.series.routed",
+            "inference.job.done", "export.sent"} <= events
+    _assert_no_phi(infergate, chest_phantom.identity)
+
+
+def test_real_head_ct_reports_no_lungs(
+    infergate: InfergateProcess, orthanc: Orthanc, head_ct: list[Path], tmp_path: Path
+) -> None:
+    """A head is not a chest: the lung plugin must say so, not crash or invent lungs."""
+    study_uid = pydicom.dcmread(head_ct[0], stop_before_pixels=True).StudyInstanceUID
+    infergate.start()
+    storescu(infergate.port, head_ct)
+    sent = infergate.wait_event("export.sent", timeout=180)
+    assert sent[0]["kinds"] == ["sr"]
+
+    assert _fetch(orthanc, study_uid, "SEG", tmp_path) == []
+    srs = _fetch(orthanc, study_uid, "SR", tmp_path)
+    assert len(srs) == 1
+    sr = pydicom.dcmread(srs[0])
+    assert sr.StudyInstanceUID == study_uid
+    findings = {
+        (item.ConceptNameCodeSequence[0].CodeMeaning, item.ConceptCodeSequence[0].CodeMeaning)
+        for item in walk_content(sr.ContentSequence)
+        if item.ValueType == "CODE"
+    }
+    assert ("Lung", "Absent") in findings
+    assert _sr_volumes(sr) == {}
+    assert dciodvfy_errors(srs[0]) == []
+    done = infergate.wait_event("inference.job.findings", timeout=5)[0]
+    assert done["lungs_found"] == 0
+
+
+@pytest.mark.parametrize("kill_after", ["acknowledged", "inference_started"])
+def test_sigkill_loses_nothing_and_sends_results_once(
+    tmp_path: Path, orthanc: Orthanc, chest_phantom: ChestPhantom, kill_after: str
+) -> None:
+    """SIGKILL after the instances were acknowledged (series not yet complete), or while
+    the job runs: after a restart the study is processed and its results arrive once."""
+    quiet = 30.0 if kill_after == "acknowledged" else 0.5
+    server = InfergateProcess(
+        tmp_path / "infergate", infergate_config(tmp_path / "var", orthanc, quiet_s=quiet)
+    )
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(chest_phantom.paths))
+        if kill_after == "inference_started":
+            server.wait_event("inference.job.started", timeout=60)
+        server.kill()
+        first_run = {e["event"] for e in server.events()}
+        assert "export.sent" not in first_run
+        if kill_after == "acknowledged":
+            assert "assembly.series.complete" not in first_run
+
+        server.config["assembly"]["quiet_period_s"] = 0.5
+        server.start()
+        server.wait_event("export.sent", timeout=180)
+        # Give a duplicate every chance to show up before counting.
+        server.wait_event("inference.job.done", timeout=10)
+        server.stop()
+    finally:
+        server.stop()
+
+    assert len([e for e in server.events() if e["event"] == "export.sent"]) == 1
+    assert len(orthanc.find_instances(chest_phantom.study_uid, "SEG")) == 1
+    assert len(orthanc.find_instances(chest_phantom.study_uid, "SR")) == 1
+    stored = [e for e in server.events() if e["event"] == "ingest.association.released"]
+    assert stored[0]["instances"] == len(chest_phantom.paths)
+    assert orthanc.get("/statistics")["CountInstances"] == 2

@@ -1,0 +1,303 @@
+"""Real peers for tests: Orthanc as the PACS, DCMTK tools, and Infergate as a process.
+
+Nothing here is a mock: each helper starts or runs the real program on loopback
+ports. A missing program fails the test that needs it (CI installs them all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# DCMTK tools and Orthanc leave Nagle's algorithm on unless told (DCMTK FAQ #48).
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def require_program(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed; .ci/run installs it (apt-get)")
+    return path
+
+
+def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Orthanc:
+    """An Orthanc process with its own JSON config and storage, on loopback ports."""
+
+    workdir: Path
+    ae_title: str = "TESTPACS"
+    dicom_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = require_program("Orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "infergate-test",
+            "StorageDirectory": str(self.workdir / "db"),
+            "IndexDirectory": str(self.workdir / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": True,
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = (self.workdir / "orthanc.log").open("wb")
+        self.process = subprocess.Popen(
+            [binary, str(path)], stdout=log, stderr=subprocess.STDOUT, env=PEER_ENV
+        )
+        wait_until(self._alive, 30, "Orthanc's REST API")
+
+    def _alive(self) -> bool:
+        try:
+            self.get("/system")
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: Any) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        url = f"http://127.0.0.1:{self.http_port}/instances/{orthanc_id}/file"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data: bytes = r.read()
+            return data
+
+    def find_instances(self, study_uid: str, modality: str) -> list[str]:
+        found: list[str] = self.post(
+            "/tools/find",
+            {
+                "Level": "Instance",
+                "Query": {"StudyInstanceUID": study_uid, "Modality": modality},
+            },
+        )
+        return found
+
+
+@dataclass
+class InfergateProcess:
+    """``infergate serve`` as a child process, with its JSON log lines kept in a file."""
+
+    workdir: Path
+    config: dict[str, Any]
+    process: subprocess.Popen[bytes] | None = None
+    runs: int = 0
+
+    @property
+    def port(self) -> int:
+        port: int = self.config["ingest"]["port"]
+        return port
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"infergate-{self.runs}.log"
+
+    def start(self, wait_ready: bool = True) -> None:
+        self.runs += 1
+        config_path = self.workdir / "infergate.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        out = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "infergate.cli", "serve", "--config", str(config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=PEER_ENV,
+            cwd=self.workdir,
+        )
+        if wait_ready:
+            wait_until(lambda: self._ready_or_dead(), 120, "infergate serve to be ready")
+
+    def _ready_or_dead(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"infergate serve exited: {self.log_path.read_text()[-3000:]}")
+        return any(e["event"] == "serve.ready" for e in self.events(self.runs))
+
+    def events(self, run: int | None = None) -> list[dict[str, Any]]:
+        """Parsed log events of one run (default: every run so far)."""
+        runs = [run] if run is not None else list(range(1, self.runs + 1))
+        events: list[dict[str, Any]] = []
+        for number in runs:
+            path = self.workdir / f"infergate-{number}.log"
+            if not path.exists():
+                continue
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.startswith("{"):
+                    events.append(json.loads(line))
+        return events
+
+    def log_text(self) -> str:
+        return "".join(
+            (self.workdir / f"infergate-{n}.log").read_text(errors="replace")
+            for n in range(1, self.runs + 1)
+        )
+
+    def wait_event(
+        self,
+        name: str,
+        timeout: float,
+        count: int = 1,
+        fail_on: tuple[str, ...] = ("inference.job.failed", "export.failed", "export.retrying"),
+    ) -> list[dict[str, Any]]:
+        """Wait for ``count`` events named ``name``; an event in ``fail_on`` fails at once."""
+
+        def found() -> list[dict[str, Any]]:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"infergate exited: {self.log_path.read_text()[-3000:]}")
+            events = self.events()
+            failures = [e for e in events if e["event"] in fail_on]
+            if failures:
+                raise RuntimeError(f"infergate reported {failures[0]}")
+            matches = [e for e in events if e["event"] == name]
+            return matches if len(matches) >= count else []
+
+        result: list[dict[str, Any]] = wait_until(found, timeout, f"log event {name}")
+        return result
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the embedded tritonserver child is killed too."""
+        if self.process is None:
+            return
+        triton_pids = _children(self.process.pid)
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        for pid in triton_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.process = None
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(status.parent.name))
+    return children
+
+
+def infergate_config(var_dir: Path, orthanc: Orthanc | None, quiet_s: float = 1.0) -> dict[str, Any]:
+    """Settings for a test instance: free ports, fast assembly, Orthanc as destination."""
+    config: dict[str, Any] = {
+        "ingest": {"port": free_port(), "host": "127.0.0.1"},
+        "storage": {"var_dir": str(var_dir)},
+        "assembly": {"quiet_period_s": quiet_s, "poll_interval_s": 0.2},
+        "triton": {
+            "model_repository": str(REPO / "model_repository"),
+            "grpc_port": free_port(),
+            "http_port": free_port(),
+            "metrics_port": free_port(),
+        },
+        "export": {"retry_delay_s": 1.0},
+    }
+    if orthanc is not None:
+        config["export"]["destination"] = {
+            "ae_title": orthanc.ae_title,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+        }
+    return config
+
+
+def storescu(port: int, files: list[Path], called_ae: str = "INFERGATE") -> None:
+    """Send ``files`` with DCMTK's storescu in one association; raise if it fails."""
+    binary = require_program("storescu")
+    result = subprocess.run(
+        [binary, "-aet", "SCANNER1", "-aec", called_ae, "127.0.0.1", str(port),
+         *[str(f) for f in files]],
+        capture_output=True,
+        text=True,
+        env=PEER_ENV,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dciodvfy reports for ``path`` (warnings are not errors)."""
+    binary = require_program("dciodvfy")
+    result = subprocess.run(
+        [binary, str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def walk_content(items: Any) -> Iterator[Any]:
+    """Every SR content item below ``items``, depth first."""
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from walk_content(item.ContentSequence)
