@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, help="YAML settings file")
     args = parser.parse_args(argv)
+    configure_logging()  # until the settings say otherwise; a config error is logged too
     try:
         settings = load_settings(args.config)
         configure_logging(settings.logging.level)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pydicom
 import pytest
-
+import structlog
 from infergate.testing import ChestPhantom, write_chest_ct
-from peers import SHARED_DATA
+from peers import REPO, SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +50,23 @@ def strict_pydicom() -> Iterator[None]:
     settings.writing_validation_mode = pydicom.config.RAISE
     yield
     settings.writing_validation_mode = before
+
+
+@pytest.fixture(scope="session")
+def lung_model() -> ModuleType:
+    """The ct_lung_seg Triton model's module, imported without Triton to test its algorithm."""
+    path = REPO / "model_repository" / "ct_lung_seg" / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("ct_lung_seg_model", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """A test that configures logging binds the stream pytest gave it; undo that after."""
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers = []

@@ -6,6 +6,7 @@ ports. A missing program fails the test that needs it (CI installs them all).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -161,7 +162,7 @@ class InfergateProcess:
             cwd=self.workdir,
         )
         if wait_ready:
-            wait_until(lambda: self._ready_or_dead(), 120, "infergate serve to be ready")
+            wait_until(self._ready_or_dead, 120, "infergate serve to be ready")
 
     def _ready_or_dead(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -217,10 +218,8 @@ class InfergateProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
         for pid in triton_pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process = None
 
     def stop(self) -> None:
@@ -246,7 +245,9 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def infergate_config(var_dir: Path, orthanc: Orthanc | None, quiet_s: float = 1.0) -> dict[str, Any]:
+def infergate_config(
+    var_dir: Path, orthanc: Orthanc | None, quiet_s: float = 1.0
+) -> dict[str, Any]:
     """Settings for a test instance: free ports, fast assembly, Orthanc as destination."""
     config: dict[str, Any] = {
         "ingest": {"port": free_port(), "host": "127.0.0.1"},
@@ -273,8 +274,16 @@ def storescu(port: int, files: list[Path], called_ae: str = "INFERGATE") -> None
     """Send ``files`` with DCMTK's storescu in one association; raise if it fails."""
     binary = require_program("storescu")
     result = subprocess.run(
-        [binary, "-aet", "SCANNER1", "-aec", called_ae, "127.0.0.1", str(port),
-         *[str(f) for f in files]],
+        [
+            binary,
+            "-aet",
+            "SCANNER1",
+            "-aec",
+            called_ae,
+            "127.0.0.1",
+            str(port),
+            *[str(f) for f in files],
+        ],
         capture_output=True,
         text=True,
         env=PEER_ENV,

@@ -12,8 +12,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-
 from infergate.testing import ChestPhantom
 from peers import (
     InfergateProcess,
@@ -23,6 +21,7 @@ from peers import (
     storescu,
     walk_content,
 )
+from pydicom.dataset import Dataset
 
 pytestmark = pytest.mark.integration
 
@@ -75,8 +74,14 @@ def _sr_volumes(sr: Dataset) -> dict[str, float]:
 
 def _assert_no_phi(server: InfergateProcess, identity: Any) -> None:
     text = server.log_text()
-    for value in (identity.patient_name, identity.patient_id, identity.patient_birth_date,
-                  identity.accession_number, "PHANTOM^LUNGS", "REFERRER^PHI"):
+    for value in (
+        identity.patient_name,
+        identity.patient_id,
+        identity.patient_birth_date,
+        identity.accession_number,
+        "PHANTOM^LUNGS",
+        "REFERRER^PHI",
+    ):
         assert value not in text, f"patient data {value!r} appeared in the log"
 
 
@@ -125,8 +130,13 @@ def test_phantom_study_gets_seg_and_sr_in_the_same_study(
     assert dciodvfy_errors(srs[0]) == []
 
     events = {e["event"] for e in infergate.events()}
-    assert {"ingest.association.accepted", "assembly.series.complete", "routing.series.routed",
-            "inference.job.done", "export.sent"} <= events
+    assert {
+        "ingest.association.accepted",
+        "assembly.series.complete",
+        "routing.series.routed",
+        "inference.job.done",
+        "export.sent",
+    } <= events
     _assert_no_phi(infergate, chest_phantom.identity)
 
 

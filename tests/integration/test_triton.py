@@ -1,0 +1,149 @@
+"""The Triton adapter and the startup check, against the real embedded tritonserver."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from infergate.config import TritonSettings
+from infergate.dicom.volume import load_series
+from infergate.errors import InferenceError, ModelMismatchError
+from infergate.inference.embedded import EmbeddedTriton
+from infergate.inference.triton import TritonClient
+from infergate.plugin_api import TensorSpec
+from infergate.testing import ChestPhantom
+from infergate_plugins.ct_lung import plugin
+from peers import PEER_ENV, REPO, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _triton_settings(repository: Path) -> TritonSettings:
+    return TritonSettings(
+        model_repository=repository,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_port=free_port(),
+        request_timeout_s=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonClient]:
+    settings = _triton_settings(REPO / "model_repository")
+    server = EmbeddedTriton(settings, tmp_path_factory.mktemp("triton"))
+    server.start()
+    client = TritonClient(settings.grpc_url, settings.request_timeout_s)
+    yield client
+    client.close()
+    server.stop()
+
+
+def test_plugin_matches_its_model(triton: TritonClient) -> None:
+    meta = triton.check_plugin(plugin.spec)
+    assert meta.name == "ct_lung_seg"
+    assert [t.name for t in meta.inputs] == ["CT_HU", "SPACING_MM"]
+
+
+def test_mismatched_inputs_are_named(triton: TritonClient) -> None:
+    wrong = replace(
+        plugin.spec,
+        inputs=(TensorSpec("CT_HU", "FP32", (-1, -1, -1)), TensorSpec("SPACING", "FP32", (3,))),
+    )
+    with pytest.raises(ModelMismatchError) as caught:
+        triton.check_plugin(wrong)
+    message = str(caught.value)
+    assert "input 'CT_HU' is INT16 in Triton, FP32 in the plugin" in message
+    assert "input 'SPACING' is not served" in message
+
+
+def test_missing_model_is_named(triton: TritonClient) -> None:
+    with pytest.raises(ModelMismatchError, match="no ready model 'absent_model'"):
+        triton.check_plugin(replace(plugin.spec, model_name="absent_model"))
+
+
+def test_inference_through_triton_matches_the_phantom(
+    triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    outputs = triton.infer("ct_lung_seg", plugin.preprocess(loaded.series), ("LUNG_LABELS",))
+    labels = outputs["LUNG_LABELS"]
+    assert labels.shape == loaded.series.volume.shape
+    assert labels.dtype == np.uint8
+    findings = plugin.postprocess(loaded.series, outputs)
+    volumes = {m.segment_number: m.value for m in findings.measurements}
+    assert volumes[1] == pytest.approx(small_phantom.right_lung_ml, rel=0.03)
+
+
+def test_model_errors_and_timeouts_become_inference_errors(triton: TritonClient) -> None:
+    with pytest.raises(InferenceError, match="unexpected shape for input 'CT_HU'"):
+        triton.infer(
+            "ct_lung_seg",
+            {"CT_HU": np.zeros((4, 4), np.int16), "SPACING_MM": np.ones(3, np.float32)},
+            ("LUNG_LABELS",),
+        )
+    impatient = TritonClient(triton.url, timeout_s=0.001)
+    try:
+        with pytest.raises(InferenceError):
+            impatient.infer(
+                "ct_lung_seg",
+                {"CT_HU": np.zeros((60, 256, 256), np.int16), "SPACING_MM": np.ones(3, np.float32)},
+                ("LUNG_LABELS",),
+            )
+    finally:
+        impatient.close()
+
+
+def _check(tmp_path: Path, repository: Path) -> subprocess.CompletedProcess[str]:
+    settings = _triton_settings(repository)
+    config = {
+        "storage": {"var_dir": str(tmp_path / "var")},
+        "triton": {
+            "model_repository": str(repository),
+            "grpc_port": settings.grpc_port,
+            "http_port": settings.http_port,
+            "metrics_port": settings.metrics_port,
+        },
+    }
+    path = tmp_path / "ig.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "infergate.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=PEER_ENV,
+        check=False,
+    )
+
+
+def test_check_passes_on_the_shipped_repository(tmp_path: Path) -> None:
+    result = _check(tmp_path, REPO / "model_repository")
+    assert result.returncode == 0, result.stderr
+    assert '"event": "check.ok"' in result.stdout
+
+
+def test_check_fails_when_the_model_is_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-repo"
+    empty.mkdir()
+    result = _check(tmp_path, empty)
+    assert result.returncode == 1
+    assert "no ready model 'ct_lung_seg'" in result.stderr
+    assert "not in its model repository" in result.stderr
+
+
+def test_check_fails_when_the_model_inputs_differ(tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    shutil.copytree(REPO / "model_repository", repository)
+    config = repository / "ct_lung_seg" / "config.pbtxt"
+    config.write_text(config.read_text().replace("TYPE_INT16", "TYPE_FP32"))
+    result = _check(tmp_path, repository)
+    assert result.returncode == 1
+    assert "input 'CT_HU' is FP32 in Triton, INT16 in the plugin" in result.stderr

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import structlog
+from infergate.logs import REDACTED, configure_logging, get_logger, phi_guard
+from pydicom.dataset import Dataset
+
+
+def test_guard_redacts_patient_keys_and_dicom_objects() -> None:
+    ds = Dataset()
+    ds.PatientName = "DOE^JANE"
+    event = phi_guard(
+        None,
+        "info",
+        {
+            "event": "x.y",
+            "patient_name": "DOE^JANE",
+            "PatientID": "123",
+            "accession_number": "A1",
+            "dataset": ds,
+            "element": ds["PatientName"],
+            "raw": b"DOE^JANE",
+            "series_uid": "1.2.3",
+        },
+    )
+    assert event["patient_name"] == REDACTED
+    assert event["PatientID"] == REDACTED
+    assert event["accession_number"] == REDACTED
+    assert "DOE" not in str(event["dataset"])
+    assert "DOE" not in str(event["element"])
+    assert "DOE" not in str(event["raw"])
+    assert event["series_uid"] == "1.2.3"
+
+
+def test_json_lines_with_event_names_and_context() -> None:
+    out = io.StringIO()
+    configure_logging("info", out)
+    with structlog.contextvars.bound_contextvars(job_id="j1"):
+        get_logger("t").info("inference.job.done", patient_name="DOE^JANE", slices=3)
+    line = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert line["event"] == "inference.job.done"
+    assert line["job_id"] == "j1"
+    assert line["slices"] == 3
+    assert line["patient_name"] == REDACTED
+    assert line["level"] == "info"
+
+
+def test_pynetdicom_debug_never_reaches_the_log_even_at_debug() -> None:
+    out = io.StringIO()
+    configure_logging("debug", out)
+    logging.getLogger("pynetdicom.dsutils").debug("(0010,0010) PN [DOE^JANE]")
+    logging.getLogger("highdicom.seg").info("copy Patient-related attributes")
+    assert "DOE" not in out.getvalue()
+    assert "copy Patient" not in out.getvalue()
+    logging.getLogger("pynetdicom").warning("association aborted")
+    assert json.loads(out.getvalue().strip())["event"] == "association aborted"

@@ -1,0 +1,132 @@
+"""SEG and SR encoding: strict pydicom, a round trip through bytes, and dciodvfy."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from infergate.config import DeviceSettings
+from infergate.dicom.volume import LoadedSeries, load_series
+from infergate.plugin_api import MILLILITER, VOLUME, Findings, Measurement
+from infergate.results.identity import ResultIdentity
+from infergate.results.writer import DEIDENTIFICATION_UNSTATED, encode, write_result
+from infergate.testing import ChestPhantom
+from infergate_plugins.ct_lung import plugin
+from infergate_plugins.ct_lung.plugin import LEFT_LUNG, RIGHT_LUNG
+from peers import dciodvfy_errors, walk_content
+from pydicom.dataset import Dataset
+
+pytestmark = pytest.mark.usefixtures("strict_pydicom")
+
+
+def _identity(job_id: str = "job-1") -> ResultIdentity:
+    return ResultIdentity(
+        job_id=job_id,
+        uid_root="1.2.826.0.1.3680043.8.498.",
+        device=DeviceSettings(device_serial_number="SN-42"),
+        seg_series_number=9001,
+        sr_series_number=9002,
+    )
+
+
+def _findings(loaded: LoadedSeries, numbers: tuple[int, ...]) -> Findings:
+    label_map = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
+    z = label_map.shape[0]
+    if RIGHT_LUNG in numbers:
+        label_map[z // 4 : z // 2, 100:150, 40:100] = RIGHT_LUNG
+    if LEFT_LUNG in numbers:
+        label_map[z // 3 : 3 * z // 4, 100:150, 150:210] = LEFT_LUNG
+    measurements = tuple(
+        Measurement(n, VOLUME, float((label_map == n).sum()), MILLILITER) for n in numbers
+    )
+    return Findings(label_map=label_map, segment_numbers=numbers, measurements=measurements)
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def test_seg_and_sr_are_valid_and_reference_the_source(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    results = encode(loaded, _findings(loaded, (1, 2)), plugin.spec, _identity())
+    assert [r.kind for r in results] == ["seg", "sr"]
+    seg, sr = (_round_trip(r.dataset) for r in results)
+
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == small_phantom.study_uid
+    assert seg.SeriesNumber == 9001
+    assert sr.SeriesNumber == 9002
+    assert seg.DeviceSerialNumber == "SN-42"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Right lung", "Left lung"]
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ct_lung", "1.0.0")
+    for obj in (seg, sr):
+        equipment = {
+            (e.Manufacturer, e.get("SoftwareVersions")) for e in obj.ContributingEquipmentSequence
+        }
+        assert ("Infergate project", "ct_lung 1.0.0") in equipment
+
+    referenced_segments = [
+        (
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID,
+            int(item.ReferencedSOPSequence[0].ReferencedSegmentNumber),
+        )
+        for item in walk_content(sr.ContentSequence)
+        if item.ValueType == "IMAGE" and "ReferencedSegmentNumber" in item.ReferencedSOPSequence[0]
+    ]
+    assert referenced_segments == [(seg.SOPInstanceUID, 1), (seg.SOPInstanceUID, 2)]
+    numbers = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in walk_content(sr.ContentSequence)
+        if item.ValueType == "NUM"
+    ]
+    assert len(numbers) == 2
+
+    for result in results:
+        path = write_result(tmp_path, result)
+        assert dciodvfy_errors(path) == []
+
+
+def test_uids_are_derived_from_the_job(small_phantom: ChestPhantom) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    findings = _findings(loaded, (1,))
+    first = [r.sop_instance_uid for r in encode(loaded, findings, plugin.spec, _identity())]
+    again = [r.sop_instance_uid for r in encode(loaded, findings, plugin.spec, _identity())]
+    other = [r.sop_instance_uid for r in encode(loaded, findings, plugin.spec, _identity("j2"))]
+    assert first == again
+    assert not set(first) & set(other)
+
+
+def test_only_the_left_lung_becomes_segment_one(small_phantom: ChestPhantom) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    seg, _ = encode(loaded, _findings(loaded, (LEFT_LUNG,)), plugin.spec, _identity())
+    segments = seg.dataset.SegmentSequence
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in segments] == [(1, "Left lung")]
+
+
+def test_findings_without_segments_give_an_sr_alone(small_phantom: ChestPhantom) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    empty = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
+    findings = plugin.postprocess(loaded.series, {"LUNG_LABELS": empty})
+    results = encode(loaded, findings, plugin.spec, _identity())
+    assert [r.kind for r in results] == ["sr"]
+    _round_trip(results[0].dataset)
+
+
+def test_source_defects_are_not_copied(head_ct: list[Path], tmp_path: Path) -> None:
+    """The real head CT lacks Type 2 patient attributes and names no de-identification
+    method although it says identity was removed; our SR must still be valid."""
+    loaded = load_series(head_ct)
+    assert "PatientBirthDate" not in pydicom.dcmread(head_ct[0], stop_before_pixels=True)
+    empty = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
+    findings = plugin.postprocess(loaded.series, {"LUNG_LABELS": empty})
+    (sr,) = encode(loaded, findings, plugin.spec, _identity())
+    assert sr.dataset.PatientBirthDate == ""
+    assert sr.dataset.DeidentificationMethod == DEIDENTIFICATION_UNSTATED
+    assert dciodvfy_errors(write_result(tmp_path, sr)) == []
