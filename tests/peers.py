@@ -214,7 +214,7 @@ class InfergateProcess:
         """SIGKILL, as a crash would; the embedded tritonserver child is killed too."""
         if self.process is None:
             return
-        triton_pids = _children(self.process.pid)
+        triton_pids = child_pids(self.process.pid)
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
         for pid in triton_pids:
@@ -233,7 +233,7 @@ class InfergateProcess:
         self.process = None
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     children: list[int] = []
     for status in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +17,8 @@ from infergate.dicom.spool import Spool
 from infergate.store import Store
 from infergate.testing import ChestPhantom
 from peers import PEER_ENV, free_port, require_program, storescu
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, _config
 
 
 @dataclass
@@ -54,20 +51,15 @@ def _associate(port: int, called: str = "INFERGATE") -> Any:
     return assoc
 
 
-def _raw_store(assoc: Any, ds: pydicom.Dataset, announced_uid: str) -> int:
-    """C-STORE whose command announces ``announced_uid``, whatever the dataset holds."""
-    encoded = encode(ds, False, True)  # Explicit VR Little Endian, as negotiated
-    assert encoded is not None
-    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
-    request = C_STORE()
-    request.MessageID = 7
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = announced_uid
-    request.Priority = 2
-    request.DataSet = io.BytesIO(encoded)
-    assoc.dimse.send_msg(request, context.context_id)
-    _, response = assoc.dimse.get_msg(block=True)
-    return int(response.Status)
+def _store_file(assoc: Any, path: Path) -> int:
+    """C-STORE a file as it is, streamed: the command's UIDs come from its file meta."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+    return int(status.Status)
 
 
 def test_echo_from_dcmtk(listener: Listener) -> None:
@@ -116,12 +108,15 @@ def test_identical_resend_is_success_without_a_second_copy(
 
 
 def test_uid_mismatch_gets_a900_and_stores_nothing(
-    listener: Listener, small_phantom: ChestPhantom
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path
 ) -> None:
     ds = pydicom.dcmread(small_phantom.paths[0])
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.999")
+    path = tmp_path / "mismatch.dcm"
+    ds.save_as(path)
     assoc = _associate(listener.port)
     with structlog.testing.capture_logs() as logs:
-        status = _raw_store(assoc, ds, announced_uid="1.2.3.999")
+        status = _store_file(assoc, path)
     assoc.release()
     assert status == 0xA900
     assert list(listener.spool.instances_dir.iterdir()) == []
@@ -131,12 +126,14 @@ def test_uid_mismatch_gets_a900_and_stores_nothing(
 
 
 def test_dataset_without_series_uid_gets_c000(
-    listener: Listener, small_phantom: ChestPhantom
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path
 ) -> None:
     ds = pydicom.dcmread(small_phantom.paths[0])
     del ds.SeriesInstanceUID
+    path = tmp_path / "no-series.dcm"
+    ds.save_as(path)
     assoc = _associate(listener.port)
-    status = _raw_store(assoc, ds, announced_uid=ds.SOPInstanceUID)
+    status = _store_file(assoc, path)
     assoc.release()
     assert status == 0xC000
     assert list(listener.spool.instances_dir.iterdir()) == []
