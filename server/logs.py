@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -101,6 +102,25 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # highdicom narrates every module it copies at INFO; that is not an operator's event.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(  # noqa: PLR0917 - the signature is warnings.showwarning's
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Python warnings as log events, without their text.
+
+    Library warnings quote the values they complain about: highdicom's person-name
+    warning quotes the patient's name. Only where and what kind is logged.
+    """
+    get_logger("py.warnings").warning(
+        "python.warning", category=category.__name__, location=f"{filename}:{lineno}"
+    )
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -67,6 +68,8 @@ def lung_model() -> ModuleType:
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     """A test that configures logging binds the stream pytest gave it; undo that after."""
+    showwarning = warnings.showwarning
     yield
     structlog.reset_defaults()
     logging.getLogger().handlers = []
+    warnings.showwarning = showwarning

@@ -165,6 +165,12 @@ def test_real_head_ct_reports_no_lungs(
     assert dciodvfy_errors(srs[0]) == []
     done = infergate.wait_event("inference.job.findings", timeout=5)[0]
     assert done["lungs_found"] == 0
+    # The real file's own patient module must not leak either (highdicom warns about
+    # its single-component name, quoting it).
+    source = pydicom.dcmread(head_ct[0], stop_before_pixels=True)
+    text = infergate.log_text()
+    assert str(source.PatientName) not in text
+    assert str(source.PatientID) not in text
 
 
 @pytest.mark.parametrize("kill_after", ["acknowledged", "inference_started"])

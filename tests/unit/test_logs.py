@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 
 import structlog
 from infergate.logs import REDACTED, configure_logging, get_logger, phi_guard
@@ -57,3 +58,18 @@ def test_pynetdicom_debug_never_reaches_the_log_even_at_debug() -> None:
     assert "copy Patient" not in out.getvalue()
     logging.getLogger("pynetdicom").warning("association aborted")
     assert json.loads(out.getvalue().strip())["event"] == "association aborted"
+
+
+def test_warnings_are_logged_without_their_text() -> None:
+    out = io.StringIO()
+    before = warnings.showwarning
+    try:
+        configure_logging("info", out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn('The string "DOE" is not a person name', UserWarning, stacklevel=1)
+    finally:
+        warnings.showwarning = before
+    assert "DOE" not in out.getvalue()
+    event = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert (event["event"], event["category"]) == ("python.warning", "UserWarning")
