@@ -1,12 +1,13 @@
 """The durable spool: received instances as files, named by generated ids.
 
-A file is written under ``tmp/``, fsynced, renamed into ``instances/`` and the
-directory fsynced, so a file under ``instances/`` is always whole. Nothing in a
-file name comes from DICOM data.
+A file is written under ``tmp/`` (by pynetdicom itself, as the dataset arrives),
+fsynced, renamed into ``instances/`` and the directory fsynced, so a file under
+``instances/`` is always whole. Nothing in a file name comes from DICOM data.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -42,22 +43,41 @@ class Spool:
 
     def write(self, data: bytes) -> Path:
         """Store ``data`` durably and return its final path."""
-        name = f"{uuid.uuid4().hex}.dcm"
-        partial = self.tmp_dir / name
-        final = self.instances_dir / name
+        partial = self.tmp_dir / f"{uuid.uuid4().hex}.partial"
         try:
             with partial.open("xb") as out:
                 out.write(data)
-                out.flush()
-                os.fdatasync(out.fileno())
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise self._error(exc) from exc
+        return self.adopt(partial)
+
+    def adopt(self, partial: Path) -> Path:
+        """Make a file written under ``tmp/`` durable and move it into ``instances/``.
+
+        The file is fsynced, renamed to a generated name and the directory fsynced;
+        on failure it is removed, so nothing half-written becomes visible.
+        """
+        if partial.parent != self.tmp_dir:
+            raise SpoolError(f"refusing to adopt {partial}: not in {self.tmp_dir}")
+        final = self.instances_dir / f"{uuid.uuid4().hex}.dcm"
+        try:
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
             os.rename(partial, final)
             fsync_dir(self.instances_dir)
         except OSError as exc:
             partial.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise SpoolFullError(f"spool {self.root} is full: {exc.strerror}") from exc
-            raise SpoolError(f"cannot write to spool {self.root}: {exc.strerror}") from exc
+            raise self._error(exc) from exc
         return final
+
+    def _error(self, exc: OSError) -> SpoolError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return SpoolFullError(f"spool {self.root} is full: {exc.strerror}")
+        return SpoolError(f"cannot write to spool {self.root}: {exc.strerror}")
 
     def discard(self, path: Path) -> None:
         """Remove a spooled file that turned out not to be needed (a duplicate)."""
