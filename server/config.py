@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from infergate import __version__
-from infergate.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from infergate import __version__
+from infergate.errors import ConfigError
 
 
 class _Section(BaseModel):

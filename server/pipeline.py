@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import structlog
+
 from infergate.config import Settings
 from infergate.dicom.assembly import complete_quiet_series
 from infergate.dicom.scu import send_files

@@ -12,6 +12,7 @@ from types import ModuleType
 import pydicom
 import pytest
 import structlog
+
 from infergate.testing import ChestPhantom, write_chest_ct
 from peers import REPO, SHARED_DATA
 

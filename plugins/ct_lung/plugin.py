@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
+
 from infergate.plugin_api import (
     ABSENT,
     ANATOMICAL_STRUCTURE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 
 import structlog
+
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.routing import SeriesHeader, route

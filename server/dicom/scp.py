@@ -20,6 +20,11 @@ from typing import Any
 
 import pydicom
 import structlog
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+
 from infergate.config import IngestSettings
 from infergate.dicom.scu import set_nodelay
 from infergate.dicom.spool import Spool
@@ -27,10 +32,6 @@ from infergate.dicom.status import Status, status_for
 from infergate.errors import InfergateError, InvalidInstanceError, UIDMismatchError
 from infergate.logs import get_logger
 from infergate.store import InstanceRecord, Store
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 
 log = get_logger(__name__)
 

@@ -6,8 +6,6 @@ import socket
 from pathlib import Path
 
 import pydicom
-from infergate.config import Destination
-from infergate.errors import ExportError
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
@@ -15,6 +13,9 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
+
+from infergate.config import Destination
+from infergate.errors import ExportError
 
 RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage)
 # Statuses a receiver may answer that still mean "stored" (PS3.4 B.2.3).

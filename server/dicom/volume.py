@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
+from pydicom.dataset import Dataset
+
 from infergate.errors import VolumeError
 from infergate.plugin_api import Series
-from pydicom.dataset import Dataset
 
 # Positions along the normal closer than this are the same slice position (mm).
 _SAME_POSITION_MM = 1e-3

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
 from infergate.errors import InferenceError, ModelMismatchError, TritonUnavailableError
 from infergate.plugin_api import PluginSpec, TensorSpec
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 # Large volumes travel in one message; tritonclient's default cap would refuse them.
 _MAX_MESSAGE_BYTES = 2**31 - 1

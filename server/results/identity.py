@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import highdicom as hd
-from infergate.config import DeviceSettings
-from infergate.plugin_api import Code, PluginSpec
 from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import generate_uid
+
+from infergate.config import DeviceSettings
+from infergate.plugin_api import Code, PluginSpec
 
 
 def derived_uid(root: str, job_id: str, purpose: str) -> str:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
+
 from infergate.errors import ResultEncodingError
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import (
@@ -14,7 +16,6 @@ from infergate.results.identity import (
     coded,
     contributing_equipment,
 )
-from pydicom.dataset import Dataset
 
 
 def seg_segment_numbers(findings: Findings) -> dict[int, int]:

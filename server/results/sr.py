@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
 from infergate.errors import ResultEncodingError
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity, coded, contributing_equipment
 from infergate.results.seg import seg_segment_numbers
-from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
 
 def _algorithm_id(spec: PluginSpec) -> hd.sr.AlgorithmIdentification:

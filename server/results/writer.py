@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from infergate.dicom.spool import fsync_dir
 from infergate.dicom.volume import LoadedSeries
 from infergate.errors import ResultEncodingError
@@ -13,7 +15,6 @@ from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity
 from infergate.results.seg import build_segmentation
 from infergate.results.sr import build_report
-from pydicom.dataset import Dataset
 
 
 @dataclass(frozen=True)

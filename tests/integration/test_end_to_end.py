@@ -12,6 +12,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+
 from infergate.testing import ChestPhantom
 from peers import (
     InfergateProcess,
@@ -21,7 +23,6 @@ from peers import (
     storescu,
     walk_content,
 )
-from pydicom.dataset import Dataset
 
 pytestmark = pytest.mark.integration
 
@@ -210,3 +211,23 @@ def test_sigkill_loses_nothing_and_sends_results_once(
     stored = [e for e in server.events() if e["event"] == "ingest.association.released"]
     assert stored[0]["instances"] == len(chest_phantom.paths)
     assert orthanc.get("/statistics")["CountInstances"] == 2
+
+
+def test_results_wait_for_a_pacs_that_is_down(tmp_path: Path, small_phantom: ChestPhantom) -> None:
+    """A destination that refuses connections gets retries; results arrive once it is up."""
+    orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started yet
+    server = InfergateProcess(tmp_path / "infergate", infergate_config(tmp_path / "var", orthanc))
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(small_phantom.paths))
+        retry = server.wait_event("export.retrying", timeout=120, fail_on=("export.failed",))[0]
+        assert "refused or did not answer" in retry["reason"]
+        orthanc.start()
+        server.wait_event("export.sent", timeout=120, fail_on=("export.failed",))
+    finally:
+        server.stop()
+        orthanc.stop()
+    sent = [e for e in server.events() if e["event"] == "export.sent"]
+    assert len(sent) == 1
+    assert sent[0]["attempt"] >= 2

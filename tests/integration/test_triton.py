@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from infergate.config import TritonSettings
 from infergate.dicom.volume import load_series
 from infergate.errors import InferenceError, ModelMismatchError

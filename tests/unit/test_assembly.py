@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import structlog
+
 from infergate.dicom.assembly import complete_quiet_series
 from infergate.plugins import LoadedPlugin
 from infergate.store import InstanceRecord, Store

@@ -3,10 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from infergate.config import load_settings
 from infergate.errors import ConfigError
 from peers import REPO
-from pydantic import ValidationError
 
 
 def test_defaults_are_the_embedded_ones() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from infergate.plugin_api import ABSENT, Series
 from infergate_plugins.ct_lung import plugin
 from infergate_plugins.ct_lung.plugin import LEFT_LUNG, LUNG, RIGHT_LUNG

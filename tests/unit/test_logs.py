@@ -6,8 +6,9 @@ import logging
 import warnings
 
 import structlog
-from infergate.logs import REDACTED, configure_logging, get_logger, phi_guard
 from pydicom.dataset import Dataset
+
+from infergate.logs import REDACTED, configure_logging, get_logger, phi_guard
 
 
 def test_guard_redacts_patient_keys_and_dicom_objects() -> None:

@@ -8,6 +8,7 @@ from types import ModuleType
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from infergate.dicom.volume import load_series
 from infergate.testing import ChestPhantom
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+
 from infergate.config import DeviceSettings
 from infergate.dicom.volume import LoadedSeries, load_series
 from infergate.plugin_api import MILLILITER, VOLUME, Findings, Measurement
@@ -17,7 +19,6 @@ from infergate.testing import ChestPhantom
 from infergate_plugins.ct_lung import plugin
 from infergate_plugins.ct_lung.plugin import LEFT_LUNG, RIGHT_LUNG
 from peers import dciodvfy_errors, walk_content
-from pydicom.dataset import Dataset
 
 pytestmark = pytest.mark.usefixtures("strict_pydicom")
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from infergate.errors import PluginError
 from infergate.plugin_api import Findings, PluginSpec, Series
 from infergate.plugins import LoadedPlugin, discover, validate

@@ -11,14 +11,15 @@ from typing import Any
 import pydicom
 import pytest
 import structlog
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, _config
+
 from infergate.config import IngestSettings
 from infergate.dicom.scp import StorageSCP
 from infergate.dicom.spool import Spool
 from infergate.store import Store
 from infergate.testing import ChestPhantom
 from peers import PEER_ENV, free_port, require_program, storescu
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
-from pynetdicom import AE, _config
 
 
 @dataclass

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from infergate.dicom.spool import Spool
 from infergate.errors import SpoolError
 

@@ -4,6 +4,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from infergate.store import InstanceRecord, NewJob, ResultRow, Store
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
 from infergate.dicom.volume import load_series
 from infergate.errors import VolumeError
 from infergate.testing import ChestPhantom
