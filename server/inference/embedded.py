@@ -62,7 +62,8 @@ class EmbeddedTriton:
 
     def __init__(self, settings: TritonSettings, work_dir: Path) -> None:
         self._settings = settings
-        self._work_dir = work_dir
+        # tritonserver runs in work_dir; every path it is given must be absolute.
+        self._work_dir = work_dir.resolve()
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = work_dir / "tritonserver.log"
 

@@ -105,7 +105,8 @@ def test_model_errors_and_timeouts_become_inference_errors(triton: TritonClient)
 def _check(tmp_path: Path, repository: Path) -> subprocess.CompletedProcess[str]:
     settings = _triton_settings(repository)
     config = {
-        "storage": {"var_dir": str(tmp_path / "var")},
+        # Relative, like the default: resolved against the working directory.
+        "storage": {"var_dir": "var"},
         "triton": {
             "model_repository": str(repository),
             "grpc_port": settings.grpc_port,
@@ -122,6 +123,7 @@ def _check(tmp_path: Path, repository: Path) -> subprocess.CompletedProcess[str]
         timeout=180,
         env=PEER_ENV,
         check=False,
+        cwd=tmp_path,
     )
 
 
