@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from infergate import __version__
@@ -36,7 +36,14 @@ class IngestSettings(_Section):
 class StorageSettings(_Section):
     """Where state and spooled instances live."""
 
-    var_dir: Path = Path("var")
+    var_dir: Path = Field(default=Path("var"), validate_default=True)
+
+    @field_validator("var_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Relative to the working directory at start, once: every consumer (spool,
+        # tritonserver in its own folder) then agrees on the same absolute path.
+        return value.resolve()
 
     @property
     def spool_dir(self) -> Path:
@@ -63,7 +70,13 @@ class TritonSettings(_Section):
 
     mode: Literal["embedded", "remote"] = "embedded"
     url: str = "127.0.0.1:8001"
-    model_repository: Path = Path("model_repository")
+    model_repository: Path = Field(default=Path("model_repository"), validate_default=True)
+
+    @field_validator("model_repository")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.resolve()
+
     grpc_port: int = Field(default=8001, ge=1, le=65535)
     http_port: int = Field(default=8000, ge=1, le=65535)
     metrics_port: int = Field(default=8002, ge=1, le=65535)

@@ -27,9 +27,9 @@ class Spool:
     """Writes instances durably and hands back their paths."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.tmp_dir = root / "tmp"
-        self.instances_dir = root / "instances"
+        self.root = root.resolve()
+        self.tmp_dir = self.root / "tmp"
+        self.instances_dir = self.root / "instances"
         for folder in (self.root, self.tmp_dir, self.instances_dir):
             folder.mkdir(parents=True, exist_ok=True)
 

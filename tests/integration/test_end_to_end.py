@@ -146,6 +146,8 @@ def test_real_head_ct_reports_no_lungs(
 ) -> None:
     """A head is not a chest: the lung plugin must say so, not crash or invent lungs."""
     study_uid = pydicom.dcmread(head_ct[0], stop_before_pixels=True).StudyInstanceUID
+    # Relative, like the default var_dir: the server resolves it in its working directory.
+    infergate.config["storage"]["var_dir"] = "var"
     infergate.start()
     storescu(infergate.port, head_ct)
     sent = infergate.wait_event("export.sent", timeout=180)

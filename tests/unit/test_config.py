@@ -15,9 +15,10 @@ def test_defaults_are_the_embedded_ones() -> None:
     assert settings.ingest.ae_title == "INFERGATE"
     assert settings.ingest.port == 11112
     assert settings.triton.mode == "embedded"
-    assert settings.triton.model_repository == Path("model_repository")
-    assert settings.storage.database == Path("var/infergate.db")
-    assert settings.storage.spool_dir == Path("var/spool")
+    # Relative paths are resolved against the working directory at start.
+    assert settings.triton.model_repository == Path.cwd() / "model_repository"
+    assert settings.storage.database == Path.cwd() / "var" / "infergate.db"
+    assert settings.storage.spool_dir == Path.cwd() / "var" / "spool"
     assert settings.export.destination is None
 
 
