@@ -7,6 +7,7 @@ the key and the file.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,43 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+ANY_AE_TITLE = "*"
+
+
+class Peer(_Section):
+    """A DICOM node allowed to associate: its calling AE title and where it may come from.
+
+    ``ae_title`` ``"*"`` admits any calling AE title from ``addresses``.
+    """
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    addresses: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("addresses")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{address!r} is not an IP address or network") from exc
+        return value
+
+    def admits(self, calling_ae: str, address: str) -> bool:
+        if self.ae_title not in (ANY_AE_TITLE, calling_ae):
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(a, strict=False) for a in self.addresses)
+
+
+# Out of the box only this machine may send: deny by default, yet the README's
+# storescu example works.
+LOOPBACK_PEER = Peer(ae_title=ANY_AE_TITLE, addresses=("127.0.0.0/8", "::1/128"))
+
+
 class IngestSettings(_Section):
     """The DICOM listener."""
 
@@ -31,6 +69,15 @@ class IngestSettings(_Section):
     # 128 KiB PDUs were measured faster than pynetdicom's 16 KiB default on this machine kind.
     max_pdu_length: int = Field(default=131072, ge=4096)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # Who may associate. Everyone else is refused with the matching A-ASSOCIATE-RJ.
+    peers: tuple[Peer, ...] = (LOOPBACK_PEER,)
+    # For labs only: admit any calling AE title from any address.
+    accept_any_peer: bool = False
+    max_associations: int = Field(default=16, ge=1)
+    max_associations_per_address: int = Field(default=4, ge=1)
+    # Below this much free space in the spool's file system, C-STORE answers 0xA700
+    # and new associations get a transient reject, until space returns.
+    min_free_bytes: int = Field(default=1024**3, ge=0)
 
 
 class StorageSettings(_Section):

@@ -55,6 +55,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     UNIQUE (series_uid, generation, plugin)
 );
+CREATE TABLE IF NOT EXISTS associations (
+    association_id TEXT PRIMARY KEY,
+    peer_address TEXT NOT NULL,
+    peer_port INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    called_ae TEXT NOT NULL,
+    tls INTEGER NOT NULL,
+    outcome TEXT NOT NULL
+        CHECK (outcome IN ('accepted', 'rejected', 'released', 'aborted')),
+    reason TEXT,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    instances INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS results (
     sop_instance_uid TEXT PRIMARY KEY,
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
@@ -116,6 +132,25 @@ class ResultRow:
     path: Path
     state: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class AssociationAudit:
+    """One association as the audit trail keeps it."""
+
+    association_id: str
+    peer_address: str
+    peer_port: int
+    calling_ae: str
+    called_ae: str
+    tls: bool
+    outcome: str
+    reason: str | None
+    started_at: float
+    ended_at: float | None = None
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +238,55 @@ class Store:
                 ),
             )
             return True
+
+    def audit_association(self, audit: AssociationAudit) -> None:
+        """Record an association when it is accepted or rejected."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO associations VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    audit.association_id,
+                    audit.peer_address,
+                    audit.peer_port,
+                    audit.calling_ae,
+                    audit.called_ae,
+                    int(audit.tls),
+                    audit.outcome,
+                    audit.reason,
+                    audit.started_at,
+                    audit.ended_at,
+                    audit.instances,
+                    audit.bytes,
+                    audit.failures,
+                ),
+            )
+
+    def close_association(
+        self,
+        association_id: str,
+        outcome: str,
+        *,
+        instances: int,
+        size: int,
+        failures: int,
+        now: float,
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE associations SET outcome = ?, instances = ?, bytes = ?, failures = ?,"
+                " ended_at = ? WHERE association_id = ?",
+                (outcome, instances, size, failures, now, association_id),
+            )
+
+    def associations(self) -> list[AssociationAudit]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT association_id, peer_address, peer_port, calling_ae, called_ae, tls,"
+                " outcome, reason, started_at, ended_at, instances, bytes, failures"
+                " FROM associations ORDER BY started_at"
+            ).fetchall()
+        return [AssociationAudit(r[0], r[1], r[2], r[3], r[4], bool(r[5]), *r[6:]) for r in rows]
 
     # -- assembly ---------------------------------------------------------------
 

@@ -10,6 +10,8 @@ returns a status. Anything slow happens elsewhere.
 from __future__ import annotations
 
 import functools
+import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -26,12 +28,18 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import IngestSettings
+from infergate.dicom.admission import AssociationRequest, ListenerLoad, Rejection, decide
 from infergate.dicom.scu import set_nodelay
 from infergate.dicom.spool import Spool
 from infergate.dicom.status import Status, status_for
-from infergate.errors import InfergateError, InvalidInstanceError, UIDMismatchError
+from infergate.errors import (
+    InfergateError,
+    InvalidInstanceError,
+    SpoolFullError,
+    UIDMismatchError,
+)
 from infergate.logs import get_logger
-from infergate.store import InstanceRecord, Store
+from infergate.store import AssociationAudit, InstanceRecord, Store
 
 log = get_logger(__name__)
 
@@ -61,10 +69,18 @@ def stream_datasets_into(directory: Path) -> None:
     )
 
 
+# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros
+# in a component are not conformant either, but real scanners send them; they are
+# harmless here because no file name is ever made from a UID.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_UID_MAX = 64
+
+
 @dataclass
 class _AssociationStats:
     association_id: str
     started: float
+    started_wall: float
     instances: int = 0
     bytes: int = 0
     failures: int = 0
@@ -89,7 +105,10 @@ class StorageSCP:
         ae.network_timeout = self.settings.network_timeout_s
         ae.acse_timeout = self.settings.network_timeout_s
         ae.dimse_timeout = self.settings.network_timeout_s
-        ae.require_called_aet = True
+        # Admission (peers, called AE titles, load) is decided in _on_requested, which
+        # logs and audits every refusal; pynetdicom's own limit stays as a backstop.
+        ae.require_called_aet = False
+        ae.maximum_associations = self.settings.max_associations + 1
         stream_datasets_into(self.spool.tmp_dir)
         ae.add_supported_context(VERIFICATION)
         for sop_class in ACCEPTED_STORAGE:
@@ -99,6 +118,7 @@ class StorageSCP:
     def start(self) -> None:
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_connect),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
@@ -126,7 +146,9 @@ class StorageSCP:
 
     def _on_connect(self, event: evt.Event) -> None:
         set_nodelay(event)
-        stats = _AssociationStats(association_id=uuid.uuid4().hex[:16], started=time.monotonic())
+        stats = _AssociationStats(
+            association_id=uuid.uuid4().hex[:16], started=time.monotonic(), started_wall=time.time()
+        )
         self._stats[event.assoc] = stats
         structlog.contextvars.bind_contextvars(association_id=stats.association_id)
 
@@ -139,23 +161,109 @@ class StorageSCP:
             "called_ae": _ae_text(event.assoc.acceptor.ae_title),
         }
 
-    def _on_accepted(self, event: evt.Event) -> None:
-        log.info("ingest.association.accepted", **self._peer(event))
+    def open_associations(self) -> int:
+        """Associations this listener is serving now (their threads still running)."""
+        return sum(1 for a in self._ae.active_associations if a.is_acceptor)
 
-    def _on_rejected(self, event: evt.Event) -> None:
-        log.warning("ingest.association.rejected", **self._peer(event))
+    @property
+    def called_ae_titles(self) -> frozenset[str]:
+        return frozenset({self.settings.ae_title})
 
-    def _on_closed(self, event: evt.Event) -> None:
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        if primitive is None:  # EVT_REQUESTED fires only once the request arrived
+            return
+        request = AssociationRequest(
+            calling_ae=_ae_text(primitive.calling_ae_title),
+            called_ae=_ae_text(primitive.called_ae_title),
+            address=assoc.requestor.address,
+        )
+        others = [a for a in self._ae.active_associations if a.is_acceptor and a is not assoc]
+        load = ListenerLoad(
+            associations=len(others),
+            associations_from_address=sum(
+                1 for a in others if a.requestor.address == request.address
+            ),
+            free_bytes=shutil.disk_usage(self.spool.root).free,
+        )
+        rejection = decide(request, self.settings, self.called_ae_titles, load)
+        if rejection is not None:
+            self._reject(event, request, rejection)
+
+    def _reject(self, event: evt.Event, request: AssociationRequest, rejection: Rejection) -> None:
+        assoc = event.assoc
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        assoc.is_rejected = True
+        stats = self._stats.get(assoc)
+        self._audit(event, request.calling_ae, request.called_ae, "rejected", rejection.reason)
+        log.warning(
+            "ingest.association.rejected",
+            peer_address=request.address,
+            calling_ae=request.calling_ae,
+            called_ae=request.called_ae,
+            reason=rejection.reason,
+            result=rejection.result,
+            source=rejection.source,
+            diagnostic=rejection.diagnostic,
+            association_id=stats.association_id if stats else None,
+        )
+        assoc.kill()
+
+    def _audit(
+        self, event: evt.Event, calling: str, called: str, outcome: str, reason: str | None
+    ) -> None:
         stats = self._stats.get(event.assoc)
         if stats is None:
             return
-        name = (
-            "ingest.association.released"
-            if event.event is evt.EVT_RELEASED
-            else ("ingest.association.aborted")
-        )
+        requestor = event.assoc.requestor
+        try:
+            self.store.audit_association(
+                AssociationAudit(
+                    association_id=stats.association_id,
+                    peer_address=requestor.address,
+                    peer_port=requestor.port,
+                    calling_ae=calling,
+                    called_ae=called,
+                    tls=False,
+                    outcome=outcome,
+                    reason=reason,
+                    started_at=stats.started_wall,
+                    ended_at=time.time() if outcome == "rejected" else None,
+                )
+            )
+        except InfergateError as exc:  # the audit must not take the listener down
+            log.error("ingest.audit.failed", reason=str(exc))
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        peer = self._peer(event)
+        self._audit(event, peer["calling_ae"], peer["called_ae"], "accepted", None)
+        log.info("ingest.association.accepted", **peer)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Only pynetdicom's own rejections arrive here (its association limit).
+        peer = self._peer(event)
+        self._audit(event, peer["calling_ae"], peer["called_ae"], "rejected", "pynetdicom limit")
+        log.warning("ingest.association.rejected", reason="pynetdicom limit", **peer)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        stats = self._stats.get(event.assoc)
+        if stats is None or event.assoc.is_rejected:
+            return
+        outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        try:
+            self.store.close_association(
+                stats.association_id,
+                outcome,
+                instances=stats.instances,
+                size=stats.bytes,
+                failures=stats.failures,
+                now=time.time(),
+            )
+        except InfergateError as exc:
+            log.error("ingest.audit.failed", reason=str(exc))
         log.info(
-            name,
+            f"ingest.association.{outcome}",
             association_id=stats.association_id,
             instances=stats.instances,
             bytes=stats.bytes,
@@ -196,6 +304,12 @@ class StorageSCP:
         except AttributeError as exc:
             raise InvalidInstanceError("the C-STORE request carries no dataset") from exc
         header = _identify(event, received)
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.settings.min_free_bytes:
+            raise SpoolFullError(
+                f"spool has {free} bytes free, below ingest.min_free_bytes"
+                f" ({self.settings.min_free_bytes})"
+            )
         path = self.spool.adopt(received)
         requestor = event.assoc.requestor
         record = InstanceRecord(
@@ -256,6 +370,11 @@ def _identify(event: evt.Event, path: Path) -> _Header:
     missing = [name for name, value in values.items() if not value]
     if missing:
         raise InvalidInstanceError(f"dataset lacks {', '.join(missing)}")
+    for name in ("sop_instance_uid", "sop_class_uid", "series_uid", "study_uid"):
+        uid = values[name]
+        if len(uid) > _UID_MAX or not _UID.fullmatch(uid):
+            # The value itself is not logged: it is not a UID, so it may be anything.
+            raise InvalidInstanceError(f"{name} is not a conformant UID ({len(uid)} characters)")
     if values["sop_instance_uid"] != command_uid:
         raise UIDMismatchError("SOP Instance UID in the dataset differs from the C-STORE request")
     return _Header(**values)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,12 @@ import structlog
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
 
-from infergate.config import IngestSettings
+from infergate.config import IngestSettings, Peer
 from infergate.dicom.scp import StorageSCP
 from infergate.dicom.spool import Spool
 from infergate.store import Store
 from infergate.testing import ChestPhantom
-from peers import PEER_ENV, free_port, require_program, storescu
+from peers import PEER_ENV, free_port, require_program, storescu, wait_until
 
 
 @dataclass
@@ -30,21 +30,38 @@ class Listener:
     port: int
 
 
+ListenerFactory = Callable[..., Listener]
+
+
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Listener]:
-    port = free_port()
-    settings = IngestSettings(host="127.0.0.1", port=port, network_timeout_s=10)
-    store = Store(tmp_path / "state.db")
-    spool = Spool(tmp_path / "spool")
-    scp = StorageSCP(settings, spool, store)
-    scp.start()
-    yield Listener(scp, store, spool, port)
-    scp.stop()
-    store.close()
+def make_listener(tmp_path: Path) -> Iterator[ListenerFactory]:
+    """Start a listener with ``IngestSettings`` overrides; stopped after the test."""
+    started: list[Listener] = []
+
+    def make(spool_root: Path | None = None, **overrides: Any) -> Listener:
+        port = free_port()
+        values: dict[str, Any] = {"network_timeout_s": 10, "min_free_bytes": 0, **overrides}
+        settings = IngestSettings(host="127.0.0.1", port=port, **values)
+        store = Store(tmp_path / f"state-{port}.db")
+        spool = Spool(spool_root or tmp_path / f"spool-{port}")
+        scp = StorageSCP(settings, spool, store)
+        scp.start()
+        started.append(Listener(scp, store, spool, port))
+        return started[-1]
+
+    yield make
+    for listener in started:
+        listener.scp.stop()
+        listener.store.close()
 
 
-def _associate(port: int, called: str = "INFERGATE") -> Any:
-    ae = AE(ae_title="TESTSCU")
+@pytest.fixture
+def listener(make_listener: ListenerFactory) -> Listener:
+    return make_listener()
+
+
+def _associate(port: int, called: str = "INFERGATE", calling: str = "TESTSCU") -> Any:
+    ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     ae.add_requested_context(MRImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
@@ -159,3 +176,165 @@ def test_association_is_audited_in_the_log(listener: Listener, small_phantom: Ch
     assert released["bytes"] == sum(
         p.stat().st_size for p in listener.spool.instances_dir.iterdir()
     )
+
+
+def _try_associate(port: int, calling: str, called: str = "INFERGATE") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _reject_rsd(assoc: Any) -> tuple[int, int, int]:
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    return (rj.result, rj.result_source, rj.diagnostic)
+
+
+def test_reject_matrix_over_the_network(make_listener: ListenerFactory) -> None:
+    listener = make_listener(
+        peers=(
+            Peer(ae_title="SCANNER1", addresses=("127.0.0.1",)),
+            Peer(ae_title="FARAWAY", addresses=("192.0.2.10",)),
+        )
+    )
+    with structlog.testing.capture_logs() as logs:
+        stranger = _try_associate(listener.port, "STRANGER")
+        elsewhere = _try_associate(listener.port, "FARAWAY")
+        wrong_called = _try_associate(listener.port, "SCANNER1", called="NOTUS")
+        known = _try_associate(listener.port, "SCANNER1")
+    assert _reject_rsd(stranger) == (1, 1, 3)
+    assert _reject_rsd(elsewhere) == (1, 1, 3)
+    assert _reject_rsd(wrong_called) == (1, 1, 7)
+    assert known.is_established
+    known.release()
+
+    reasons = [e["reason"] for e in logs if e["event"] == "ingest.association.rejected"]
+    assert len(reasons) == 3
+    assert "'STRANGER' at 127.0.0.1 is not allowed in ingest.peers" in reasons[0]
+    assert "'FARAWAY' at 127.0.0.1 is not allowed from this address" in reasons[1]
+    assert "'NOTUS'" in reasons[2]
+
+    audit = listener.store.associations()
+    assert [(a.calling_ae, a.outcome) for a in audit] == [
+        ("STRANGER", "rejected"),
+        ("FARAWAY", "rejected"),
+        ("SCANNER1", "rejected"),
+        ("SCANNER1", "released"),
+    ]
+    assert audit[0].peer_address == "127.0.0.1"
+    assert audit[0].reason is not None
+    assert "ingest.peers" in audit[0].reason
+    assert audit[0].tls is False
+
+
+def test_dcmtk_peer_sees_the_reject_reason(make_listener: ListenerFactory) -> None:
+    listener = make_listener(peers=(Peer(ae_title="SCANNER1", addresses=("127.0.0.1",)),))
+    echoscu = require_program("echoscu")
+    refused = subprocess.run(
+        [echoscu, "-aet", "STRANGER", "-aec", "INFERGATE", "127.0.0.1", str(listener.port)],
+        env=PEER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+    admitted = subprocess.run(
+        [echoscu, "-aet", "SCANNER1", "-aec", "INFERGATE", "127.0.0.1", str(listener.port)],
+        env=PEER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert admitted.returncode == 0
+
+
+def test_associations_per_address_are_limited(make_listener: ListenerFactory) -> None:
+    listener = make_listener(max_associations_per_address=1)
+    first = _try_associate(listener.port, "SCANNER1")
+    assert first.is_established
+    second = _try_associate(listener.port, "SCANNER1")
+    assert _reject_rsd(second) == (2, 3, 2)
+    first.release()
+    wait_until(lambda: listener.scp.open_associations() == 0, 10, "the first to close")
+    third = _try_associate(listener.port, "SCANNER1")
+    assert third.is_established
+    third.release()
+
+
+def test_completed_association_is_audited_with_counts(
+    listener: Listener, small_phantom: ChestPhantom
+) -> None:
+    storescu(listener.port, list(small_phantom.paths[:3]))
+    (audit,) = listener.store.associations()
+    assert (audit.calling_ae, audit.called_ae, audit.outcome) == (
+        "SCANNER1",
+        "INFERGATE",
+        "released",
+    )
+    assert audit.instances == 3
+    assert audit.bytes == sum(p.stat().st_size for p in listener.spool.instances_dir.iterdir())
+    assert audit.ended_at is not None
+    assert audit.ended_at >= audit.started_at
+
+
+@pytest.mark.parametrize(
+    "bad_uid",
+    ["../../etc/passwd", "1.2/3.4", "1.2\\3", "1.2\x003", "1." + "2" * 70, "1..2", "1.2.3."],
+)
+def test_uids_that_are_not_uids_are_refused(
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path, bad_uid: str
+) -> None:
+    ds = pydicom.dcmread(small_phantom.paths[0])
+    ds.SeriesInstanceUID = bad_uid
+    path = tmp_path / "bad-uid.dcm"
+    ds.save_as(path)
+    assoc = _associate(listener.port)
+    status = _store_file(assoc, path)
+    assoc.release()
+    assert status == 0xC000
+    assert list(listener.spool.instances_dir.iterdir()) == []
+    assert list(listener.spool.tmp_dir.iterdir()) == []
+    assert listener.store.receiving_series() == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs, so the spool can really run out of space (needs root, as in CI)."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)],
+        check=True,
+        capture_output=True,
+    )
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+def test_disk_pressure_answers_a700_then_recovers(
+    make_listener: ListenerFactory, small_filesystem: Path, small_phantom: ChestPhantom
+) -> None:
+    listener = make_listener(spool_root=small_filesystem / "spool", min_free_bytes=16 * 2**20)
+    assoc = _associate(listener.port)
+    assert _store_file(assoc, small_phantom.paths[0]) == 0x0000
+
+    ballast = small_filesystem / "ballast"
+    ballast.write_bytes(b"\0" * (36 * 2**20))  # leaves ~12 MiB, under the threshold
+    with structlog.testing.capture_logs() as logs:
+        assert _store_file(assoc, small_phantom.paths[1]) == 0xA700
+        newcomer = _try_associate(listener.port, "SCANNER1")
+    assert _reject_rsd(newcomer) == (2, 3, 1)
+    refused = next(e for e in logs if e["event"] == "ingest.instance.refused")
+    assert "ingest.min_free_bytes" in refused["reason"]
+
+    ballast.unlink()  # space returns; service resumes by itself
+    assert _store_file(assoc, small_phantom.paths[1]) == 0x0000
+    assoc.release()
+    again = _try_associate(listener.port, "SCANNER1")
+    assert again.is_established
+    again.release()
+    assert len(list(listener.spool.instances_dir.iterdir())) == 2
+    assert list(listener.spool.tmp_dir.iterdir()) == []

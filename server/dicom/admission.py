@@ -1,0 +1,94 @@
+"""Who may associate: the decision, and the A-ASSOCIATE-RJ that says why not.
+
+A pure function of the request, the settings and the listener's load, so the whole
+reject matrix is testable without a network. Result, source and diagnostic values
+are those of PS3.8 9.3.4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infergate.config import IngestSettings
+
+PERMANENT, TRANSIENT = 0x01, 0x02
+SERVICE_USER, SERVICE_PROVIDER_PRESENTATION = 0x01, 0x03
+CALLING_AE_NOT_RECOGNISED, CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+TEMPORARY_CONGESTION, LOCAL_LIMIT_EXCEEDED = 0x01, 0x02
+
+
+@dataclass(frozen=True)
+class AssociationRequest:
+    calling_ae: str
+    called_ae: str
+    address: str
+
+
+@dataclass(frozen=True)
+class ListenerLoad:
+    """What the listener carries while the request is decided (the request excluded)."""
+
+    associations: int
+    associations_from_address: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class Rejection:
+    result: int
+    source: int
+    diagnostic: int
+    reason: str
+
+
+def decide(
+    request: AssociationRequest,
+    settings: IngestSettings,
+    called_ae_titles: frozenset[str],
+    load: ListenerLoad,
+) -> Rejection | None:
+    """None to accept ``request``; otherwise the rejection to send and why."""
+    if not settings.accept_any_peer and not any(
+        peer.admits(request.calling_ae, request.address) for peer in settings.peers
+    ):
+        known_elsewhere = any(p.ae_title == request.calling_ae for p in settings.peers)
+        where = "from this address" if known_elsewhere else "in ingest.peers"
+        return Rejection(
+            PERMANENT,
+            SERVICE_USER,
+            CALLING_AE_NOT_RECOGNISED,
+            f"calling AE title {request.calling_ae!r} at {request.address} is not allowed"
+            f" {where}; add it to ingest.peers to allow it",
+        )
+    if request.called_ae not in called_ae_titles:
+        return Rejection(
+            PERMANENT,
+            SERVICE_USER,
+            CALLED_AE_NOT_RECOGNISED,
+            f"called AE title {request.called_ae!r} is not one of {sorted(called_ae_titles)}",
+        )
+    if load.free_bytes < settings.min_free_bytes:
+        return Rejection(
+            TRANSIENT,
+            SERVICE_PROVIDER_PRESENTATION,
+            TEMPORARY_CONGESTION,
+            f"spool has {load.free_bytes} bytes free, below ingest.min_free_bytes"
+            f" ({settings.min_free_bytes})",
+        )
+    if load.associations >= settings.max_associations:
+        return Rejection(
+            TRANSIENT,
+            SERVICE_PROVIDER_PRESENTATION,
+            LOCAL_LIMIT_EXCEEDED,
+            f"{load.associations} associations open, ingest.max_associations is"
+            f" {settings.max_associations}",
+        )
+    if load.associations_from_address >= settings.max_associations_per_address:
+        return Rejection(
+            TRANSIENT,
+            SERVICE_PROVIDER_PRESENTATION,
+            LOCAL_LIMIT_EXCEEDED,
+            f"{load.associations_from_address} associations open from {request.address},"
+            f" ingest.max_associations_per_address is {settings.max_associations_per_address}",
+        )
+    return None
