@@ -78,6 +78,9 @@ class IngestSettings(_Section):
     # Below this much free space in the spool's file system, C-STORE answers 0xA700
     # and new associations get a transient reject, until space returns.
     min_free_bytes: int = Field(default=1024**3, ge=0)
+    # An instance re-sent under a known SOP Instance UID with other content: keep the
+    # first one received, or replace it (and process its series again).
+    changed_instance_policy: Literal["keep_first", "replace"] = "keep_first"
 
 
 class StorageSettings(_Section):

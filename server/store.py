@@ -13,10 +13,31 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from infergate.errors import StoreError
+from infergate.store_rows import (
+    Arrival,
+    ArrivalOutcome,
+    AssociationAudit,
+    InstanceRecord,
+    JobRow,
+    NewJob,
+    ResultRow,
+    SeriesRow,
+)
+
+__all__ = [
+    "Arrival",
+    "ArrivalOutcome",
+    "AssociationAudit",
+    "InstanceRecord",
+    "JobRow",
+    "NewJob",
+    "ResultRow",
+    "SeriesRow",
+    "Store",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -27,7 +48,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
     association_id TEXT NOT NULL,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS series (
@@ -85,80 +107,6 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 
-@dataclass(frozen=True)
-class InstanceRecord:
-    """One durably spooled instance, as ingest reports it."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str
-    modality: str
-    path: Path
-    size: int
-    association_id: str
-    calling_ae: str
-    called_ae: str
-
-
-@dataclass(frozen=True)
-class SeriesRow:
-    series_uid: str
-    study_uid: str
-    modality: str
-    calling_ae: str
-    called_ae: str
-    last_received_at: float
-    instance_count: int
-    generation: int
-
-
-@dataclass(frozen=True)
-class JobRow:
-    job_id: str
-    series_uid: str
-    study_uid: str
-    plugin: str
-    state: str
-    attempts: int
-    error: str | None
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    sop_instance_uid: str
-    job_id: str
-    kind: str
-    path: Path
-    state: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class AssociationAudit:
-    """One association as the audit trail keeps it."""
-
-    association_id: str
-    peer_address: str
-    peer_port: int
-    calling_ae: str
-    called_ae: str
-    tls: bool
-    outcome: str
-    reason: str | None
-    started_at: float
-    ended_at: float | None = None
-    instances: int = 0
-    bytes: int = 0
-    failures: int = 0
-
-
-@dataclass(frozen=True)
-class NewJob:
-    job_id: str
-    plugin: str
-
-
 class Store:
     """Typed access to the state database. Safe to share between threads."""
 
@@ -172,8 +120,18 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        """Bring a database written by an earlier Infergate to this schema."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version < 1:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
+            if "sha256" not in columns:  # written before duplicate detection existed
+                self._db.execute("ALTER TABLE instances ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
+            self._db.execute("PRAGMA user_version = 1")
 
     def close(self) -> None:
         with self._lock:
@@ -195,16 +153,39 @@ class Store:
 
     # -- ingest -----------------------------------------------------------------
 
-    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
-        """Commit a received instance; False when its SOP Instance UID is already stored.
+    def record_instance(
+        self, rec: InstanceRecord, *, replace_changed: bool = False, now: float | None = None
+    ) -> ArrivalOutcome:
+        """Commit a received instance and say what it was.
 
-        A new instance for a series that was already complete reopens the series
-        as a new generation, so its jobs run again over the whole series.
+        A SOP Instance UID already stored with the same bytes is a duplicate and
+        changes nothing. With other bytes, the first instance stays unless
+        ``replace_changed``; a replacement reopens its series. A new instance for a
+        complete series reopens it as a new generation, so its jobs run again over
+        the whole series.
         """
         at = time.time() if now is None else now
         with self._transaction() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            known = db.execute(
+                "SELECT sha256, path, series_uid FROM instances WHERE sop_instance_uid = ?",
+                (rec.sop_instance_uid,),
+            ).fetchone()
+            if known is not None:
+                if known[0] == rec.sha256:
+                    return ArrivalOutcome(Arrival.DUPLICATE)
+                if not replace_changed:
+                    return ArrivalOutcome(Arrival.CHANGED_KEPT)
+                db.execute(
+                    "DELETE FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+                )
+                db.execute(
+                    "UPDATE series SET instance_count = instance_count - 1 WHERE series_uid = ?",
+                    (known[2],),
+                )
+            db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,"
+                " path, size, association_id, received_at, sha256)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.sop_instance_uid,
                     rec.sop_class_uid,
@@ -214,10 +195,9 @@ class Store:
                     rec.size,
                     rec.association_id,
                     at,
+                    rec.sha256,
                 ),
             )
-            if cur.rowcount == 0:
-                return False
             db.execute(
                 """
                 INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'receiving', 0)
@@ -237,7 +217,9 @@ class Store:
                     at,
                 ),
             )
-            return True
+            if known is not None:
+                return ArrivalOutcome(Arrival.CHANGED_REPLACED, superseded_path=Path(known[1]))
+            return ArrivalOutcome(Arrival.NEW)
 
     def audit_association(self, audit: AssociationAudit) -> None:
         """Record an association when it is accepted or rejected."""
@@ -379,8 +361,18 @@ class Store:
             )
 
     def recover(self, now: float) -> int:
-        """Return jobs a dead process left running to the queue; returns how many."""
+        """Put back what a dead process left: returns how many running jobs were requeued.
+
+        Series still receiving get a fresh quiet period from ``now``: their senders
+        could not reach us while we were down, and completing them at once would run
+        a job on part of a series and another when the rest arrives.
+        """
         with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET last_received_at = ?"
+                " WHERE state = 'receiving' AND last_received_at < ?",
+                (now, now),
+            )
             cur = db.execute(
                 "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'running'",
                 (now,),

@@ -10,6 +10,7 @@ returns a status. Anything slow happens elsewhere.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from infergate.errors import (
     UIDMismatchError,
 )
 from infergate.logs import get_logger
-from infergate.store import AssociationAudit, InstanceRecord, Store
+from infergate.store import Arrival, AssociationAudit, InstanceRecord, Store
 
 log = get_logger(__name__)
 
@@ -323,20 +324,25 @@ class StorageSCP:
             association_id=association_id,
             calling_ae=_ae_text(requestor.ae_title),
             called_ae=_ae_text(event.assoc.acceptor.ae_title),
+            sha256=_sha256(path),
         )
-        if self.store.record_instance(record):
-            log.debug(
-                "ingest.instance.stored",
-                series_uid=record.series_uid,
-                sop_instance_uid=record.sop_instance_uid,
-                bytes=record.size,
-            )
-        else:
+        outcome = self.store.record_instance(
+            record, replace_changed=self.settings.changed_instance_policy == "replace"
+        )
+        ids = {"series_uid": record.series_uid, "sop_instance_uid": record.sop_instance_uid}
+        if outcome.arrival is Arrival.NEW:
+            log.debug("ingest.instance.stored", bytes=record.size, **ids)
+        elif outcome.arrival is Arrival.DUPLICATE:
             self.spool.discard(path)
-            log.info(
-                "ingest.instance.duplicate",
-                series_uid=record.series_uid,
-                sop_instance_uid=record.sop_instance_uid,
+            log.info("ingest.instance.duplicate", **ids)
+        else:
+            kept = outcome.arrival is Arrival.CHANGED_KEPT
+            self.spool.discard(path if kept else outcome.superseded_path or path)
+            log.warning(
+                "ingest.instance.changed",
+                policy=self.settings.changed_instance_policy,
+                kept="first" if kept else "new",
+                **ids,
             )
         return record
 
@@ -378,6 +384,11 @@ def _identify(event: evt.Event, path: Path) -> _Header:
     if values["sop_instance_uid"] != command_uid:
         raise UIDMismatchError("SOP Instance UID in the dataset differs from the C-STORE request")
     return _Header(**values)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _ae_text(value: str | bytes) -> str:

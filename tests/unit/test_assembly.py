@@ -23,6 +23,7 @@ def _receive(store: Store, uid: str, series: str, modality: str, at: float) -> N
             "a",
             "SCANNER",
             "INFERGATE",
+            uid,
         ),
         now=at,
     )

@@ -26,6 +26,7 @@ def test_without_a_destination_results_stay_on_disk_and_the_log_says_so(
             "a",
             "SCANNER",
             "INFERGATE",
+            "aa",
         ),
         now=1.0,
     )

@@ -338,3 +338,23 @@ def test_disk_pressure_answers_a700_then_recovers(
     again.release()
     assert len(list(listener.spool.instances_dir.iterdir())) == 2
     assert list(listener.spool.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "replace"])
+def test_changed_instance_follows_the_policy(
+    make_listener: ListenerFactory, small_phantom: ChestPhantom, tmp_path: Path, policy: str
+) -> None:
+    listener = make_listener(changed_instance_policy=policy)
+    changed = pydicom.dcmread(small_phantom.paths[0])
+    changed.SeriesDescription = "RECONSTRUCTED AGAIN"
+    changed_path = tmp_path / "changed.dcm"
+    changed.save_as(changed_path)
+    with structlog.testing.capture_logs() as logs:
+        storescu(listener.port, [small_phantom.paths[0]])
+        storescu(listener.port, [changed_path])
+    (stored,) = listener.spool.instances_dir.iterdir()
+    expected = "SYNTHETIC CHEST 2.5MM" if policy == "keep_first" else "RECONSTRUCTED AGAIN"
+    assert pydicom.dcmread(stored).SeriesDescription == expected
+    event = next(e for e in logs if e["event"] == "ingest.instance.changed")
+    assert event["policy"] == policy
+    assert event["kept"] == ("first" if policy == "keep_first" else "new")

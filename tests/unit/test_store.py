@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from infergate.store import InstanceRecord, NewJob, ResultRow, Store
+from infergate.store import Arrival, InstanceRecord, NewJob, ResultRow, Store
 
 
-def _record(uid: str, series: str = "1.2.3", path: str = "/spool/a.dcm") -> InstanceRecord:
+def _record(
+    uid: str, series: str = "1.2.3", path: str = "/spool/a.dcm", sha256: str = "aa"
+) -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=uid,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
@@ -20,6 +22,7 @@ def _record(uid: str, series: str = "1.2.3", path: str = "/spool/a.dcm") -> Inst
         association_id="a1",
         calling_ae="SCANNER",
         called_ae="INFERGATE",
+        sha256=sha256,
     )
 
 
@@ -36,11 +39,53 @@ def test_commits_are_durable_settings(tmp_path: Path, store: Store) -> None:
 
 
 def test_duplicate_instance_is_not_recorded_twice(store: Store) -> None:
-    assert store.record_instance(_record("1.1"), now=10.0)
-    assert not store.record_instance(_record("1.1", path="/spool/b.dcm"), now=11.0)
+    assert store.record_instance(_record("1.1"), now=10.0).arrival is Arrival.NEW
+    again = store.record_instance(_record("1.1", path="/spool/b.dcm"), now=11.0)
+    assert again.arrival is Arrival.DUPLICATE
     (series,) = store.receiving_series()
     assert series.instance_count == 1
+    assert series.last_received_at == 10.0
     assert store.instance_paths("1.2.3") == [Path("/spool/a.dcm")]
+
+
+def test_changed_instance_keeps_the_first_by_default(store: Store) -> None:
+    store.record_instance(_record("1.1"), now=10.0)
+    (series,) = store.receiving_series()
+    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    changed = store.record_instance(_record("1.1", path="/spool/b.dcm", sha256="bb"), now=30.0)
+    assert changed.arrival is Arrival.CHANGED_KEPT
+    assert store.instance_paths("1.2.3") == [Path("/spool/a.dcm")]
+    assert store.receiving_series() == []  # nothing to process again
+
+
+def test_changed_instance_can_replace_and_reprocess(store: Store) -> None:
+    store.record_instance(_record("1.1"), now=10.0)
+    (series,) = store.receiving_series()
+    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    changed = store.record_instance(
+        _record("1.1", path="/spool/b.dcm", sha256="bb"), replace_changed=True, now=30.0
+    )
+    assert changed.arrival is Arrival.CHANGED_REPLACED
+    assert changed.superseded_path == Path("/spool/a.dcm")
+    assert store.instance_paths("1.2.3") == [Path("/spool/b.dcm")]
+    (reopened,) = store.receiving_series()
+    assert (reopened.instance_count, reopened.generation) == (1, 1)
+
+
+def test_a_database_from_before_duplicate_detection_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, sop_class_uid TEXT NOT"
+        " NULL, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, path TEXT NOT NULL, size"
+        " INTEGER NOT NULL, association_id TEXT NOT NULL, received_at REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO instances VALUES ('1.1', '1.2', '1.2.3', '1.2', '/a', 1, 'x', 1.0)")
+    old.commit()
+    old.close()
+    store = Store(path)
+    assert store.record_instance(_record("1.1"), now=2.0).arrival is Arrival.CHANGED_KEPT
+    assert store.record_instance(_record("1.2"), now=3.0).arrival is Arrival.NEW
 
 
 def test_series_completes_with_its_jobs_in_one_step(store: Store) -> None:
@@ -111,3 +156,10 @@ def test_failed_job_keeps_its_reason(store: Store) -> None:
     job = store.job("job1")
     assert (job.state, job.error) == ("failed", "model failed")
     assert store.runnable_jobs() == []
+
+
+def test_restart_gives_receiving_series_a_fresh_quiet_period(store: Store) -> None:
+    store.record_instance(_record("1.1"), now=10.0)
+    store.recover(now=500.0)
+    (series,) = store.receiving_series()
+    assert series.last_received_at == 500.0

@@ -1,0 +1,98 @@
+"""The rows the state store takes and gives: plain frozen records, no queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One durably spooled instance, as ingest reports it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    modality: str
+    path: Path
+    size: int
+    association_id: str
+    calling_ae: str
+    called_ae: str
+    sha256: str
+
+
+class Arrival(Enum):
+    """What a received instance turned out to be."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes
+    CHANGED_KEPT = "changed_kept"  # same UID, other bytes; the first one stays
+    CHANGED_REPLACED = "changed_replaced"  # same UID, other bytes; this one replaces it
+
+
+@dataclass(frozen=True)
+class ArrivalOutcome:
+    arrival: Arrival
+    # The file no longer referenced once a changed instance replaced it.
+    superseded_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    modality: str
+    calling_ae: str
+    called_ae: str
+    last_received_at: float
+    instance_count: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    series_uid: str
+    study_uid: str
+    plugin: str
+    state: str
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    sop_instance_uid: str
+    job_id: str
+    kind: str
+    path: Path
+    state: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class AssociationAudit:
+    """One association as the audit trail keeps it."""
+
+    association_id: str
+    peer_address: str
+    peer_port: int
+    calling_ae: str
+    called_ae: str
+    tls: bool
+    outcome: str
+    reason: str | None
+    started_at: float
+    ended_at: float | None = None
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job_id: str
+    plugin: str
