@@ -69,6 +69,8 @@ class IngestSettings(_Section):
     # 128 KiB PDUs were measured faster than pynetdicom's 16 KiB default on this machine kind.
     max_pdu_length: int = Field(default=131072, ge=4096)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # Largest A-ASSOCIATE-RQ accepted; a request with 128 presentation contexts is ~20 KiB.
+    max_association_request_bytes: int = Field(default=65536, ge=1024)
     # Who may associate. Everyone else is refused with the matching A-ASSOCIATE-RJ.
     peers: tuple[Peer, ...] = (LOOPBACK_PEER,)
     # For labs only: admit any calling AE title from any address.

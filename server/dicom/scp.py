@@ -30,6 +30,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import IngestSettings
 from infergate.dicom.admission import AssociationRequest, ListenerLoad, Rejection, decide
+from infergate.dicom.guards import PduLimits, guard_connection
 from infergate.dicom.scu import set_nodelay
 from infergate.dicom.spool import Spool
 from infergate.dicom.status import Status, status_for
@@ -147,6 +148,29 @@ class StorageSCP:
 
     def _on_connect(self, event: evt.Event) -> None:
         set_nodelay(event)
+        wrapper = event.assoc.dul.socket
+        address = event.assoc.requestor.address
+
+        def refused(pdu_type: int, declared: int, limit: int) -> None:
+            log.warning(
+                "ingest.pdu.refused",
+                peer_address=address,
+                pdu_type=f"0x{pdu_type:02X}",
+                declared_bytes=declared,
+                limit_bytes=limit,
+                reason="declared PDU length over the limit; connection closed",
+            )
+
+        if wrapper is not None:
+            guard_connection(
+                wrapper,
+                self.settings.network_timeout_s,
+                PduLimits(
+                    association_request_bytes=self.settings.max_association_request_bytes,
+                    pdata_bytes=self.settings.max_pdu_length,
+                ),
+                refused,
+            )
         stats = _AssociationStats(
             association_id=uuid.uuid4().hex[:16], started=time.monotonic(), started_wall=time.time()
         )

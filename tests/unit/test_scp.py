@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -358,3 +360,57 @@ def test_changed_instance_follows_the_policy(
     event = next(e for e in logs if e["event"] == "ingest.instance.changed")
     assert event["policy"] == policy
     assert event["kept"] == ("first" if policy == "keep_first" else "new")
+
+
+def _raw_connection(port: int, payload: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    if payload:
+        sock.sendall(payload)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(100) == b""
+    except TimeoutError:
+        return False
+    finally:
+        sock.close()
+
+
+# An A-ASSOCIATE-RQ header declaring 200 bytes, then 10 of them, then silence.
+STALLED_MID_PDU = struct.pack(">BBL", 0x01, 0, 200) + b"\x00\x01" + b"x" * 8
+
+
+def test_peers_that_stall_or_declare_huge_pdus_are_cut_off(
+    make_listener: ListenerFactory,
+) -> None:
+    listener = make_listener(network_timeout_s=2)
+    assert _closed_by_server(_raw_connection(listener.port, STALLED_MID_PDU), within_s=15)
+    with structlog.testing.capture_logs() as logs:
+        huge = _raw_connection(listener.port, struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0) + b"x")
+        assert _closed_by_server(huge, within_s=15)
+        oversized_request = struct.pack(">BBL", 0x01, 0, 10 * 2**20) + b"x"
+        assert _closed_by_server(_raw_connection(listener.port, oversized_request), 15)
+    refused = [e for e in logs if e["event"] == "ingest.pdu.refused"]
+    assert [(e["pdu_type"], e["limit_bytes"]) for e in refused] == [
+        ("0x04", 131072),
+        ("0x01", 65536),
+    ]
+
+
+def test_legitimate_peer_is_served_while_others_stall(
+    make_listener: ListenerFactory, small_phantom: ChestPhantom
+) -> None:
+    listener = make_listener(network_timeout_s=60)
+    stalled = _raw_connection(listener.port, STALLED_MID_PDU)
+    silent = _raw_connection(listener.port, b"")
+    storescu(listener.port, list(small_phantom.paths[:10]))
+    assert listener.store.receiving_series()[0].instance_count == 10
+    # Both are still connected: the legitimate peer did not wait for them to time out.
+    for sock in (stalled, silent):
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+        sock.close()
