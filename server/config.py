@@ -69,6 +69,11 @@ class IngestSettings(_Section):
     # 128 KiB PDUs were measured faster than pynetdicom's 16 KiB default on this machine kind.
     max_pdu_length: int = Field(default=131072, ge=4096)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # How long a connection may take to send its A-ASSOCIATE-RQ, and a peer to answer
+    # a release: TCP health checks and port scans hold a thread no longer than this.
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    # A Deflated dataset that inflates to more than this is refused (0xA700): a bomb.
+    max_inflated_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
     # Largest A-ASSOCIATE-RQ accepted; a request with 128 presentation contexts is ~20 KiB.
     max_association_request_bytes: int = Field(default=65536, ge=1024)
     # Who may associate. Everyone else is refused with the matching A-ASSOCIATE-RJ.

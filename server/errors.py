@@ -26,6 +26,10 @@ class SpoolFullError(SpoolError):
     """The spool has no room for the instance (disk full or over the threshold)."""
 
 
+class InstanceTooLargeError(InfergateError):
+    """A received instance would need more resources than the configured bounds allow."""
+
+
 class InvalidInstanceError(InfergateError):
     """A received instance lacks what Infergate needs to store or process it."""
 

@@ -270,12 +270,18 @@ def infergate_config(
     return config
 
 
-def storescu(port: int, files: list[Path], called_ae: str = "INFERGATE") -> None:
-    """Send ``files`` with DCMTK's storescu in one association; raise if it fails."""
+def storescu(
+    port: int, files: list[Path], called_ae: str = "INFERGATE", options: tuple[str, ...] = ()
+) -> None:
+    """Send ``files`` with DCMTK's storescu in one association; raise if it fails.
+
+    ``options`` are storescu's own, e.g. ``("-xd",)`` to send deflated.
+    """
     binary = require_program("storescu")
     result = subprocess.run(
         [
             binary,
+            *options,
             "-aet",
             "SCANNER1",
             "-aec",

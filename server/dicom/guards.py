@@ -1,4 +1,4 @@
-"""Guards on each accepted connection that pynetdicom's defaults leave open.
+"""Guards against what pynetdicom's and pydicom's defaults leave open.
 
 - A read timeout on the socket: pynetdicom's accepted sockets block without one, so
   a peer that stalls in the middle of a PDU would hold its thread and its slot for
@@ -6,14 +6,20 @@
 - A cap on every declared PDU length, checked when the 6-byte header has been read
   and before any of the body is: pynetdicom otherwise keeps reading whatever length
   a peer declares (up to 4 GiB) into memory.
+- A bound on how far a Deflated dataset may inflate, checked as a stream.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pynetdicom.transport import AssociationSocket
+
+from infergate.errors import InstanceTooLargeError, InvalidInstanceError
 
 A_ASSOCIATE_RQ, P_DATA_TF = 0x01, 0x04
 _HEADER = 6
@@ -73,3 +79,35 @@ def guard_connection(
 
     # pynetdicom calls the socket wrapper's recv; shadow it for this connection only.
     setattr(wrapper, "recv", recv)  # noqa: B010 - an instance attribute on purpose
+
+
+_PREAMBLE_AND_PREFIX = 132
+_META_GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL, explicit VR: tag, VR, length, value
+_CHUNK = 1 << 16
+
+
+def check_inflated_size(path: Path, limit: int) -> None:
+    """Inflate a Deflated Explicit VR dataset as a stream and refuse it past ``limit``.
+
+    pydicom inflates a deflated dataset whole, in memory, before parsing it; a few
+    kilobytes can inflate to gigabytes. This counts the inflated bytes, keeping none.
+    The file is as pynetdicom writes it: preamble, prefix, file meta starting with its
+    group length, then the deflated dataset.
+    """
+    with path.open("rb") as handle:
+        handle.seek(_PREAMBLE_AND_PREFIX)
+        element = handle.read(_META_GROUP_LENGTH_ELEMENT)
+        if len(element) != _META_GROUP_LENGTH_ELEMENT or element[:4] != b"\x02\x00\x00\x00":
+            raise InvalidInstanceError("file meta does not start with its group length")
+        handle.seek(struct.unpack("<L", element[8:12])[0], 1)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := handle.read(_CHUNK):
+            pending = chunk
+            while pending:
+                total += len(inflater.decompress(pending, _CHUNK))
+                if total > limit:
+                    raise InstanceTooLargeError(
+                        f"deflated dataset inflates past ingest.max_inflated_bytes ({limit})"
+                    )
+                pending = inflater.unconsumed_tail

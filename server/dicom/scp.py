@@ -23,14 +23,29 @@ from typing import Any
 
 import pydicom
 import structlog
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, dimse_messages, evt
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import IngestSettings
 from infergate.dicom.admission import AssociationRequest, ListenerLoad, Rejection, decide
-from infergate.dicom.guards import PduLimits, guard_connection
+from infergate.dicom.guards import PduLimits, check_inflated_size, guard_connection
 from infergate.dicom.scu import set_nodelay
 from infergate.dicom.spool import Spool
 from infergate.dicom.status import Status, status_for
@@ -46,8 +61,27 @@ from infergate.store import Arrival, AssociationAudit, InstanceRecord, Store
 log = get_logger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")
-ACCEPTED_STORAGE = (CTImageStorage,)
-ACCEPTED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Every storage SOP class pynetdicom knows, so a PACS routing a whole study (images,
+# SR, presentation states, key objects) never sees a refused context.
+ACCEPTED_STORAGE = tuple(
+    cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax
+)
+# The transfer syntaxes scanners and PACS use; instances are stored as received.
+ACCEPTED_TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
 
 # Structlog's context (association id, peer) follows pynetdicom into its threads.
 _config.PASS_CONTEXTVARS = True
@@ -105,12 +139,13 @@ class StorageSCP:
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu_length
         ae.network_timeout = self.settings.network_timeout_s
-        ae.acse_timeout = self.settings.network_timeout_s
+        ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.network_timeout_s
         # Admission (peers, called AE titles, load) is decided in _on_requested, which
-        # logs and audits every refusal; pynetdicom's own limit stays as a backstop.
+        # logs and audits every refusal. pynetdicom's own limit also counts bare TCP
+        # connections, so it is set far above ours, as a backstop only.
         ae.require_called_aet = False
-        ae.maximum_associations = self.settings.max_associations + 1
+        ae.maximum_associations = 4 * self.settings.max_associations
         stream_datasets_into(self.spool.tmp_dir)
         ae.add_supported_context(VERIFICATION)
         for sop_class in ACCEPTED_STORAGE:
@@ -139,10 +174,16 @@ class StorageSCP:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-            log.info("ingest.listener.stopped")
+        """Stop listening, and give open associations the network timeout to finish
+        (their last events write the audit trail)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + self.settings.network_timeout_s
+        while self._requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("ingest.listener.stopped", still_open=len(self._requested()))
 
     # -- association events ------------------------------------------------------
 
@@ -187,8 +228,17 @@ class StorageSCP:
         }
 
     def open_associations(self) -> int:
-        """Associations this listener is serving now (their threads still running)."""
+        """Connections this listener is serving now (their threads still running)."""
         return sum(1 for a in self._ae.active_associations if a.is_acceptor)
+
+    def _requested(self) -> list[Association]:
+        """Connections that sent an A-ASSOCIATE-RQ: what the limits count and stop() waits
+        for. A bare TCP connection (a health check, a port scan) is neither."""
+        return [
+            a
+            for a in self._ae.active_associations
+            if a.is_acceptor and a.requestor.primitive is not None
+        ]
 
     @property
     def called_ae_titles(self) -> frozenset[str]:
@@ -204,7 +254,7 @@ class StorageSCP:
             called_ae=_ae_text(primitive.called_ae_title),
             address=assoc.requestor.address,
         )
-        others = [a for a in self._ae.active_associations if a.is_acceptor and a is not assoc]
+        others = [a for a in self._requested() if a is not assoc]
         load = ListenerLoad(
             associations=len(others),
             associations_from_address=sum(
@@ -328,6 +378,8 @@ class StorageSCP:
             received = event.dataset_path
         except AttributeError as exc:
             raise InvalidInstanceError("the C-STORE request carries no dataset") from exc
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            check_inflated_size(received, self.settings.max_inflated_bytes)
         header = _identify(event, received)
         free = shutil.disk_usage(self.spool.root).free
         if free < self.settings.min_free_bytes:

@@ -6,6 +6,7 @@ from enum import IntEnum
 
 from infergate.errors import (
     InfergateError,
+    InstanceTooLargeError,
     InvalidInstanceError,
     SpoolFullError,
     UIDMismatchError,
@@ -24,7 +25,7 @@ class Status(IntEnum):
 
 def status_for(exc: InfergateError) -> Status:
     """The status a C-STORE requester gets for ``exc``."""
-    if isinstance(exc, SpoolFullError):
+    if isinstance(exc, SpoolFullError | InstanceTooLargeError):
         return Status.OUT_OF_RESOURCES
     if isinstance(exc, UIDMismatchError):
         return Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS

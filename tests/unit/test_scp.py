@@ -10,10 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import structlog
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+)
 from pynetdicom import AE, _config
 
 from infergate.config import IngestSettings, Peer
@@ -167,9 +175,15 @@ def test_wrong_called_ae_is_rejected(listener: Listener) -> None:
     assert assoc.is_rejected
 
 
+def _settled(listener: Listener) -> None:
+    """Wait until the listener's association threads, and their last events, are done."""
+    wait_until(lambda: listener.scp.open_associations() == 0, 10, "associations to close")
+
+
 def test_association_is_audited_in_the_log(listener: Listener, small_phantom: ChestPhantom) -> None:
     with structlog.testing.capture_logs() as logs:
         storescu(listener.port, list(small_phantom.paths[:3]))
+        _settled(listener)
     accepted = next(e for e in logs if e["event"] == "ingest.association.accepted")
     assert accepted["calling_ae"] == "SCANNER1"
     assert accepted["peer_address"] == "127.0.0.1"
@@ -270,6 +284,7 @@ def test_completed_association_is_audited_with_counts(
     listener: Listener, small_phantom: ChestPhantom
 ) -> None:
     storescu(listener.port, list(small_phantom.paths[:3]))
+    _settled(listener)
     (audit,) = listener.store.associations()
     assert (audit.calling_ae, audit.called_ae, audit.outcome) == (
         "SCANNER1",
@@ -414,3 +429,84 @@ def test_legitimate_peer_is_served_while_others_stall(
         with pytest.raises(BlockingIOError):
             sock.recv(1)
         sock.close()
+
+
+def test_any_storage_sop_class_is_accepted_and_stored_as_received(
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    mr = pydicom.dcmread(small_phantom.paths[0])
+    mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    mr.Modality = "MR"
+    path = tmp_path / "mr.dcm"
+    mr.save_as(path)
+    storescu(listener.port, [path])
+    (stored,) = listener.spool.instances_dir.iterdir()
+    assert pydicom.dcmread(stored) == pydicom.dcmread(path)
+    assert listener.store.receiving_series()[0].modality == "MR"
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian])
+def test_instances_are_kept_in_the_transfer_syntax_they_came_in(
+    listener: Listener, small_phantom: ChestPhantom, transfer_syntax: UID, tmp_path: Path
+) -> None:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        storescu(listener.port, [small_phantom.paths[0]], options=("-xd",))  # DCMTK deflates
+    else:
+        # DCMTK writes the big-endian file; pynetdicom sends it as it is, proposing big
+        # endian alone (storescu -xb also offers little endian, which we would pick).
+        big = tmp_path / "big-endian.dcm"
+        subprocess.run(
+            [require_program("dcmconv"), "+tb", str(small_phantom.paths[0]), str(big)],
+            check=True,
+            capture_output=True,
+        )
+        ae = AE(ae_title="SCANNER1")
+        ae.add_requested_context(CTImageStorage, [transfer_syntax])
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
+        assert _store_file(assoc, big) == 0x0000
+        assoc.release()
+    (stored,) = listener.spool.instances_dir.iterdir()
+    received = pydicom.dcmread(stored)
+    assert received.file_meta.TransferSyntaxUID == transfer_syntax
+    original = pydicom.dcmread(small_phantom.paths[0])
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+
+
+def test_deflate_bomb_is_refused_with_a700(
+    make_listener: ListenerFactory, small_phantom: ChestPhantom
+) -> None:
+    listener = make_listener(max_inflated_bytes=2**20)
+    bomb = pydicom.dcmread(small_phantom.paths[0])
+    bomb.Rows = bomb.Columns = 2048
+    bomb.PixelData = bytes(2048 * 2048 * 2)  # 8 MiB of zeros deflate to a few KiB
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
+    assert assoc.is_established
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    with structlog.testing.capture_logs() as logs:
+        status = assoc.send_c_store(bomb)
+    assoc.release()
+    assert status.Status == 0xA700
+    refused = next(e for e in logs if e["event"] == "ingest.instance.refused")
+    assert "max_inflated_bytes" in refused["reason"]
+    assert list(listener.spool.instances_dir.iterdir()) == []
+
+
+def test_bare_tcp_connections_do_not_use_up_association_slots(
+    make_listener: ListenerFactory,
+) -> None:
+    """Load balancer health checks and port scans connect and say nothing."""
+    listener = make_listener(max_associations=2, max_associations_per_address=2)
+    probes = [_raw_connection(listener.port, b"") for _ in range(4)]
+    first = _try_associate(listener.port, "SCANNER1")
+    second = _try_associate(listener.port, "SCANNER1")
+    assert first.is_established
+    assert second.is_established
+    third = _try_associate(listener.port, "SCANNER1")
+    assert _reject_rsd(third) == (2, 3, 2)  # real associations still count
+    for assoc in (first, second):
+        assoc.release()
+    for probe in probes:
+        probe.close()
