@@ -67,20 +67,24 @@ ACCEPTED_STORAGE = tuple(
     cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax
 )
 # The transfer syntaxes scanners and PACS use; instances are stored as received.
+# pynetdicom accepts, of the syntaxes a peer proposes, the first one in this list. A
+# peer sending from files proposes the file's own syntax beside uncompressed ones, and
+# often cannot decompress: so compressed syntaxes come first (lossless before lossy),
+# which keeps every instance as it was sent.
 ACCEPTED_TRANSFER_SYNTAXES = (
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    RLELossless,
+    JPEGLSNearLossless,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
     DeflatedExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
 )
 
 # Structlog's context (association id, peer) follows pynetdicom into its threads.
