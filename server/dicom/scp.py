@@ -10,8 +10,6 @@ returns a status. Anything slow happens elsewhere.
 from __future__ import annotations
 
 import functools
-import hashlib
-import re
 import shutil
 import tempfile
 import time
@@ -21,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import structlog
 from pydicom.uid import (
     JPEG2000,
@@ -46,6 +43,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from infergate.config import IngestSettings
 from infergate.dicom.admission import AssociationRequest, ListenerLoad, Rejection, decide
 from infergate.dicom.guards import PduLimits, check_inflated_size, guard_connection
+from infergate.dicom.received import read_header, sha256_of
 from infergate.dicom.scu import set_nodelay
 from infergate.dicom.spool import Spool
 from infergate.dicom.status import Status, status_for
@@ -53,7 +51,6 @@ from infergate.errors import (
     InfergateError,
     InvalidInstanceError,
     SpoolFullError,
-    UIDMismatchError,
 )
 from infergate.logs import get_logger
 from infergate.store import Arrival, AssociationAudit, InstanceRecord, Store
@@ -107,13 +104,6 @@ def stream_datasets_into(directory: Path) -> None:
         "NamedTemporaryFile",
         functools.partial(tempfile.NamedTemporaryFile, dir=directory),
     )
-
-
-# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros
-# in a component are not conformant either, but real scanners send them; they are
-# harmless here because no file name is ever made from a UID.
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-_UID_MAX = 64
 
 
 @dataclass
@@ -382,9 +372,13 @@ class StorageSCP:
             received = event.dataset_path
         except AttributeError as exc:
             raise InvalidInstanceError("the C-STORE request carries no dataset") from exc
-        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        deflated = event.context.transfer_syntax == DeflatedExplicitVRLittleEndian
+        if deflated:
             check_inflated_size(received, self.settings.max_inflated_bytes)
-        header = _identify(event, received)
+        request = event.request
+        if not isinstance(request, C_STORE):
+            raise InvalidInstanceError("not a C-STORE request")
+        header = read_header(received, str(request.AffectedSOPInstanceUID or ""), deflated=deflated)
         free = shutil.disk_usage(self.spool.root).free
         if free < self.settings.min_free_bytes:
             raise SpoolFullError(
@@ -404,7 +398,7 @@ class StorageSCP:
             association_id=association_id,
             calling_ae=_ae_text(requestor.ae_title),
             called_ae=_ae_text(event.assoc.acceptor.ae_title),
-            sha256=_sha256(path),
+            sha256=sha256_of(path),
         )
         outcome = self.store.record_instance(
             record, replace_changed=self.settings.changed_instance_policy == "replace"
@@ -425,50 +419,6 @@ class StorageSCP:
                 **ids,
             )
         return record
-
-
-@dataclass(frozen=True)
-class _Header:
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str
-    modality: str
-
-
-def _identify(event: evt.Event, path: Path) -> _Header:
-    """Read the attributes ingest needs from the received file, stopping before pixels."""
-    request = event.request
-    if not isinstance(request, C_STORE):
-        raise InvalidInstanceError("not a C-STORE request")
-    command_uid = str(request.AffectedSOPInstanceUID or "")
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        values = {
-            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-            "sop_class_uid": str(ds.get("SOPClassUID", "")),
-            "series_uid": str(ds.get("SeriesInstanceUID", "")),
-            "study_uid": str(ds.get("StudyInstanceUID", "")),
-            "modality": str(ds.get("Modality", "")),
-        }
-    except Exception as exc:  # pydicom raises many types for a broken stream
-        raise InvalidInstanceError(f"dataset cannot be decoded: {type(exc).__name__}") from exc
-    missing = [name for name, value in values.items() if not value]
-    if missing:
-        raise InvalidInstanceError(f"dataset lacks {', '.join(missing)}")
-    for name in ("sop_instance_uid", "sop_class_uid", "series_uid", "study_uid"):
-        uid = values[name]
-        if len(uid) > _UID_MAX or not _UID.fullmatch(uid):
-            # The value itself is not logged: it is not a UID, so it may be anything.
-            raise InvalidInstanceError(f"{name} is not a conformant UID ({len(uid)} characters)")
-    if values["sop_instance_uid"] != command_uid:
-        raise UIDMismatchError("SOP Instance UID in the dataset differs from the C-STORE request")
-    return _Header(**values)
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _ae_text(value: str | bytes) -> str:

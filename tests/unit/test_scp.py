@@ -510,3 +510,21 @@ def test_bare_tcp_connections_do_not_use_up_association_slots(
         assoc.release()
     for probe in probes:
         probe.close()
+
+
+@pytest.mark.parametrize("cut", [10_000, 100])
+def test_truncated_dataset_gets_c000_and_leaves_nothing(
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path, cut: int
+) -> None:
+    whole = small_phantom.paths[0].read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(whole[:-cut])  # the pixel data ends early
+    assoc = _associate(listener.port)
+    with structlog.testing.capture_logs() as logs:
+        status = _store_file(assoc, truncated)
+    assoc.release()
+    assert status == 0xC000
+    refused = next(e for e in logs if e["event"] == "ingest.instance.refused")
+    assert "truncated" in refused["reason"]
+    assert list(listener.spool.instances_dir.iterdir()) == []
+    assert list(listener.spool.tmp_dir.iterdir()) == []
