@@ -80,8 +80,9 @@ class IngestSettings(_Section):
     peers: tuple[Peer, ...] = (LOOPBACK_PEER,)
     # For labs only: admit any calling AE title from any address.
     accept_any_peer: bool = False
-    max_associations: int = Field(default=16, ge=1)
-    max_associations_per_address: int = Field(default=4, ge=1)
+    # A PACS pushing a study often opens several associations at once.
+    max_associations: int = Field(default=32, ge=1)
+    max_associations_per_address: int = Field(default=8, ge=1)
     # Below this much free space in the spool's file system, C-STORE answers 0xA700
     # and new associations get a transient reject, until space returns.
     min_free_bytes: int = Field(default=1024**3, ge=0)

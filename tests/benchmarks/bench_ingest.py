@@ -1,0 +1,179 @@
+"""Ingest throughput: Infergate beside DCMTK's storescp and Orthanc, in the same run.
+
+A 300-slice 512x512 CT (the synthetic phantom, ~157 MB) is split over 1, 4 and 8
+concurrent storescu associations; each receiver starts fresh for each measurement.
+Reported: images/s, MB/s, the receiver's CPU seconds (all its processes), and the
+ratio to storescp. Infergate acknowledges only after fsync of file and folder and a
+SQLite commit; storescp does not fsync (it is the upper bound); Orthanc runs with
+its Debian defaults. Infergate runs as `infergate serve` with a quiet period long
+enough that no job starts during the measurement.
+
+    .venv/bin/python tests/benchmarks/bench_ingest.py --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infergate.testing import write_chest_ct
+from peers import (
+    PEER_ENV,
+    InfergateProcess,
+    Orthanc,
+    child_pids,
+    free_port,
+    infergate_config,
+    require_program,
+    wait_until,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its live descendants, plus reaped children."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime are fields 14-17 of stat (11-14 after the name).
+        total += sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+        pending.extend(child_pids(current))
+    return total
+
+
+Receiver = tuple[int, int, Callable[[], int]]  # port, pid, how many instances it stored
+
+
+@contextmanager
+def storescp(work: Path) -> Iterator[Receiver]:
+    port = free_port()
+    out = work / "storescp"
+    out.mkdir(parents=True)
+    process = subprocess.Popen(
+        [require_program("storescp"), "--fork", "-od", str(out), "-aet", "INFERGATE", str(port)],
+        env=PEER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    yield port, process.pid, lambda: len(list(out.iterdir()))
+    process.terminate()
+    process.wait()
+
+
+@contextmanager
+def orthanc(work: Path) -> Iterator[Receiver]:
+    pacs = Orthanc(work / "orthanc", ae_title="INFERGATE")
+    pacs.start()
+    assert pacs.process is not None
+    yield pacs.dicom_port, pacs.process.pid, lambda: int(pacs.get("/statistics")["CountInstances"])
+    pacs.stop()
+
+
+@contextmanager
+def infergate(work: Path) -> Iterator[Receiver]:
+    server = InfergateProcess(work / "ig", infergate_config(work / "var", None, quiet_s=3600))
+    server.workdir.mkdir(parents=True)
+    server.start()
+    assert server.process is not None
+    spool = work / "var" / "spool" / "instances"
+    yield server.port, server.process.pid, lambda: len(list(spool.iterdir()))
+    server.stop()
+
+
+RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[Receiver]]] = {
+    "storescp": storescp,
+    "orthanc": orthanc,
+    "infergate": infergate,
+}
+
+
+def send(port: int, files: list[Path], associations: int) -> float:
+    """Send ``files`` split over concurrent storescu processes; seconds until all done."""
+    chunks = [files[i::associations] for i in range(associations)]
+    binary = require_program("storescu")
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            [
+                binary,
+                "-aet",
+                "SCANNER1",
+                "-aec",
+                "INFERGATE",
+                "127.0.0.1",
+                str(port),
+                *[str(f) for f in chunk],
+            ],
+            env=PEER_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        if process.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        phantom = write_chest_ct(root / "ct", slices=args.slices)
+        files = list(phantom.paths)
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        run = 0
+        for _ in range(args.repeats):
+            for associations in (1, 4, 8):
+                for name, receiver in RECEIVERS.items():  # interleaved, as the machine is noisy
+                    run += 1
+                    work = root / f"run{run}"
+                    work.mkdir()
+                    with receiver(work) as (port, pid, stored):
+                        cpu_before = _cpu_seconds(pid)
+                        seconds = send(port, files, associations)
+                        cpu = _cpu_seconds(pid) - cpu_before
+                        # Count what was stored: storescu can exit 0 when some failed.
+                        wait_until(lambda s=stored: s() == len(files), 30, f"{name}'s count")
+                    results.setdefault((name, associations), []).append((seconds, cpu))
+        print(f"{len(files)} images, {megabytes:.0f} MB, {args.repeats} repeats (median, range)")
+        for associations in (1, 4, 8):
+            reference = statistics.median(s for s, _ in results[("storescp", associations)])
+            for name in RECEIVERS:
+                runs = results[(name, associations)]
+                rates = [len(files) / s for s, _ in runs]
+                rate = statistics.median(rates)
+                cpu = statistics.median(c for _, c in runs)
+                ratio = (len(files) / reference) / rate
+                print(
+                    f"  {associations} assoc  {name:9s} {rate:6.0f} img/s"
+                    f" ({min(rates):.0f}-{max(rates):.0f})  {rate * megabytes / len(files):6.1f}"
+                    f" MB/s  cpu {cpu:5.1f} s  storescp/this {ratio:4.1f}x"
+                )
+
+
+if __name__ == "__main__":
+    main()
