@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from infergate.testing import ChestPhantom, write_chest_ct
-from peers import REPO, SHARED_DATA
+from peers import REPO, SHARED_DATA, Orthanc
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +74,12 @@ def _reset_logging() -> Iterator[None]:
     structlog.reset_defaults()
     logging.getLogger().handlers = []
     warnings.showwarning = showwarning
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Orthanc as the PACS, with its own config and storage, on loopback ports."""
+    pacs = Orthanc(tmp_path / "orthanc")
+    pacs.start()
+    yield pacs
+    pacs.stop()

@@ -31,14 +31,6 @@ FINDING_SITE = "363698007"
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    pacs = Orthanc(tmp_path / "orthanc")
-    pacs.start()
-    yield pacs
-    pacs.stop()
-
-
-@pytest.fixture
 def infergate(tmp_path: Path, orthanc: Orthanc) -> Iterator[InfergateProcess]:
     server = InfergateProcess(tmp_path / "infergate", infergate_config(tmp_path / "var", orthanc))
     server.workdir.mkdir()

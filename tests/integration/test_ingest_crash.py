@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -19,14 +18,6 @@ from peers import InfergateProcess, Orthanc, infergate_config
 pytestmark = pytest.mark.integration
 
 ACKNOWLEDGED_BEFORE_KILL = 15
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    pacs = Orthanc(tmp_path / "orthanc")
-    pacs.start()
-    yield pacs
-    pacs.stop()
 
 
 def _send(

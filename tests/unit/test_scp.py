@@ -90,6 +90,22 @@ def _store_file(assoc: Any, path: Path) -> int:
     return int(status.Status)
 
 
+def _store_modified(listener: Listener, ds: pydicom.Dataset, path: Path) -> int:
+    """Save ``ds`` to ``path``, C-STORE it as it is, and return the status."""
+    ds.save_as(path)
+    assoc = _associate(listener.port)
+    status = _store_file(assoc, path)
+    assoc.release()
+    return status
+
+
+def _assert_nothing_stored(listener: Listener) -> None:
+    """No instance in the spool, no leftover partial file, no series recorded."""
+    assert list(listener.spool.instances_dir.iterdir()) == []
+    assert list(listener.spool.tmp_dir.iterdir()) == []
+    assert listener.store.receiving_series() == []
+
+
 def test_echo_from_dcmtk(listener: Listener) -> None:
     echoscu = require_program("echoscu")
     result = subprocess.run(
@@ -140,14 +156,10 @@ def test_uid_mismatch_gets_a900_and_stores_nothing(
 ) -> None:
     ds = pydicom.dcmread(small_phantom.paths[0])
     ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.999")
-    path = tmp_path / "mismatch.dcm"
-    ds.save_as(path)
-    assoc = _associate(listener.port)
     with structlog.testing.capture_logs() as logs:
-        status = _store_file(assoc, path)
-    assoc.release()
+        status = _store_modified(listener, ds, tmp_path / "mismatch.dcm")
     assert status == 0xA900
-    assert list(listener.spool.instances_dir.iterdir()) == []
+    _assert_nothing_stored(listener)
     refused = [e for e in logs if e["event"] == "ingest.instance.refused"]
     assert refused
     assert refused[0]["status"] == "0xA900"
@@ -158,14 +170,8 @@ def test_dataset_without_series_uid_gets_c000(
 ) -> None:
     ds = pydicom.dcmread(small_phantom.paths[0])
     del ds.SeriesInstanceUID
-    path = tmp_path / "no-series.dcm"
-    ds.save_as(path)
-    assoc = _associate(listener.port)
-    status = _store_file(assoc, path)
-    assoc.release()
-    assert status == 0xC000
-    assert list(listener.spool.instances_dir.iterdir()) == []
-    assert list(listener.spool.tmp_dir.iterdir()) == []
+    assert _store_modified(listener, ds, tmp_path / "no-series.dcm") == 0xC000
+    _assert_nothing_stored(listener)
 
 
 def test_wrong_called_ae_is_rejected(listener: Listener) -> None:
@@ -306,15 +312,8 @@ def test_uids_that_are_not_uids_are_refused(
 ) -> None:
     ds = pydicom.dcmread(small_phantom.paths[0])
     ds.SeriesInstanceUID = bad_uid
-    path = tmp_path / "bad-uid.dcm"
-    ds.save_as(path)
-    assoc = _associate(listener.port)
-    status = _store_file(assoc, path)
-    assoc.release()
-    assert status == 0xC000
-    assert list(listener.spool.instances_dir.iterdir()) == []
-    assert list(listener.spool.tmp_dir.iterdir()) == []
-    assert listener.store.receiving_series() == []
+    assert _store_modified(listener, ds, tmp_path / "bad-uid.dcm") == 0xC000
+    _assert_nothing_stored(listener)
 
 
 @pytest.fixture
@@ -526,5 +525,4 @@ def test_truncated_dataset_gets_c000_and_leaves_nothing(
     assert status == 0xC000
     refused = next(e for e in logs if e["event"] == "ingest.instance.refused")
     assert "truncated" in refused["reason"]
-    assert list(listener.spool.instances_dir.iterdir()) == []
-    assert list(listener.spool.tmp_dir.iterdir()) == []
+    _assert_nothing_stored(listener)
