@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 import subprocess
@@ -526,3 +527,34 @@ def test_truncated_dataset_gets_c000_and_leaves_nothing(
     refused = next(e for e in logs if e["event"] == "ingest.instance.refused")
     assert "truncated" in refused["reason"]
     _assert_nothing_stored(listener)
+
+
+def _deeply_nested(source: Path, levels: int, out: Path) -> None:
+    """``source`` with ``levels`` nested undefined-length sequences before its pixel data,
+    written by hand (pydicom's writer would recurse as deep as its reader)."""
+    ds = pydicom.dcmread(source)
+    pixels = ds.PixelData
+    del ds.PixelData
+    head = io.BytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    undefined = b"\xff\xff\xff\xff"
+    opening = (b"\x40\x00\x30\xa7" + b"SQ\x00\x00" + undefined) + (b"\xfe\xff\x00\xe0" + undefined)
+    closing = (b"\xfe\xff\x0d\xe0" + b"\x00" * 4) + (b"\xfe\xff\xdd\xe0" + b"\x00" * 4)
+    pixel_element = b"\xe0\x7f\x10\x00" + b"OW\x00\x00" + struct.pack("<L", len(pixels))
+    out.write_bytes(head.getvalue() + opening * levels + closing * levels + pixel_element + pixels)
+
+
+def test_absurdly_deep_sequence_nesting_is_refused_and_the_listener_carries_on(
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    nested = tmp_path / "nested.dcm"
+    _deeply_nested(small_phantom.paths[0], levels=20_000, out=nested)
+    assoc = _associate(listener.port)
+    with structlog.testing.capture_logs() as logs:
+        assert _store_file(assoc, nested) == 0xC000
+        assert _store_file(assoc, small_phantom.paths[1]) == 0x0000
+    assoc.release()
+    refused = next(e for e in logs if e["event"] == "ingest.instance.refused")
+    assert "cannot be decoded" in refused["reason"]
+    assert len(list(listener.spool.instances_dir.iterdir())) == 1
+    assert list(listener.spool.tmp_dir.iterdir()) == []
