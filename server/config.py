@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from infergate import __version__
@@ -22,6 +29,10 @@ from infergate.errors import ConfigError
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+
+# A path resolved against the working directory at start, once: every consumer (the
+# spool, tritonserver in its own folder) then agrees on the same absolute path.
+AbsolutePath = Annotated[Path, AfterValidator(Path.resolve)]
 
 ANY_AE_TITLE = "*"
 
@@ -94,14 +105,7 @@ class IngestSettings(_Section):
 class StorageSettings(_Section):
     """Where state and spooled instances live."""
 
-    var_dir: Path = Field(default=Path("var"), validate_default=True)
-
-    @field_validator("var_dir")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        # Relative to the working directory at start, once: every consumer (spool,
-        # tritonserver in its own folder) then agrees on the same absolute path.
-        return value.resolve()
+    var_dir: AbsolutePath = Field(default=Path("var"), validate_default=True)
 
     @property
     def spool_dir(self) -> Path:
@@ -128,12 +132,7 @@ class TritonSettings(_Section):
 
     mode: Literal["embedded", "remote"] = "embedded"
     url: str = "127.0.0.1:8001"
-    model_repository: Path = Field(default=Path("model_repository"), validate_default=True)
-
-    @field_validator("model_repository")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return value.resolve()
+    model_repository: AbsolutePath = Field(default=Path("model_repository"), validate_default=True)
 
     grpc_port: int = Field(default=8001, ge=1, le=65535)
     http_port: int = Field(default=8000, ge=1, le=65535)

@@ -233,6 +233,17 @@ class InfergateProcess:
         self.process = None
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants."""
+    tree: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(child_pids(current))
+    return tree
+
+
 def child_pids(pid: int) -> list[int]:
     children: list[int] = []
     for status in Path("/proc").glob("[0-9]*/stat"):

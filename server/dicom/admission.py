@@ -41,6 +41,16 @@ class Rejection:
     reason: str
 
 
+def space_shortfall(free_bytes: int, settings: IngestSettings) -> str | None:
+    """Why the spool is too full to take more, or None while it is not."""
+    if free_bytes >= settings.min_free_bytes:
+        return None
+    return (
+        f"spool has {free_bytes} bytes free, below ingest.min_free_bytes"
+        f" ({settings.min_free_bytes})"
+    )
+
+
 def decide(
     request: AssociationRequest,
     settings: IngestSettings,
@@ -67,14 +77,9 @@ def decide(
             CALLED_AE_NOT_RECOGNISED,
             f"called AE title {request.called_ae!r} is not one of {sorted(called_ae_titles)}",
         )
-    if load.free_bytes < settings.min_free_bytes:
-        return Rejection(
-            TRANSIENT,
-            SERVICE_PROVIDER_PRESENTATION,
-            TEMPORARY_CONGESTION,
-            f"spool has {load.free_bytes} bytes free, below ingest.min_free_bytes"
-            f" ({settings.min_free_bytes})",
-        )
+    shortfall = space_shortfall(load.free_bytes, settings)
+    if shortfall is not None:
+        return Rejection(TRANSIENT, SERVICE_PROVIDER_PRESENTATION, TEMPORARY_CONGESTION, shortfall)
     if load.associations >= settings.max_associations:
         return Rejection(
             TRANSIENT,

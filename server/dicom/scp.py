@@ -41,7 +41,13 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import IngestSettings
-from infergate.dicom.admission import AssociationRequest, ListenerLoad, Rejection, decide
+from infergate.dicom.admission import (
+    AssociationRequest,
+    ListenerLoad,
+    Rejection,
+    decide,
+    space_shortfall,
+)
 from infergate.dicom.guards import PduLimits, check_inflated_size, guard_connection
 from infergate.dicom.received import read_header, sha256_of
 from infergate.dicom.scu import set_nodelay
@@ -379,12 +385,9 @@ class StorageSCP:
         if not isinstance(request, C_STORE):
             raise InvalidInstanceError("not a C-STORE request")
         header = read_header(received, str(request.AffectedSOPInstanceUID or ""), deflated=deflated)
-        free = shutil.disk_usage(self.spool.root).free
-        if free < self.settings.min_free_bytes:
-            raise SpoolFullError(
-                f"spool has {free} bytes free, below ingest.min_free_bytes"
-                f" ({self.settings.min_free_bytes})"
-            )
+        shortfall = space_shortfall(shutil.disk_usage(self.spool.root).free, self.settings)
+        if shortfall is not None:
+            raise SpoolFullError(shortfall)
         path = self.spool.adopt(received)
         requestor = event.assoc.requestor
         record = InstanceRecord(

@@ -41,17 +41,6 @@ class Spool:
             removed += 1
         return removed
 
-    def write(self, data: bytes) -> Path:
-        """Store ``data`` durably and return its final path."""
-        partial = self.tmp_dir / f"{uuid.uuid4().hex}.partial"
-        try:
-            with partial.open("xb") as out:
-                out.write(data)
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise self._error(exc) from exc
-        return self.adopt(partial)
-
     def adopt(self, partial: Path) -> Path:
         """Make a file written under ``tmp/`` durable and move it into ``instances/``.
 

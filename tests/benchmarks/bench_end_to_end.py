@@ -24,8 +24,8 @@ from infergate.testing import write_chest_ct
 from peers import (
     InfergateProcess,
     Orthanc,
-    child_pids,
     infergate_config,
+    process_tree,
     storescu,
     wait_until,
 )
@@ -41,12 +41,9 @@ def _peak_rss_mib(pid: int) -> float:
 def _tree_peak_rss(pid: int) -> dict[str, float]:
     """Peak RSS of ``pid`` and every descendant, by command name."""
     peaks: dict[str, float] = {}
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    for current in process_tree(pid):
         name = Path(f"/proc/{current}/comm").read_text().strip()
         peaks[f"{name}[{current}]"] = _peak_rss_mib(current)
-        pending.extend(child_pids(current))
     return peaks
 
 

@@ -31,9 +31,9 @@ from peers import (
     PEER_ENV,
     InfergateProcess,
     Orthanc,
-    child_pids,
     free_port,
     infergate_config,
+    process_tree,
     require_program,
     wait_until,
 )
@@ -44,16 +44,13 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` and its live descendants, plus reaped children."""
     total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    for current in process_tree(pid):
         try:
             fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         # utime, stime, cutime, cstime are fields 14-17 of stat (11-14 after the name).
         total += sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
-        pending.extend(child_pids(current))
     return total
 
 

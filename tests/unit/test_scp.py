@@ -107,15 +107,20 @@ def _assert_nothing_stored(listener: Listener) -> None:
     assert listener.store.receiving_series() == []
 
 
-def test_echo_from_dcmtk(listener: Listener) -> None:
-    echoscu = require_program("echoscu")
-    result = subprocess.run(
-        [echoscu, "-aec", "INFERGATE", "127.0.0.1", str(listener.port)],
+def _echoscu(port: int, calling: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+    """C-ECHO with DCMTK's echoscu, as ``calling``."""
+    return subprocess.run(
+        [require_program("echoscu"), "-aet", calling, "-aec", "INFERGATE", "127.0.0.1", str(port)],
         env=PEER_ENV,
         capture_output=True,
+        text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_echo_from_dcmtk(listener: Listener) -> None:
+    result = _echoscu(listener.port)
     assert result.returncode == 0, result.stderr
 
 
@@ -252,25 +257,10 @@ def test_reject_matrix_over_the_network(make_listener: ListenerFactory) -> None:
 
 def test_dcmtk_peer_sees_the_reject_reason(make_listener: ListenerFactory) -> None:
     listener = make_listener(peers=(Peer(ae_title="SCANNER1", addresses=("127.0.0.1",)),))
-    echoscu = require_program("echoscu")
-    refused = subprocess.run(
-        [echoscu, "-aet", "STRANGER", "-aec", "INFERGATE", "127.0.0.1", str(listener.port)],
-        env=PEER_ENV,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    refused = _echoscu(listener.port, "STRANGER")
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
-    admitted = subprocess.run(
-        [echoscu, "-aet", "SCANNER1", "-aec", "INFERGATE", "127.0.0.1", str(listener.port)],
-        env=PEER_ENV,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    admitted = _echoscu(listener.port, "SCANNER1")
     assert admitted.returncode == 0
 
 

@@ -9,9 +9,16 @@ from infergate.dicom.spool import Spool
 from infergate.errors import SpoolError
 
 
-def test_write_is_whole_and_named_by_a_generated_id(tmp_path: Path) -> None:
+def _received(spool: Spool, data: bytes) -> Path:
+    """What pynetdicom leaves in tmp/ for an arriving dataset, adopted as ingest does."""
+    partial = spool.tmp_dir / "tmp1a2b3c.dcm"
+    partial.write_bytes(data)
+    return spool.adopt(partial)
+
+
+def test_adopted_file_is_whole_and_named_by_a_generated_id(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    path = spool.write(b"DICM-bytes")
+    path = _received(spool, b"DICM-bytes")
     assert path.parent == spool.instances_dir
     assert re.fullmatch(r"[0-9a-f]{32}\.dcm", path.name)
     assert path.read_bytes() == b"DICM-bytes"
@@ -21,7 +28,7 @@ def test_write_is_whole_and_named_by_a_generated_id(tmp_path: Path) -> None:
 def test_orphans_of_a_dead_process_are_cleaned(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     (spool.tmp_dir / "half-written.dcm").write_bytes(b"x")
-    kept = spool.write(b"whole")
+    kept = _received(spool, b"whole")
     assert Spool(tmp_path / "spool").clean_orphans() == 1
     assert list(spool.tmp_dir.iterdir()) == []
     assert kept.exists()
@@ -34,6 +41,15 @@ def test_discard_only_touches_spool_files(tmp_path: Path) -> None:
     with pytest.raises(SpoolError):
         spool.discard(outside)
     assert outside.exists()
-    inside = spool.write(b"dup")
+    inside = _received(spool, b"dup")
     spool.discard(inside)
     assert not inside.exists()
+
+
+def test_adopt_takes_only_files_from_tmp(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    elsewhere = tmp_path / "elsewhere.dcm"
+    elsewhere.write_bytes(b"x")
+    with pytest.raises(SpoolError, match="not in"):
+        spool.adopt(elsewhere)
+    assert elsewhere.exists()
