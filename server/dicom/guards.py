@@ -5,7 +5,9 @@
   ever. With it, the read fails after the network timeout and the connection closes.
 - A cap on every declared PDU length, checked when the 6-byte header has been read
   and before any of the body is: pynetdicom otherwise keeps reading whatever length
-  a peer declares (up to 4 GiB) into memory.
+  a peer declares (up to 4 GiB) into memory. The body is then read into one buffer of
+  that size, in as few calls as the kernel allows (pynetdicom reads 4 KiB at a time
+  and grows a bytearray: ~130 calls for one 512 KiB image).
 - A bound on how far a Deflated dataset may inflate, checked as a stream.
 """
 
@@ -75,10 +77,27 @@ def guard_connection(
         if nr_bytes > limit:
             on_refused(pdu_type, nr_bytes, limit)
             raise PduTooLargeError(f"PDU of type 0x{pdu_type:02X} declares {nr_bytes} bytes")
-        return read(nr_bytes)
+        return _read_exactly(wrapper, nr_bytes)
 
     # pynetdicom calls the socket wrapper's recv; shadow it for this connection only.
     setattr(wrapper, "recv", recv)  # noqa: B010 - an instance attribute on purpose
+
+
+def _read_exactly(wrapper: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``nr_bytes`` from the connection, or fewer if it closes first (as pynetdicom's recv:
+    the caller then finds the PDU short). Timeouts and errors propagate as OSError."""
+    sock = wrapper.socket  # read now: TLS may have replaced the plain socket
+    if sock is None:
+        return bytearray()
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    received = 0
+    while received < nr_bytes:
+        count = sock.recv_into(view[received:])
+        if count == 0:
+            return buffer[:received]
+        received += count
+    return buffer
 
 
 _PREAMBLE_AND_PREFIX = 132

@@ -1,21 +1,25 @@
 """What ingest reads from a received file, and the checks it must pass to be stored.
 
-The file is read once with large values deferred (pixel data is never loaded), and
-every top-level element's declared length is checked against the bytes that
-arrived: pydicom seeks past a deferred value without noticing that the file ends
-first, so a truncated dataset would otherwise be acknowledged.
+Pixel data is never loaded, and every top-level element's declared length is checked
+against the bytes that arrived (a truncated dataset must not be acknowledged). The
+common case goes through ``elements`` (a lean walk over the encoded elements);
+whatever it declines is read by pydicom, with large values deferred: pydicom seeks
+past a deferred value without noticing that the file ends first, hence the check.
 """
 
 from __future__ import annotations
 
-import hashlib
+import mmap
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom.dataelem import RawDataElement
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
+from infergate.dicom.elements import identifying_values
 from infergate.errors import InvalidInstanceError, UIDMismatchError
 
 # PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros
@@ -38,30 +42,21 @@ class InstanceHeader:
     modality: str
 
 
-def read_header(path: Path, announced_uid: str, *, deflated: bool = False) -> InstanceHeader:
+def read_header(path: Path, announced_uid: str, transfer_syntax: UID) -> InstanceHeader:
     """The identifying attributes of the received file at ``path``.
 
-    A ``deflated`` dataset is parsed from its inflated copy, whose size the caller has
-    bounded; its values are read, not deferred, since offsets are not the file's.
+    The file is as pynetdicom writes it: preamble, file meta, then the dataset in
+    ``transfer_syntax``. A deflated dataset is parsed by pydicom from its inflated
+    copy, whose size the caller has bounded.
 
     Raises :class:`InvalidInstanceError` when the dataset cannot be parsed, is
     truncated, lacks an identifying attribute or holds a non-conformant UID, and
     :class:`UIDMismatchError` when its SOP Instance UID is not ``announced_uid``.
     """
-    try:
-        ds = pydicom.dcmread(path, defer_size=None if deflated else _DEFER_BYTES)
-        _check_complete(ds, path.stat().st_size)
-        values = {
-            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-            "sop_class_uid": str(ds.get("SOPClassUID", "")),
-            "series_uid": str(ds.get("SeriesInstanceUID", "")),
-            "study_uid": str(ds.get("StudyInstanceUID", "")),
-            "modality": str(ds.get("Modality", "")),
-        }
-    except InvalidInstanceError:
-        raise
-    except Exception as exc:  # pydicom raises many types for a broken stream
-        raise InvalidInstanceError(f"dataset cannot be decoded: {type(exc).__name__}") from exc
+    deflated = transfer_syntax == DeflatedExplicitVRLittleEndian
+    found = None if deflated else _walk(path, transfer_syntax)
+    values = found if found is not None else _read_with_pydicom(path, deflated=deflated)
+    values = {name: values.get(name, "") for name in _NAMES}
     missing = [name for name, value in values.items() if not value]
     if missing:
         raise InvalidInstanceError(f"dataset lacks {', '.join(missing)}")
@@ -73,6 +68,54 @@ def read_header(path: Path, announced_uid: str, *, deflated: bool = False) -> In
     if values["sop_instance_uid"] != announced_uid:
         raise UIDMismatchError("SOP Instance UID in the dataset differs from the C-STORE request")
     return InstanceHeader(**values)
+
+
+_NAMES = ("sop_instance_uid", "sop_class_uid", "series_uid", "study_uid", "modality")
+_PREAMBLE_AND_PREFIX = 132
+_META_GROUP_LENGTH = struct.Struct("<HH2sHL")  # (0002,0000) UL, explicit VR little endian
+
+
+def _walk(path: Path, transfer_syntax: UID) -> dict[str, str] | None:
+    """The fast path: None when the file is empty, odd, or the walk declines."""
+    with path.open("rb") as handle:
+        try:
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            return None
+    with data:
+        if len(data) < _PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH.size:
+            return None
+        group, element, vr, length, meta_length = _META_GROUP_LENGTH.unpack_from(
+            data, _PREAMBLE_AND_PREFIX
+        )
+        if (group, element, vr, length) != (2, 0, b"UL", 4):
+            return None
+        start = _PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH.size + meta_length
+        return identifying_values(
+            data,
+            start,
+            explicit=not transfer_syntax.is_implicit_VR,
+            little=transfer_syntax != ExplicitVRBigEndian,
+        )
+
+
+def _read_with_pydicom(path: Path, *, deflated: bool) -> dict[str, str]:
+    """The slow path: whatever the walk declined. A deflated dataset's values are read,
+    not deferred, since its offsets are not the file's."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=None if deflated else _DEFER_BYTES)
+        _check_complete(ds, path.stat().st_size)
+        return {
+            "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+            "sop_class_uid": str(ds.get("SOPClassUID", "")),
+            "series_uid": str(ds.get("SeriesInstanceUID", "")),
+            "study_uid": str(ds.get("StudyInstanceUID", "")),
+            "modality": str(ds.get("Modality", "")),
+        }
+    except InvalidInstanceError:
+        raise
+    except Exception as exc:  # pydicom raises many types for a broken stream
+        raise InvalidInstanceError(f"dataset cannot be decoded: {type(exc).__name__}") from exc
 
 
 def _check_complete(ds: pydicom.Dataset, file_size: int) -> None:
@@ -89,8 +132,3 @@ def _check_complete(ds: pydicom.Dataset, file_size: int) -> None:
                 )
         elif len(element.value) != element.length:
             raise InvalidInstanceError(f"dataset is truncated inside element {tag}")
-
-
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

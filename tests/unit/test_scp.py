@@ -23,7 +23,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     MRImageStorage,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 
 from infergate.config import IngestSettings, Peer
 from infergate.dicom.scp import StorageSCP
@@ -548,3 +548,44 @@ def test_absurdly_deep_sequence_nesting_is_refused_and_the_listener_carries_on(
     assert "cannot be decoded" in refused["reason"]
     assert len(list(listener.spool.instances_dir.iterdir())) == 1
     assert list(listener.spool.tmp_dir.iterdir()) == []
+
+
+def test_connection_lost_mid_dataset_leaves_no_partial_file(
+    listener: Listener, small_phantom: ChestPhantom
+) -> None:
+    sent: list[int] = []
+
+    def cut_after_two_fragments(event: evt.Event) -> None:
+        # The requestor's side: after the command and one dataset fragment, the
+        # connection drops as a crashed scanner's would.
+        if event.pdu.__class__.__name__ == "P_DATA_TF":
+            sent.append(1)
+            wrapper = event.assoc.dul.socket
+            if len(sent) == 2 and wrapper is not None and wrapper.socket is not None:
+                wrapper.socket.shutdown(socket.SHUT_RDWR)
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.maximum_pdu_size = 16384
+    assoc = ae.associate(
+        "127.0.0.1",
+        listener.port,
+        ae_title="INFERGATE",
+        evt_handlers=[(evt.EVT_PDU_SENT, cut_after_two_fragments)],
+    )
+    assert assoc.is_established
+    with structlog.testing.capture_logs() as logs:
+        status = assoc.send_c_store(pydicom.dcmread(small_phantom.paths[0]))
+        assert "Status" not in status  # no response: the connection is gone
+        wait_until(
+            lambda: any(e["event"] == "ingest.association.aborted" for e in logs),
+            15,
+            "the listener to see the connection lost",
+        )
+    assoc.abort()
+    incomplete = next(e for e in logs if e["event"] == "ingest.instance.incomplete")
+    assert incomplete["files_removed"] == 1
+    _assert_nothing_stored(listener)
+    # The listener carries on.
+    storescu(listener.port, list(small_phantom.paths[:2]))
+    assert listener.store.receiving_series()[0].instance_count == 2
