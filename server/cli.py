@@ -7,13 +7,15 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from infergate import __version__
 from infergate.config import Settings, load_settings
-from infergate.dicom.scp import StorageSCP
+from infergate.dicom.listener_pool import ListenerPool
 from infergate.dicom.spool import Spool
+from infergate.dicom.tls import server_context
 from infergate.errors import ConfigError, InfergateError
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
@@ -68,6 +70,9 @@ def serve(settings: Settings) -> int:
     orphans = spool.clean_orphans()
     if orphans:
         log.warning("ingest.spool.orphans_removed", files=orphans)
+    ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
+    if ended:
+        log.warning("ingest.associations.ended_at_start", associations=ended)
     plugins = discover()
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
@@ -77,21 +82,22 @@ def serve(settings: Settings) -> int:
         pipeline.recover()
         worker = threading.Thread(target=pipeline.run, args=(stop,), name="pipeline", daemon=True)
         worker.start()
-        scp = StorageSCP(settings.ingest, spool, store)
-        scp.start()
+        listeners = ListenerPool(settings, store)
+        listeners.start()
         log.info(
             "serve.ready",
             version=__version__,
             ae_title=settings.ingest.ae_title,
             port=settings.ingest.port,
+            listener_processes=settings.ingest.listener_processes,
         )
-        # The main thread only waits: pynetdicom's blocking server deadlocks on shutdown
-        # from a signal handler (see PERFORMANCE.md).
+        # The main thread only waits and watches; the signal handler only sets `stop`.
         while not stop.wait(1.0):
+            listeners.watch()
             if not worker.is_alive():
                 log.error("serve.worker.died")
                 stop.set()
-        scp.stop()
+        listeners.stop()
         worker.join(timeout=60)
     store.close()
     log.info("serve.stopped")
@@ -99,6 +105,8 @@ def serve(settings: Settings) -> int:
 
 
 def check(settings: Settings) -> int:
+    if settings.ingest.tls is not None:
+        server_context(settings.ingest.tls)  # the certificate, key and CA files are usable
     plugins = discover()
     if not plugins:
         log.warning("check.no_plugins")

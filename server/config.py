@@ -8,6 +8,7 @@ the key and the file.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -35,6 +37,7 @@ class _Section(BaseModel):
 AbsolutePath = Annotated[Path, AfterValidator(Path.resolve)]
 
 ANY_AE_TITLE = "*"
+MAX_AUTO_PROCESSES = 4
 
 
 class Peer(_Section):
@@ -45,6 +48,8 @@ class Peer(_Section):
 
     ae_title: str = Field(min_length=1, max_length=16)
     addresses: tuple[str, ...] = Field(min_length=1)
+    # Admitted over DICOM TLS only; over plain TCP it is refused as not recognised.
+    require_tls: bool = False
 
     @field_validator("addresses")
     @classmethod
@@ -56,7 +61,8 @@ class Peer(_Section):
                 raise ValueError(f"{address!r} is not an IP address or network") from exc
         return value
 
-    def admits(self, calling_ae: str, address: str) -> bool:
+    def matches(self, calling_ae: str, address: str) -> bool:
+        """This entry is about ``calling_ae`` at ``address`` (TLS aside)."""
         if self.ae_title not in (ANY_AE_TITLE, calling_ae):
             return False
         try:
@@ -69,6 +75,28 @@ class Peer(_Section):
 # Out of the box only this machine may send: deny by default, yet the README's
 # storescu example works.
 LOOPBACK_PEER = Peer(ae_title=ANY_AE_TITLE, addresses=("127.0.0.0/8", "::1/128"))
+
+
+class TlsSettings(_Section):
+    """DICOM TLS: a second listener on its own port (PS3.15 B.1, TLS 1.2 or newer)."""
+
+    port: int = Field(default=2762, ge=1, le=65535)  # DICOM's registered TLS port
+    certificate: AbsolutePath  # PEM; may hold the chain after the certificate
+    private_key: AbsolutePath  # PEM, not encrypted
+    # Trust anchors for client certificates (PEM bundle).
+    client_ca: AbsolutePath | None = None
+    require_client_certificate: bool = True
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+    # A client that has not finished its handshake by then is cut off.
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _trust_for_client_certificates(self) -> TlsSettings:
+        if self.require_client_certificate and self.client_ca is None:
+            raise ValueError(
+                "require_client_certificate needs client_ca, the CA certificates to trust"
+            )
+        return self
 
 
 class IngestSettings(_Section):
@@ -100,6 +128,26 @@ class IngestSettings(_Section):
     # An instance re-sent under a known SOP Instance UID with other content: keep the
     # first one received, or replace it (and process its series again).
     changed_instance_policy: Literal["keep_first", "replace"] = "keep_first"
+    # Listener processes sharing the port: pynetdicom is pure Python and uses one core
+    # per process. "auto" is one per core, at most MAX_AUTO_PROCESSES.
+    processes: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
+    # DICOM TLS on tls.port; plain TCP on port unless plain is false.
+    tls: TlsSettings | None = None
+    plain: bool = True
+
+    @model_validator(mode="after")
+    def _some_listener(self) -> IngestSettings:
+        if not self.plain and self.tls is None:
+            raise ValueError("plain is false and tls is not set: nothing would listen")
+        if self.tls is not None and self.plain and self.tls.port == self.port:
+            raise ValueError(f"tls.port and port are both {self.port}")
+        return self
+
+    @property
+    def listener_processes(self) -> int:
+        if self.processes == "auto":
+            return max(1, min(os.cpu_count() or 1, MAX_AUTO_PROCESSES))
+        return self.processes
 
 
 class StorageSettings(_Section):

@@ -26,6 +26,19 @@ class SpoolFullError(SpoolError):
     """The spool has no room for the instance (disk full or over the threshold)."""
 
 
+class ListenerError(InfergateError):
+    """The DICOM listener could not bind its port, or a listener process not start."""
+
+
+class TlsRefusedError(InfergateError):
+    """A client on the TLS port was refused during the handshake; the message says why."""
+
+    def __init__(self, reason: str, *, peer_closed: bool = False) -> None:
+        super().__init__(reason)
+        # The client went away before the handshake (a health check), not an attack.
+        self.peer_closed = peer_closed
+
+
 class InstanceTooLargeError(InfergateError):
     """A received instance would need more resources than the configured bounds allow."""
 

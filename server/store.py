@@ -1,21 +1,16 @@
 """The state store: instances, series, jobs and results, in SQLite.
 
-WAL journal with ``synchronous=FULL``: a commit that returned survives a crash of
-the process or the machine, which is what lets ingest acknowledge an instance only
-after its row is committed. One connection is shared by every thread behind a lock;
-each public method is one transaction.
+The connection, schema and durability settings are in ``store_db``, the association
+audit trail in ``store_associations``. Each public method is one transaction.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from infergate.errors import StoreError
+from infergate.store_associations import AssociationRecords
 from infergate.store_rows import (
     Arrival,
     ArrivalOutcome,
@@ -39,117 +34,9 @@ __all__ = [
     "Store",
 ]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    sop_class_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    association_id TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    sha256 TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    called_ae TEXT NOT NULL,
-    first_received_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    instance_count INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
-    generation INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    plugin TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    UNIQUE (series_uid, generation, plugin)
-);
-CREATE TABLE IF NOT EXISTS associations (
-    association_id TEXT PRIMARY KEY,
-    peer_address TEXT NOT NULL,
-    peer_port INTEGER NOT NULL,
-    calling_ae TEXT NOT NULL,
-    called_ae TEXT NOT NULL,
-    tls INTEGER NOT NULL,
-    outcome TEXT NOT NULL
-        CHECK (outcome IN ('accepted', 'rejected', 'released', 'aborted')),
-    reason TEXT,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    instances INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS results (
-    sop_instance_uid TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL REFERENCES jobs(job_id),
-    kind TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    created_at REAL NOT NULL,
-    sent_at REAL
-);
-"""
 
-
-class Store:
+class Store(AssociationRecords):
     """Typed access to the state database. Safe to share between threads."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
-            self._migrate()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the state store {path}: {exc}") from exc
-
-    def _migrate(self) -> None:
-        """Bring a database written by an earlier Infergate to this schema."""
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version < 1:
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
-            if "sha256" not in columns:  # written before duplicate detection existed
-                self._db.execute("ALTER TABLE instances ADD COLUMN sha256 TEXT NOT NULL DEFAULT ''")
-            self._db.execute("PRAGMA user_version = 1")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"state store transaction failed: {exc}") from exc
 
     # -- ingest -----------------------------------------------------------------
 
@@ -220,55 +107,6 @@ class Store:
             if known is not None:
                 return ArrivalOutcome(Arrival.CHANGED_REPLACED, superseded_path=Path(known[1]))
             return ArrivalOutcome(Arrival.NEW)
-
-    def audit_association(self, audit: AssociationAudit) -> None:
-        """Record an association when it is accepted or rejected."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO associations VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    audit.association_id,
-                    audit.peer_address,
-                    audit.peer_port,
-                    audit.calling_ae,
-                    audit.called_ae,
-                    int(audit.tls),
-                    audit.outcome,
-                    audit.reason,
-                    audit.started_at,
-                    audit.ended_at,
-                    audit.instances,
-                    audit.bytes,
-                    audit.failures,
-                ),
-            )
-
-    def close_association(
-        self,
-        association_id: str,
-        outcome: str,
-        *,
-        instances: int,
-        size: int,
-        failures: int,
-        now: float,
-    ) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE associations SET outcome = ?, instances = ?, bytes = ?, failures = ?,"
-                " ended_at = ? WHERE association_id = ?",
-                (outcome, instances, size, failures, now, association_id),
-            )
-
-    def associations(self) -> list[AssociationAudit]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT association_id, peer_address, peer_port, calling_ae, called_ae, tls,"
-                " outcome, reason, started_at, ended_at, instances, bytes, failures"
-                " FROM associations ORDER BY started_at"
-            ).fetchall()
-        return [AssociationAudit(r[0], r[1], r[2], r[3], r[4], bool(r[5]), *r[6:]) for r in rows]
 
     # -- assembly ---------------------------------------------------------------
 

@@ -90,6 +90,8 @@ class AssociationAudit:
     instances: int = 0
     bytes: int = 0
     failures: int = 0
+    # The listener process that served it, so a dead one's associations can be ended.
+    process_id: int = 0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ class AssociationRequest:
     calling_ae: str
     called_ae: str
     address: str
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,19 @@ def space_shortfall(free_bytes: int, settings: IngestSettings) -> str | None:
     )
 
 
+def _unknown_peer(request: AssociationRequest, settings: IngestSettings) -> str | None:
+    """Why ``ingest.peers`` does not admit the requestor, or None when it does."""
+    entries = [p for p in settings.peers if p.matches(request.calling_ae, request.address)]
+    if any(request.tls or not p.require_tls for p in entries):
+        return None
+    who = f"calling AE title {request.calling_ae!r} at {request.address}"
+    if entries:
+        return f"{who} is allowed over DICOM TLS only (require_tls in ingest.peers)"
+    known_elsewhere = any(p.ae_title == request.calling_ae for p in settings.peers)
+    where = "from this address" if known_elsewhere else "in ingest.peers"
+    return f"{who} is not allowed {where}; add it to ingest.peers to allow it"
+
+
 def decide(
     request: AssociationRequest,
     settings: IngestSettings,
@@ -58,18 +72,10 @@ def decide(
     load: ListenerLoad,
 ) -> Rejection | None:
     """None to accept ``request``; otherwise the rejection to send and why."""
-    if not settings.accept_any_peer and not any(
-        peer.admits(request.calling_ae, request.address) for peer in settings.peers
-    ):
-        known_elsewhere = any(p.ae_title == request.calling_ae for p in settings.peers)
-        where = "from this address" if known_elsewhere else "in ingest.peers"
-        return Rejection(
-            PERMANENT,
-            SERVICE_USER,
-            CALLING_AE_NOT_RECOGNISED,
-            f"calling AE title {request.calling_ae!r} at {request.address} is not allowed"
-            f" {where}; add it to ingest.peers to allow it",
-        )
+    if not settings.accept_any_peer:
+        refusal = _unknown_peer(request, settings)
+        if refusal is not None:
+            return Rejection(PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED, refusal)
     if request.called_ae not in called_ae_titles:
         return Rejection(
             PERMANENT,

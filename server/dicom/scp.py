@@ -10,13 +10,13 @@ returns a status. Anything slow happens elsewhere.
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
+import threading
 import time
-import uuid
-import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-import structlog
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -38,26 +38,22 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import IngestSettings
-from infergate.dicom.admission import (
-    AssociationRequest,
-    ListenerLoad,
-    Rejection,
-    decide,
-    space_shortfall,
-)
-from infergate.dicom.guards import PduLimits, check_inflated_size, guard_connection
+from infergate.dicom.admission import space_shortfall
+from infergate.dicom.association_events import AssociationEvents, ae_text, peer_of
+from infergate.dicom.guards import check_inflated_size
 from infergate.dicom.incoming import IncomingFiles
 from infergate.dicom.received import read_header
-from infergate.dicom.scu import set_nodelay
+from infergate.dicom.sockets import AdoptingServer, ListeningSockets
 from infergate.dicom.spool import Spool
 from infergate.dicom.status import Status, status_for
+from infergate.dicom.tls import server_context
 from infergate.errors import (
     InfergateError,
     InvalidInstanceError,
     SpoolFullError,
 )
 from infergate.logs import get_logger
-from infergate.store import Arrival, AssociationAudit, InstanceRecord, Store
+from infergate.store import Arrival, InstanceRecord, Store
 
 log = get_logger(__name__)
 
@@ -97,28 +93,16 @@ _config.LOG_HANDLER_LEVEL = "none"
 
 
 @dataclass
-class _AssociationStats:
-    association_id: str
-    started: float
-    started_wall: float
-    instances: int = 0
-    bytes: int = 0
-    failures: int = 0
-
-
-@dataclass
 class StorageSCP:
-    """The listener; ``start()`` returns once it accepts connections."""
+    """The listener of one process; ``start()`` returns once it accepts connections."""
 
     settings: IngestSettings
     spool: Spool
     store: Store
     _ae: AE = field(init=False)
-    _server: Any = field(init=False, default=None)
-    _stats: weakref.WeakKeyDictionary[Association, _AssociationStats] = field(
-        init=False, default_factory=weakref.WeakKeyDictionary
-    )
+    _servers: list[AdoptingServer] = field(init=False, default_factory=list)
     _incoming: IncomingFiles = field(init=False)
+    _events: AssociationEvents = field(init=False)
 
     def __post_init__(self) -> None:
         ae = AE(ae_title=self.settings.ae_title)
@@ -126,7 +110,7 @@ class StorageSCP:
         ae.network_timeout = self.settings.network_timeout_s
         ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.network_timeout_s
-        # Admission (peers, called AE titles, load) is decided in _on_requested, which
+        # Admission (peers, called AE titles, load) is decided on EVT_REQUESTED, which
         # logs and audits every refusal. pynetdicom's own limit also counts bare TCP
         # connections, so it is set far above ours, as a backstop only.
         ae.require_called_aet = False
@@ -137,212 +121,82 @@ class StorageSCP:
         for sop_class in ACCEPTED_STORAGE:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
         self._ae = ae
+        self._events = AssociationEvents(
+            self.settings, self.store, self.spool.root, self._incoming, self.called_ae_titles
+        )
 
-    def start(self) -> None:
+    @property
+    def called_ae_titles(self) -> frozenset[str]:
+        return frozenset({self.settings.ae_title})
+
+    def start(self, sockets: ListeningSockets | None = None) -> None:
+        """Serve on ``sockets`` (shared with other listener processes), or on sockets
+        of its own bound to the configured ports."""
+        sockets = sockets or ListeningSockets.open(self.settings)
+        tls = server_context(self.settings.tls) if self.settings.tls is not None else None
+        for sock, context in ((sockets.plain, None), (sockets.tls, tls)):
+            if sock is not None:
+                self._serve(sock, context)
+
+    def _serve(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_connect),
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
+            *self._events.handlers(tls),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self._ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        server = cast(  # make_server builds an instance of server_class
+            AdoptingServer,
+            self._ae.make_server(
+                sock.getsockname()[:2],
+                evt_handlers=handlers,
+                server_class=AdoptingServer,
+                listening_socket=sock,
+            ),
         )
+        threading.Thread(target=server.serve_forever, name="ingest-accept", daemon=True).start()
+        self._servers.append(server)
         log.info(
             "ingest.listener.started",
             ae_title=self.settings.ae_title,
             host=self.settings.host,
-            port=self.settings.port,
+            port=sock.getsockname()[1],
+            tls=tls is not None,
         )
 
     def stop(self) -> None:
-        """Stop listening, and give open associations the network timeout to finish
+        """Stop accepting, and give open associations the network timeout to finish
         (their last events write the audit trail)."""
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.shutdown()
-        self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
         deadline = time.monotonic() + self.settings.network_timeout_s
         while self._requested() and time.monotonic() < deadline:
             time.sleep(0.05)
         log.info("ingest.listener.stopped", still_open=len(self._requested()))
-
-    # -- association events ------------------------------------------------------
-
-    def _on_connect(self, event: evt.Event) -> None:
-        set_nodelay(event)
-        wrapper = event.assoc.dul.socket
-        address = event.assoc.requestor.address
-
-        def refused(pdu_type: int, declared: int, limit: int) -> None:
-            log.warning(
-                "ingest.pdu.refused",
-                peer_address=address,
-                pdu_type=f"0x{pdu_type:02X}",
-                declared_bytes=declared,
-                limit_bytes=limit,
-                reason="declared PDU length over the limit; connection closed",
-            )
-
-        if wrapper is not None:
-            guard_connection(
-                wrapper,
-                self.settings.network_timeout_s,
-                PduLimits(
-                    association_request_bytes=self.settings.max_association_request_bytes,
-                    pdata_bytes=self.settings.max_pdu_length,
-                ),
-                refused,
-            )
-        stats = _AssociationStats(
-            association_id=uuid.uuid4().hex[:16], started=time.monotonic(), started_wall=time.time()
-        )
-        self._stats[event.assoc] = stats
-        structlog.contextvars.bind_contextvars(association_id=stats.association_id)
-
-    def _peer(self, event: evt.Event) -> dict[str, Any]:
-        requestor = event.assoc.requestor
-        return {
-            "peer_address": requestor.address,
-            "peer_port": requestor.port,
-            "calling_ae": _ae_text(requestor.ae_title),
-            "called_ae": _ae_text(event.assoc.acceptor.ae_title),
-        }
 
     def open_associations(self) -> int:
         """Connections this listener is serving now (their threads still running)."""
         return sum(1 for a in self._ae.active_associations if a.is_acceptor)
 
     def _requested(self) -> list[Association]:
-        """Connections that sent an A-ASSOCIATE-RQ: what the limits count and stop() waits
-        for. A bare TCP connection (a health check, a port scan) is neither."""
+        """Connections that sent an A-ASSOCIATE-RQ: what stop() waits for. A bare TCP
+        connection (a health check, a port scan) is not one."""
         return [
             a
             for a in self._ae.active_associations
             if a.is_acceptor and a.requestor.primitive is not None
         ]
 
-    @property
-    def called_ae_titles(self) -> frozenset[str]:
-        return frozenset({self.settings.ae_title})
-
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        primitive = assoc.requestor.primitive
-        if primitive is None:  # EVT_REQUESTED fires only once the request arrived
-            return
-        request = AssociationRequest(
-            calling_ae=_ae_text(primitive.calling_ae_title),
-            called_ae=_ae_text(primitive.called_ae_title),
-            address=assoc.requestor.address,
-        )
-        others = [a for a in self._requested() if a is not assoc]
-        load = ListenerLoad(
-            associations=len(others),
-            associations_from_address=sum(
-                1 for a in others if a.requestor.address == request.address
-            ),
-            free_bytes=shutil.disk_usage(self.spool.root).free,
-        )
-        rejection = decide(request, self.settings, self.called_ae_titles, load)
-        if rejection is not None:
-            self._reject(event, request, rejection)
-
-    def _reject(self, event: evt.Event, request: AssociationRequest, rejection: Rejection) -> None:
-        assoc = event.assoc
-        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
-        assoc.is_rejected = True
-        stats = self._stats.get(assoc)
-        self._audit(event, request.calling_ae, request.called_ae, "rejected", rejection.reason)
-        log.warning(
-            "ingest.association.rejected",
-            peer_address=request.address,
-            calling_ae=request.calling_ae,
-            called_ae=request.called_ae,
-            reason=rejection.reason,
-            result=rejection.result,
-            source=rejection.source,
-            diagnostic=rejection.diagnostic,
-            association_id=stats.association_id if stats else None,
-        )
-        assoc.kill()
-
-    def _audit(
-        self, event: evt.Event, calling: str, called: str, outcome: str, reason: str | None
-    ) -> None:
-        stats = self._stats.get(event.assoc)
-        if stats is None:
-            return
-        requestor = event.assoc.requestor
-        try:
-            self.store.audit_association(
-                AssociationAudit(
-                    association_id=stats.association_id,
-                    peer_address=requestor.address,
-                    peer_port=requestor.port,
-                    calling_ae=calling,
-                    called_ae=called,
-                    tls=False,
-                    outcome=outcome,
-                    reason=reason,
-                    started_at=stats.started_wall,
-                    ended_at=time.time() if outcome == "rejected" else None,
-                )
-            )
-        except InfergateError as exc:  # the audit must not take the listener down
-            log.error("ingest.audit.failed", reason=str(exc))
-
-    def _on_accepted(self, event: evt.Event) -> None:
-        peer = self._peer(event)
-        self._audit(event, peer["calling_ae"], peer["called_ae"], "accepted", None)
-        log.info("ingest.association.accepted", **peer)
-
-    def _on_rejected(self, event: evt.Event) -> None:
-        # Only pynetdicom's own rejections arrive here (its association limit).
-        peer = self._peer(event)
-        self._audit(event, peer["calling_ae"], peer["called_ae"], "rejected", "pynetdicom limit")
-        log.warning("ingest.association.rejected", reason="pynetdicom limit", **peer)
-
-    def _on_closed(self, event: evt.Event) -> None:
-        cut_off = self._incoming.forget(event.assoc)
-        if cut_off:
-            log.warning("ingest.instance.incomplete", files_removed=cut_off)
-        stats = self._stats.get(event.assoc)
-        if stats is None or event.assoc.is_rejected:
-            return
-        outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
-        try:
-            self.store.close_association(
-                stats.association_id,
-                outcome,
-                instances=stats.instances,
-                size=stats.bytes,
-                failures=stats.failures,
-                now=time.time(),
-            )
-        except InfergateError as exc:
-            log.error("ingest.audit.failed", reason=str(exc))
-        log.info(
-            f"ingest.association.{outcome}",
-            association_id=stats.association_id,
-            instances=stats.instances,
-            bytes=stats.bytes,
-            failures=stats.failures,
-            duration_s=round(time.monotonic() - stats.started, 3),
-        )
-
     # -- DIMSE services -----------------------------------------------------------
 
     def _on_echo(self, event: evt.Event) -> int:
-        log.info("ingest.echo", **self._peer(event))
+        log.info("ingest.echo", **peer_of(event))
         return int(Status.SUCCESS)
 
     def _on_store(self, event: evt.Event) -> int:
-        stats = self._stats.get(event.assoc)
+        stats = self._events.stats(event.assoc)
         association_id = stats.association_id if stats else "unknown"
         try:
             record = self._accept_instance(event, association_id)
@@ -391,8 +245,8 @@ class StorageSCP:
             path=path,
             size=path.stat().st_size,
             association_id=association_id,
-            calling_ae=_ae_text(requestor.ae_title),
-            called_ae=_ae_text(event.assoc.acceptor.ae_title),
+            calling_ae=ae_text(requestor.ae_title),
+            called_ae=ae_text(event.assoc.acceptor.ae_title),
             sha256=digest,
         )
         outcome = self.store.record_instance(
@@ -414,9 +268,3 @@ class StorageSCP:
                 **ids,
             )
         return record
-
-
-def _ae_text(value: str | bytes) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii", errors="replace").strip()
-    return value.strip()

@@ -24,21 +24,27 @@ def fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """Writes instances durably and hands back their paths."""
+    """Writes instances durably and hands back their paths.
 
-    def __init__(self, root: Path) -> None:
+    Each listener process writes into a ``tmp/`` folder of its own (``tmp_name``), so
+    one that restarts after a crash removes what it left there without touching the
+    files its siblings are receiving.
+    """
+
+    def __init__(self, root: Path, tmp_name: str | None = None) -> None:
         self.root = root.resolve()
-        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir = self.root / "tmp" if tmp_name is None else self.root / "tmp" / tmp_name
         self.instances_dir = self.root / "instances"
         for folder in (self.root, self.tmp_dir, self.instances_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def clean_orphans(self) -> int:
-        """Remove partial files a dead process left in ``tmp/``; returns how many."""
+        """Remove partial files a dead process left under ``tmp_dir``; returns how many."""
         removed = 0
-        for leftover in self.tmp_dir.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
+        for leftover in self.tmp_dir.rglob("*"):
+            if not leftover.is_dir():
+                leftover.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     def adopt(self, partial: Path) -> Path:
