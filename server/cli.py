@@ -21,7 +21,7 @@ from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
 from infergate.logs import configure_logging, get_logger
 from infergate.pipeline import Pipeline
-from infergate.plugins import LoadedPlugin, discover
+from infergate.plugins import LoadedPlugin, check_called_aes, discover
 from infergate.store import Store
 
 log = get_logger("infergate.cli")
@@ -74,6 +74,7 @@ def serve(settings: Settings) -> int:
     if ended:
         log.warning("ingest.associations.ended_at_start", associations=ended)
     plugins = discover()
+    check_called_aes(settings.ingest, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
     with triton_for(settings) as client:
@@ -108,6 +109,7 @@ def check(settings: Settings) -> int:
     if settings.ingest.tls is not None:
         server_context(settings.ingest.tls)  # the certificate, key and CA files are usable
     plugins = discover()
+    check_called_aes(settings.ingest, plugins)
     if not plugins:
         log.warning("check.no_plugins")
     with triton_for(settings) as client:

@@ -77,6 +77,28 @@ class Peer(_Section):
 LOOPBACK_PEER = Peer(ae_title=ANY_AE_TITLE, addresses=("127.0.0.0/8", "::1/128"))
 
 
+class Destination(_Section):
+    """A DICOM node that receives results."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class CalledAE(_Section):
+    """A further called AE title on the listener, with settings of its own.
+
+    A PACS can route studies to different AE titles of one Infergate, one per use:
+    each title decides which plugins run on what it receives and where the results go.
+    """
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    # The plugins that run on series sent to this title; None: every installed plugin.
+    plugins: tuple[str, ...] | None = None
+    # Where the results of this title's series go; None: export.destination.
+    destination: Destination | None = None
+
+
 class TlsSettings(_Section):
     """DICOM TLS: a second listener on its own port (PS3.15 B.1, TLS 1.2 or newer)."""
 
@@ -134,6 +156,8 @@ class IngestSettings(_Section):
     # DICOM TLS on tls.port; plain TCP on port unless plain is false.
     tls: TlsSettings | None = None
     plain: bool = True
+    # Called AE titles besides ae_title, each with its own plugins and destination.
+    called_aes: tuple[CalledAE, ...] = ()
 
     @model_validator(mode="after")
     def _some_listener(self) -> IngestSettings:
@@ -141,7 +165,23 @@ class IngestSettings(_Section):
             raise ValueError("plain is false and tls is not set: nothing would listen")
         if self.tls is not None and self.plain and self.tls.port == self.port:
             raise ValueError(f"tls.port and port are both {self.port}")
+        titles = [self.ae_title, *(c.ae_title for c in self.called_aes)]
+        if len(set(titles)) != len(titles):
+            raise ValueError(f"called AE titles must differ: {titles}")
         return self
+
+    @property
+    def called_ae_titles(self) -> frozenset[str]:
+        """Every called AE title the listener answers to."""
+        return frozenset({self.ae_title, *(c.ae_title for c in self.called_aes)})
+
+    def called_ae(self, title: str) -> CalledAE:
+        """The settings of called AE title ``title``; ``ae_title`` (and an unknown one)
+        has every plugin and the default destination."""
+        for entry in self.called_aes:
+            if entry.ae_title == title:
+                return entry
+        return CalledAE(ae_title=self.ae_title)
 
     @property
     def listener_processes(self) -> int:
@@ -173,6 +213,15 @@ class AssemblySettings(_Section):
 
     quiet_period_s: float = Field(default=10.0, gt=0)
     poll_interval_s: float = Field(default=0.5, gt=0)
+    # A series still receiving this long after its first instance is complete anyway
+    # (a sender that never stops); what arrives later starts its next generation.
+    max_series_age_s: float | None = Field(default=3600.0, gt=0)
+    # "study": the series of a study complete together, once the whole study is quiet.
+    scope: Literal["series", "study"] = "series"
+    # A series whose sender released its association, with no other association still
+    # sending it, is complete after this shorter quiet time. None: the hint is ignored
+    # (a modality that opens one association per image would complete series early).
+    release_quiet_period_s: float | None = Field(default=None, gt=0)
 
 
 class TritonSettings(_Section):
@@ -216,14 +265,6 @@ class ResultsSettings(_Section):
     uid_root: str = Field(default="1.2.826.0.1.3680043.8.498.", pattern=r"^[0-9.]+\.$")
 
 
-class Destination(_Section):
-    """A DICOM node that receives results."""
-
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(ge=1, le=65535)
-
-
 class ExportSettings(_Section):
     """Delivery of results."""
 
@@ -254,6 +295,10 @@ class Settings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    def destination_for(self, called_ae: str) -> Destination | None:
+        """Where the results of a series sent to ``called_ae`` go."""
+        return self.ingest.called_ae(called_ae).destination or self.export.destination
 
     @classmethod
     def settings_customise_sources(

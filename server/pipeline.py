@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from infergate.config import Settings
+from infergate.config import Destination, Settings
 from infergate.dicom.assembly import complete_quiet_series
 from infergate.dicom.scu import send_files
 from infergate.errors import InfergateError
@@ -53,9 +53,7 @@ class Pipeline:
         log.info("pipeline.stopped")
 
     def step(self) -> None:
-        complete_quiet_series(
-            self.store, self.plugins, time.time(), self.settings.assembly.quiet_period_s
-        )
+        complete_quiet_series(self.store, self.plugins, time.time(), self.settings)
         self.run_jobs()
         self.export()
 
@@ -93,7 +91,6 @@ class Pipeline:
                 )
 
     def export(self) -> None:
-        destination = self.settings.export.destination
         pending = self.store.pending_results()
         if not pending:
             return
@@ -103,34 +100,34 @@ class Pipeline:
         now = time.time()
         for job_id, rows in by_job.items():
             with structlog.contextvars.bound_contextvars(job_id=job_id):
+                # The series' called AE title picks the destination, and is the title
+                # Infergate calls it with.
+                called_ae = self.store.called_ae_of_job(job_id)
+                destination = self.settings.destination_for(called_ae)
                 if destination is None:
                     self.store.mark_results_attempted(
                         [r.sop_instance_uid for r in rows], "no destination configured", True
                     )
                     log.warning(
                         "export.skipped",
-                        reason="export.destination is not configured; results stay on disk",
+                        reason=f"no destination for called AE title {called_ae}"
+                        " (export.destination, ingest.called_aes); results stay on disk",
                         paths=[str(r.path) for r in rows],
                     )
                     continue
                 if self._next_export_at.get(job_id, 0.0) > now:
                     continue
-                self._send(job_id, rows)
+                self._send(job_id, rows, destination, called_ae)
 
-    def _send(self, job_id: str, rows: list[ResultRow]) -> None:
+    def _send(
+        self, job_id: str, rows: list[ResultRow], destination: Destination, calling_ae: str
+    ) -> None:
         export = self.settings.export
-        if export.destination is None:
-            return
         uids = [r.sop_instance_uid for r in rows]
         attempt = max(r.attempts for r in rows) + 1
         started = time.perf_counter()
         try:
-            send_files(
-                [r.path for r in rows],
-                export.destination,
-                self.settings.ingest.ae_title,
-                export.timeout_s,
-            )
+            send_files([r.path for r in rows], destination, calling_ae, export.timeout_s)
         except InfergateError as exc:
             give_up = attempt >= export.attempts
             self.store.mark_results_attempted(uids, str(exc), give_up)
@@ -140,14 +137,15 @@ class Pipeline:
                 attempt=attempt,
                 of=export.attempts,
                 reason=str(exc),
-                destination=export.destination.ae_title,
+                destination=destination.ae_title,
             )
             return
         self.store.mark_results_sent(uids, time.time())
         self._next_export_at.pop(job_id, None)
         log.info(
             "export.sent",
-            destination=export.destination.ae_title,
+            destination=destination.ae_title,
+            calling_ae=calling_ae,
             kinds=[r.kind for r in rows],
             sop_instance_uids=uids,
             attempt=attempt,

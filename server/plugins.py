@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from infergate.errors import PluginError
+from infergate.config import IngestSettings
+from infergate.errors import ConfigError, PluginError
 from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
 
 GROUP = "infergate.plugins"
@@ -61,3 +62,15 @@ def discover() -> list[LoadedPlugin]:
         names.add(plugin.spec.name)
         loaded.append(LoadedPlugin(plugin=plugin, source=source))
     return loaded
+
+
+def check_called_aes(settings: IngestSettings, plugins: list[LoadedPlugin]) -> None:
+    """Raise :class:`ConfigError` if ``ingest.called_aes`` names a plugin not installed."""
+    installed = {p.spec.name for p in plugins}
+    for called in settings.called_aes:
+        unknown = sorted(set(called.plugins or ()) - installed)
+        if unknown:
+            raise ConfigError(
+                f"ingest.called_aes: {called.ae_title} names plugin(s) {', '.join(unknown)},"
+                f" not installed (installed: {', '.join(sorted(installed)) or 'none'})"
+            )

@@ -87,11 +87,13 @@ class Store(AssociationRecords):
             )
             db.execute(
                 """
-                INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'receiving', 0)
+                INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'receiving', 0, NULL)
                 ON CONFLICT (series_uid) DO UPDATE SET
                     last_received_at = excluded.last_received_at,
                     instance_count = instance_count + 1,
                     generation = generation + (state = 'complete'),
+                    first_received_at = CASE WHEN state = 'complete'
+                        THEN excluded.first_received_at ELSE first_received_at END,
                     state = 'receiving'
                 """,
                 (
@@ -111,12 +113,18 @@ class Store(AssociationRecords):
     # -- assembly ---------------------------------------------------------------
 
     def receiving_series(self) -> list[SeriesRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT series_uid, study_uid, modality, calling_ae, called_ae,"
-                " last_received_at, instance_count, generation"
-                " FROM series WHERE state = 'receiving' ORDER BY last_received_at"
-            ).fetchall()
+        rows = self._rows(
+            """
+            SELECT s.series_uid, s.study_uid, s.modality, s.calling_ae, s.called_ae,
+                s.last_received_at, s.instance_count, s.generation, s.first_received_at,
+                s.released_at,
+                (SELECT COUNT(*) FROM associations a WHERE a.ended_at IS NULL AND EXISTS (
+                    SELECT 1 FROM instances i
+                    WHERE i.series_uid = s.series_uid AND i.association_id = a.association_id
+                ))
+            FROM series s WHERE s.state = 'receiving' ORDER BY s.last_received_at
+            """
+        )
         return [SeriesRow(*row) for row in rows]
 
     def complete_series(self, series: SeriesRow, jobs: list[NewJob], now: float) -> bool:
@@ -237,6 +245,17 @@ class Store(AssociationRecords):
         return [JobRow(*row) for row in rows]
 
     # -- export -----------------------------------------------------------------
+
+    def called_ae_of_job(self, job_id: str) -> str:
+        """The called AE title the job's series was sent to (its first instance's)."""
+        rows = self._rows(
+            "SELECT s.called_ae FROM jobs j JOIN series s ON s.series_uid = j.series_uid"
+            " WHERE j.job_id = ?",
+            (job_id,),
+        )
+        if not rows:
+            raise StoreError(f"no job {job_id} in the state store")
+        return str(rows[0][0])
 
     def pending_results(self) -> list[ResultRow]:
         with self._lock:

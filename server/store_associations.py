@@ -82,12 +82,20 @@ class AssociationRecords(Database):
         now: float,
         reason: str | None = None,
     ) -> None:
+        """End an association. A release (not an abort) is also a hint for assembly: the
+        series it sent may be complete (``assembly.release_quiet_period_s``)."""
         with self._transaction() as db:
             db.execute(
                 "UPDATE associations SET outcome = ?, instances = ?, bytes = ?, failures = ?,"
                 " ended_at = ?, reason = COALESCE(?, reason) WHERE association_id = ?",
                 (outcome, instances, size, failures, now, reason, association_id),
             )
+            if outcome == "released" and instances:
+                db.execute(
+                    "UPDATE series SET released_at = ? WHERE state = 'receiving' AND series_uid"
+                    " IN (SELECT series_uid FROM instances WHERE association_id = ?)",
+                    (now, association_id),
+                )
 
     def abandon_open_associations(
         self, reason: str, now: float, process_id: int | None = None

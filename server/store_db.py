@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     sha256 TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid, association_id);
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS series (
     last_received_at REAL NOT NULL,
     instance_count INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
-    generation INTEGER NOT NULL DEFAULT 0
+    generation INTEGER NOT NULL DEFAULT 0,
+    released_at REAL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -92,7 +93,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 2
+_VERSION = 3
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -100,13 +101,17 @@ def _migrate(db: sqlite3.Connection) -> None:
     if db.execute("PRAGMA user_version").fetchone()[0] >= _VERSION:
         return
     added = {
-        # duplicate detection (version 1), listener processes (version 2)
+        # duplicate detection (version 1), listener processes (2), release hint (3)
         ("instances", "sha256"): "TEXT NOT NULL DEFAULT ''",
         ("associations", "process_id"): "INTEGER NOT NULL DEFAULT 0",
+        ("series", "released_at"): "REAL",
     }
     for (table, column), definition in added.items():
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    # Version 3 finds, for a series, the associations that sent it.
+    db.execute("DROP INDEX IF EXISTS instances_by_series")
+    db.execute("CREATE INDEX instances_by_series ON instances(series_uid, association_id)")
     db.execute(f"PRAGMA user_version = {_VERSION}")
 
 

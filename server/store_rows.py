@@ -50,6 +50,11 @@ class SeriesRow:
     last_received_at: float
     instance_count: int
     generation: int
+    first_received_at: float = 0.0  # of this generation
+    # When an association that sent instances of it was released (a hint), if ever.
+    released_at: float | None = None
+    # Associations still open that sent instances of it: the release hint waits for them.
+    open_senders: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,22 @@
 """Assembly: deciding that a series is complete, and handing it to routing.
 
-A series is complete when no instance has arrived for the quiet period. The
-clock is the state store's ``last_received_at``, so a restart resumes where the
-dead process stopped. Nothing here reads pixel data.
+A series is complete when no instance has arrived for the quiet period; sooner when
+its sender released the association and no other association is still sending it
+(an optional hint); and at the latest when it has been receiving for the maximum
+series age. With ``assembly.scope: study`` the series of a study complete together,
+judged on the study as a whole. The clocks are the state store's, so a restart
+resumes where the dead process stopped. Nothing here reads pixel data.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
+from collections.abc import Sequence
 
 import structlog
 
+from infergate.config import AssemblySettings, Settings
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.routing import SeriesHeader, route
@@ -19,48 +25,106 @@ from infergate.store import NewJob, SeriesRow, Store
 log = get_logger(__name__)
 
 
-def is_complete(series: SeriesRow, now: float, quiet_period_s: float) -> bool:
-    """True when the series has been quiet for at least ``quiet_period_s``."""
-    return now - series.last_received_at >= quiet_period_s
+def completion(group: Sequence[SeriesRow], now: float, settings: AssemblySettings) -> str | None:
+    """Why ``group`` (one series, or the receiving series of one study) is complete
+    now: ``"quiet"``, ``"released"`` or ``"max_age"``; None while it is not."""
+    last = max(s.last_received_at for s in group)
+    if now - last >= settings.quiet_period_s:
+        return "quiet"
+    hint = settings.release_quiet_period_s
+    # The hint holds when every sender released after its last instance, none is
+    # still sending, and nothing arrived for the shorter quiet time since.
+    released = [
+        s.released_at
+        for s in group
+        if s.released_at is not None and s.released_at >= s.last_received_at
+    ]
+    if (
+        hint is not None
+        and len(released) == len(group)
+        and not any(s.open_senders for s in group)
+        and now - max(released) >= hint
+    ):
+        return "released"
+    age = settings.max_series_age_s
+    if age is not None and now - min(s.first_received_at for s in group) >= age:
+        return "max_age"
+    return None
 
 
 def complete_quiet_series(
-    store: Store, plugins: list[LoadedPlugin], now: float, quiet_period_s: float
+    store: Store, plugins: list[LoadedPlugin], now: float, settings: Settings
 ) -> list[str]:
-    """Close every quiet series and create its jobs; returns the new job ids."""
+    """Close every complete series and create its jobs; returns the new job ids."""
+    receiving = store.receiving_series()
+    if settings.assembly.scope == "study":
+        by_study: dict[str, list[SeriesRow]] = defaultdict(list)
+        for series in receiving:
+            by_study[series.study_uid].append(series)
+        groups = list(by_study.values())
+    else:
+        groups = [[series] for series in receiving]
     created: list[str] = []
-    for series in store.receiving_series():
-        if not is_complete(series, now, quiet_period_s):
+    for group in groups:
+        trigger = completion(group, now, settings.assembly)
+        if trigger is None:
             continue
-        header = SeriesHeader(
-            modality=series.modality,
-            calling_ae=series.calling_ae,
-            called_ae=series.called_ae,
-            instance_count=series.instance_count,
-        )
-        decisions = route(header, plugins)
-        jobs = [NewJob(job_id=uuid.uuid4().hex, plugin=d.plugin) for d in decisions if d.matched]
-        with structlog.contextvars.bound_contextvars(
-            series_uid=series.series_uid, study_uid=series.study_uid
-        ):
-            if not store.complete_series(series, jobs, now):
-                continue  # an instance arrived meanwhile; decide again later
+        outcomes = [
+            _complete(store, plugins, s, now=now, settings=settings, trigger=trigger) for s in group
+        ]
+        completed = [outcome for outcome in outcomes if outcome is not None]
+        if settings.assembly.scope == "study" and completed:
             log.info(
-                "assembly.series.complete",
-                instances=series.instance_count,
-                modality=series.modality,
-                quiet_s=round(now - series.last_received_at, 2),
-                generation=series.generation,
+                "assembly.study.complete",
+                study_uid=group[0].study_uid,
+                series=len(completed),
+                trigger=trigger,
             )
-            log.info(
-                "routing.series.routed",
-                plugins=[d.plugin for d in decisions if d.matched],
-                decisions=[
-                    {"plugin": d.plugin, "matched": d.matched, "reason": d.reason}
-                    for d in decisions
-                ],
-            )
-            if not jobs:
-                log.info("routing.series.unmatched", modality=series.modality)
-        created.extend(job.job_id for job in jobs)
+        for jobs in completed:
+            created.extend(jobs)
     return created
+
+
+def _complete(
+    store: Store,
+    plugins: list[LoadedPlugin],
+    series: SeriesRow,
+    *,
+    now: float,
+    settings: Settings,
+    trigger: str,
+) -> list[str] | None:
+    """Complete ``series`` and create its jobs: their ids, or None when an instance
+    arrived meanwhile (the next round decides again)."""
+    header = SeriesHeader(
+        modality=series.modality,
+        calling_ae=series.calling_ae,
+        called_ae=series.called_ae,
+        instance_count=series.instance_count,
+    )
+    enabled = settings.ingest.called_ae(series.called_ae).plugins
+    decisions = route(header, plugins, None if enabled is None else frozenset(enabled))
+    jobs = [NewJob(job_id=uuid.uuid4().hex, plugin=d.plugin) for d in decisions if d.matched]
+    with structlog.contextvars.bound_contextvars(
+        series_uid=series.series_uid, study_uid=series.study_uid
+    ):
+        if not store.complete_series(series, jobs, now):
+            return None
+        log.info(
+            "assembly.series.complete",
+            instances=series.instance_count,
+            modality=series.modality,
+            trigger=trigger,
+            quiet_s=round(now - series.last_received_at, 2),
+            generation=series.generation,
+        )
+        log.info(
+            "routing.series.routed",
+            plugins=[d.plugin for d in decisions if d.matched],
+            decisions=[
+                {"plugin": d.plugin, "matched": d.matched, "reason": d.reason} for d in decisions
+            ],
+        )
+        if not jobs:
+            log.info("routing.series.unmatched", modality=series.modality)
+    return [job.job_id for job in jobs]

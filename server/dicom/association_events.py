@@ -63,6 +63,15 @@ def ae_text(value: str | bytes) -> str:
     return value.strip()
 
 
+def called_ae_of(assoc: Association) -> str:
+    """The AE title the peer called, from its request (pynetdicom's acceptor.ae_title is
+    the listener's own, the same whichever of its called AE titles the peer used)."""
+    primitive = assoc.requestor.primitive
+    if primitive is None:
+        return ae_text(assoc.acceptor.ae_title)
+    return ae_text(primitive.called_ae_title)
+
+
 def peer_of(event: evt.Event) -> dict[str, Any]:
     """The peer's address and AE titles, as every association event logs them."""
     requestor = event.assoc.requestor
@@ -70,7 +79,7 @@ def peer_of(event: evt.Event) -> dict[str, Any]:
         "peer_address": requestor.address,
         "peer_port": requestor.port,
         "calling_ae": ae_text(requestor.ae_title),
-        "called_ae": ae_text(event.assoc.acceptor.ae_title),
+        "called_ae": called_ae_of(event.assoc),
     }
 
 

@@ -39,7 +39,12 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import IngestSettings
 from infergate.dicom.admission import space_shortfall
-from infergate.dicom.association_events import AssociationEvents, ae_text, peer_of
+from infergate.dicom.association_events import (
+    AssociationEvents,
+    ae_text,
+    called_ae_of,
+    peer_of,
+)
 from infergate.dicom.guards import check_inflated_size
 from infergate.dicom.incoming import IncomingFiles
 from infergate.dicom.received import read_header
@@ -127,7 +132,7 @@ class StorageSCP:
 
     @property
     def called_ae_titles(self) -> frozenset[str]:
-        return frozenset({self.settings.ae_title})
+        return self.settings.called_ae_titles
 
     def start(self, sockets: ListeningSockets | None = None) -> None:
         """Serve on ``sockets`` (shared with other listener processes), or on sockets
@@ -246,7 +251,7 @@ class StorageSCP:
             size=path.stat().st_size,
             association_id=association_id,
             calling_ae=ae_text(requestor.ae_title),
-            called_ae=ae_text(event.assoc.acceptor.ae_title),
+            called_ae=called_ae_of(event.assoc),
             sha256=digest,
         )
         outcome = self.store.record_instance(
