@@ -36,6 +36,20 @@ def free_port() -> int:
         return port
 
 
+def assert_still_connected(*socks: socket.socket) -> None:
+    """The server has not closed these connections (nothing to read, no EOF); closes them."""
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            sock.recv(1)
+        except BlockingIOError:
+            pass
+        else:
+            raise AssertionError("the server closed a connection it should still hold")
+        finally:
+            sock.close()
+
+
 def require_program(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,9 @@ def test_series_of_a_study_complete_together(tmp_path: Path) -> None:
     assert (study["series"], study["trigger"]) == (2, "quiet")
 
 
-def test_a_released_association_lets_its_series_complete_early(
-    tmp_path: Path, small_phantom: ChestPhantom
-) -> None:
+@pytest.fixture
+def hinted(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
+    """A listener in this process, with the release hint on, and its store."""
     settings = Settings(
         ingest=IngestSettings(host="127.0.0.1", port=free_port(), min_free_bytes=0),
         assembly=AssemblySettings(quiet_period_s=600, release_quiet_period_s=0.5),
@@ -152,43 +153,38 @@ def test_a_released_association_lets_its_series_complete_early(
     store = Store(tmp_path / "s.db")
     scp = StorageSCP(settings.ingest, Spool(tmp_path / "spool"), store)
     scp.start()
-    try:
-        storescu(settings.ingest.port, list(small_phantom.paths[:5]))  # sends, then releases
-        (series,) = store.receiving_series()
-        assert series.released_at is not None
-        assert series.open_senders == 0
-        with structlog.testing.capture_logs() as logs:
-            jobs = complete_quiet_series(store, [], series.released_at + 0.5, settings)
-    finally:
-        scp.stop()
-        store.close()
+    yield settings, store
+    scp.stop()
+    store.close()
+
+
+def test_a_released_association_lets_its_series_complete_early(
+    hinted: tuple[Settings, Store], small_phantom: ChestPhantom
+) -> None:
+    settings, store = hinted
+    storescu(settings.ingest.port, list(small_phantom.paths[:5]))  # sends, then releases
+    (series,) = store.receiving_series()
+    assert series.released_at is not None
+    assert series.open_senders == 0
+    with structlog.testing.capture_logs() as logs:
+        jobs = complete_quiet_series(store, [], series.released_at + 0.5, settings)
     assert jobs == []
     (done,) = [e for e in logs if e["event"] == "assembly.series.complete"]
     assert (done["trigger"], done["instances"]) == ("released", 5)
 
 
 def test_an_open_association_holds_the_release_hint(
-    tmp_path: Path, small_phantom: ChestPhantom
+    hinted: tuple[Settings, Store], small_phantom: ChestPhantom
 ) -> None:
-    settings = Settings(
-        ingest=IngestSettings(host="127.0.0.1", port=free_port(), min_free_bytes=0),
-        assembly=AssemblySettings(quiet_period_s=600, release_quiet_period_s=0.5),
-    )
-    store = Store(tmp_path / "s.db")
-    scp = StorageSCP(settings.ingest, Spool(tmp_path / "spool"), store)
-    scp.start()
-    try:
-        # A PACS sending one series over two associations: one still open.
-        ae = AE(ae_title="PACS")
-        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-        still_open = ae.associate("127.0.0.1", settings.ingest.port, ae_title="INFERGATE")
-        assert still_open.send_c_store(pydicom.dcmread(small_phantom.paths[0])).Status == 0
-        storescu(settings.ingest.port, list(small_phantom.paths[1:5]))
-        (series,) = store.receiving_series()
-        assert series.open_senders == 1
-        assert completion([series], (series.released_at or 0.0) + 5, settings.assembly) is None
-        still_open.release()
-        wait_until(lambda: store.receiving_series()[0].open_senders == 0, 10, "the release")
-    finally:
-        scp.stop()
-        store.close()
+    settings, store = hinted
+    # A PACS sending one series over two associations: one still open.
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    still_open = ae.associate("127.0.0.1", settings.ingest.port, ae_title="INFERGATE")
+    assert still_open.send_c_store(pydicom.dcmread(small_phantom.paths[0])).Status == 0
+    storescu(settings.ingest.port, list(small_phantom.paths[1:5]))
+    (series,) = store.receiving_series()
+    assert series.open_senders == 1
+    assert completion([series], (series.released_at or 0.0) + 5, settings.assembly) is None
+    still_open.release()
+    wait_until(lambda: store.receiving_series()[0].open_senders == 0, 10, "the release")
