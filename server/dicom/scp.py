@@ -69,24 +69,27 @@ ACCEPTED_STORAGE = tuple(
     cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax
 )
 # The transfer syntaxes scanners and PACS use; instances are stored as received.
-# pynetdicom accepts, of the syntaxes a peer proposes, the first one in this list. A
-# peer sending from files proposes the file's own syntax beside uncompressed ones, and
-# often cannot decompress: so compressed syntaxes come first (lossless before lossy),
-# which keeps every instance as it was sent.
+# pynetdicom accepts, of the syntaxes a peer proposes in one presentation context, the
+# first one in this list. A peer sending from files proposes the file's own syntax
+# beside uncompressed ones, and often cannot decompress: so lossless compressed
+# syntaxes come first, which keeps such instances as they were sent. Lossy ones come
+# after the uncompressed ones: a peer that offers both would otherwise be asked to
+# compress lossily, changing pixel values before any model sees them; one that holds
+# lossy data and offers only that syntax still gets it.
 ACCEPTED_TRANSFER_SYNTAXES = (
     JPEGLSLossless,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLossless,
     RLELossless,
-    JPEGLSNearLossless,
-    JPEG2000,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
     DeflatedExplicitVRLittleEndian,
+    JPEGLSNearLossless,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
 )
 
 # Structlog's context (association id, peer) follows pynetdicom into its threads.

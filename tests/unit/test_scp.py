@@ -16,12 +16,17 @@ import pydicom
 import pytest
 import structlog
 from pydicom.uid import (
+    JPEG2000,
     UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
     MRImageStorage,
+    RLELossless,
 )
 from pynetdicom import AE, _config, evt
 
@@ -585,3 +590,28 @@ def test_connection_lost_mid_dataset_leaves_no_partial_file(
     # The listener carries on.
     storescu(listener.port, list(small_phantom.paths[:2]))
     assert listener.store.receiving_series()[0].instance_count == 2
+
+
+@pytest.mark.parametrize(
+    ("proposed", "chosen"),
+    [
+        # Lossless compressed data is kept as it is.
+        ([JPEGLSLossless, ExplicitVRLittleEndian], JPEGLSLossless),
+        ([ExplicitVRLittleEndian, RLELossless], RLELossless),
+        # A peer never has to compress lossily for us: uncompressed wins over lossy.
+        ([JPEGBaseline8Bit, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([JPEG2000, ImplicitVRLittleEndian], ImplicitVRLittleEndian),
+        # A peer that holds lossy data and offers only that still sends it.
+        ([JPEGBaseline8Bit], JPEGBaseline8Bit),
+    ],
+)
+def test_transfer_syntax_choice_never_asks_for_lossy_compression(
+    listener: Listener, proposed: list[UID], chosen: UID
+) -> None:
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(CTImageStorage, proposed)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
+    assert assoc.is_established
+    (context,) = assoc.accepted_contexts
+    assoc.release()
+    assert context.transfer_syntax[0] == chosen
