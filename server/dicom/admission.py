@@ -68,7 +68,6 @@ def _unknown_peer(request: AssociationRequest, settings: IngestSettings) -> str 
 def decide(
     request: AssociationRequest,
     settings: IngestSettings,
-    called_ae_titles: frozenset[str],
     load: ListenerLoad,
 ) -> Rejection | None:
     """None to accept ``request``; otherwise the rejection to send and why."""
@@ -76,12 +75,13 @@ def decide(
         refusal = _unknown_peer(request, settings)
         if refusal is not None:
             return Rejection(PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED, refusal)
-    if request.called_ae not in called_ae_titles:
+    titles = settings.called_ae_titles
+    if request.called_ae not in titles:
         return Rejection(
             PERMANENT,
             SERVICE_USER,
             CALLED_AE_NOT_RECOGNISED,
-            f"called AE title {request.called_ae!r} is not one of {sorted(called_ae_titles)}",
+            f"called AE title {request.called_ae!r} is not one of {sorted(titles)}",
         )
     shortfall = space_shortfall(load.free_bytes, settings)
     if shortfall is not None:

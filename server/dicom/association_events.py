@@ -91,7 +91,6 @@ class AssociationEvents:
     store: Store
     spool_root: Path
     incoming: IncomingFiles
-    called_ae_titles: frozenset[str]
     process_id: int = field(default_factory=os.getpid)
     _stats: weakref.WeakKeyDictionary[Association, AssociationStats] = field(
         init=False, default_factory=weakref.WeakKeyDictionary
@@ -123,9 +122,10 @@ class AssociationEvents:
             tls=tls is not None,
         )
         structlog.contextvars.bind_contextvars(association_id=stats.association_id)
-        if tls is not None and wrapper is not None and wrapper.socket is not None:
+        tls_settings = self.settings.tls  # set whenever this server has a TLS context
+        if tls is not None and tls_settings is not None and wrapper and wrapper.socket is not None:
             try:
-                secured = handshake(wrapper.socket, tls, self._tls_timeout())
+                secured = handshake(wrapper.socket, tls, tls_settings.handshake_timeout_s)
             except TlsRefusedError as exc:
                 self._refuse_tls(event, stats, exc)
                 wrapper.close()  # queues "connection closed": the association ends at once
@@ -154,9 +154,6 @@ class AssociationEvents:
                 refused,
             )
         self._stats[event.assoc] = stats
-
-    def _tls_timeout(self) -> float:
-        return self.settings.tls.handshake_timeout_s if self.settings.tls else 10.0
 
     def _refuse_tls(self, event: evt.Event, stats: AssociationStats, exc: TlsRefusedError) -> None:
         requestor = event.assoc.requestor
@@ -203,7 +200,7 @@ class AssociationEvents:
 
         def judge(open_associations: int, open_from_address: int) -> Rejection | None:
             load = ListenerLoad(open_associations, open_from_address, free_bytes)
-            return decide(request, self.settings, self.called_ae_titles, load)
+            return decide(request, self.settings, load)
 
         audit = AssociationAudit(
             association_id=stats.association_id,

@@ -13,7 +13,6 @@ the middle of a dataset is removed when the association closes, not at the next 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import tempfile
 import threading
@@ -59,7 +58,7 @@ class IncomingFiles:
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom has no setting for the file; its module-level name is the seam.
         setattr(  # noqa: B010 - the name is not exported, so mypy rejects plain assignment
-            dimse_messages, "NamedTemporaryFile", functools.partial(self._create)
+            dimse_messages, "NamedTemporaryFile", self._create
         )
 
     def _create(self, **kwargs: Any) -> _HashingFile:

@@ -129,13 +129,7 @@ class StorageSCP:
         for sop_class in ACCEPTED_STORAGE:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
         self._ae = ae
-        self._events = AssociationEvents(
-            self.settings, self.store, self.spool.root, self._incoming, self.called_ae_titles
-        )
-
-    @property
-    def called_ae_titles(self) -> frozenset[str]:
-        return self.settings.called_ae_titles
+        self._events = AssociationEvents(self.settings, self.store, self.spool.root, self._incoming)
 
     def start(self, sockets: ListeningSockets | None = None) -> None:
         """Serve on ``sockets`` (shared with other listener processes), or on sockets

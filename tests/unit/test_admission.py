@@ -3,7 +3,6 @@ from __future__ import annotations
 from infergate.config import IngestSettings, Peer
 from infergate.dicom.admission import AssociationRequest, ListenerLoad, decide
 
-CALLED = frozenset({"INFERGATE"})
 IDLE = ListenerLoad(associations=0, associations_from_address=0, free_bytes=10**12)
 SETTINGS = IngestSettings(
     peers=(Peer(ae_title="CT_SCANNER_2", addresses=("10.1.2.3", "10.1.3.0/24")),),
@@ -20,7 +19,7 @@ def _rsd(
     load: ListenerLoad = IDLE,
     settings: IngestSettings = SETTINGS,
 ) -> tuple[int, ...] | None:
-    rejection = decide(AssociationRequest(calling, called, address), settings, CALLED, load)
+    rejection = decide(AssociationRequest(calling, called, address), settings, load)
     return None if rejection is None else (rejection.result, rejection.source, rejection.diagnostic)
 
 
@@ -35,9 +34,7 @@ def test_unknown_calling_ae_is_calling_ae_not_recognised() -> None:
 
 def test_known_ae_from_a_wrong_address_is_calling_ae_not_recognised() -> None:
     assert _rsd("CT_SCANNER_2", "10.9.9.9") == (1, 1, 3)
-    rejection = decide(
-        AssociationRequest("CT_SCANNER_2", "INFERGATE", "10.9.9.9"), SETTINGS, CALLED, IDLE
-    )
+    rejection = decide(AssociationRequest("CT_SCANNER_2", "INFERGATE", "10.9.9.9"), SETTINGS, IDLE)
     assert rejection is not None
     assert "from this address" in rejection.reason
 
