@@ -39,6 +39,21 @@ class TlsRefusedError(InfergateError):
         self.peer_closed = peer_closed
 
 
+class AssociationError(InfergateError):
+    """A peer broke the DICOM upper layer protocol, went silent or went away; its
+    association ends (with an A-ABORT where the connection is still there)."""
+
+
+class PduTooLargeError(AssociationError):
+    """A peer declared a PDU longer than the listener accepts."""
+
+    def __init__(self, pdu_type: int, declared: int, limit: int) -> None:
+        super().__init__(f"PDU of type 0x{pdu_type:02X} declares {declared} bytes, over {limit}")
+        self.pdu_type = pdu_type
+        self.declared = declared
+        self.limit = limit
+
+
 class InstanceTooLargeError(InfergateError):
     """A received instance would need more resources than the configured bounds allow."""
 

@@ -7,6 +7,7 @@ associations open now, in every listener process, which is what the limits count
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol, TypeVar
@@ -49,27 +50,13 @@ class AssociationRecords(Database):
             verdict = judge(total, same_address)
             if verdict is not None:
                 audit = replace(audit, outcome="rejected", reason=verdict.reason, ended_at=now)
-            db.execute(
-                f"INSERT OR REPLACE INTO associations ({_COLUMNS})"  # noqa: S608 - constant columns
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    audit.association_id,
-                    audit.peer_address,
-                    audit.peer_port,
-                    audit.calling_ae,
-                    audit.called_ae,
-                    int(audit.tls),
-                    audit.outcome,
-                    audit.reason,
-                    audit.started_at,
-                    audit.ended_at,
-                    audit.instances,
-                    audit.bytes,
-                    audit.failures,
-                    audit.process_id,
-                ),
-            )
+            _insert(db, audit)
         return verdict
+
+    def record_association(self, audit: AssociationAudit, ended_at: float) -> None:
+        """Record an association that ended before admission (a refused TLS handshake)."""
+        with self._transaction() as db:
+            _insert(db, replace(audit, ended_at=ended_at))
 
     def close_association(
         self,
@@ -116,3 +103,26 @@ class AssociationRecords(Database):
             f"SELECT {_COLUMNS} FROM associations ORDER BY started_at"  # noqa: S608 - constant
         )
         return [AssociationAudit(r[0], r[1], r[2], r[3], r[4], bool(r[5]), *r[6:]) for r in rows]
+
+
+def _insert(db: sqlite3.Connection, audit: AssociationAudit) -> None:
+    db.execute(
+        f"INSERT OR REPLACE INTO associations ({_COLUMNS})"  # noqa: S608 - constant columns
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            audit.association_id,
+            audit.peer_address,
+            audit.peer_port,
+            audit.calling_ae,
+            audit.called_ae,
+            int(audit.tls),
+            audit.outcome,
+            audit.reason,
+            audit.started_at,
+            audit.ended_at,
+            audit.instances,
+            audit.bytes,
+            audit.failures,
+            audit.process_id,
+        ),
+    )

@@ -191,7 +191,9 @@ class InfergateProcess:
             path = self.workdir / f"infergate-{number}.log"
             if not path.exists():
                 continue
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            text = path.read_text(encoding="utf-8", errors="replace")
+            # The last line may be half-written while the server runs: whole lines only.
+            for line in text.split("\n")[:-1]:
                 if line.startswith("{"):
                     events.append(json.loads(line))
         return events

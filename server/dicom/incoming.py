@@ -1,97 +1,95 @@
-"""Where pynetdicom writes received datasets: files in the spool's ``tmp/``, hashed as
-they are written, and tracked per association.
+"""A dataset as it arrives: a DICOM file in the spool's ``tmp/``, hashed as written.
 
-With STORE_RECV_CHUNKED_DATASET, pynetdicom 3.0 writes each C-STORE dataset to a
-NamedTemporaryFile (preamble and file meta first, then the fragments as the P-DATA
-arrive), keeps it open while the handler runs, and unlinks it afterwards, ignoring a
-file that is gone. Created in the spool's ``tmp/``, the handler adopts it by rename
-on the same file system instead of copying it. Two things pynetdicom does not do are
-done here: the SHA-256 that duplicate detection needs is computed from the bytes as
-they pass (no second read of the file), and the file of an association that ends in
-the middle of a dataset is removed when the association closes, not at the next start.
+The file gets the 128-byte preamble, ``DICM`` and a file meta group built from the
+C-STORE request and the presentation context, then the dataset's fragments exactly
+as they arrive (stored as received, never transcoded). The SHA-256 that duplicate
+detection needs is taken over the dataset bytes as they pass, so the file is never
+read back for it. A file that is not finished (the association ended in the middle
+of the dataset, or the instance was refused) is removed by whoever holds it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
 import tempfile
-import threading
-import weakref
 from pathlib import Path
-from typing import IO, Any
 
-from pynetdicom import _config, dimse_messages
+from infergate import __version__
 
+# Infergate's implementation class UID (PS3.7 D.3.3.2), a UUID-derived UID (PS3.5 B.2).
+IMPLEMENTATION_CLASS_UID = "2.25.143092972379244883166501419910714095225"
+IMPLEMENTATION_VERSION_NAME = f"INFERGATE_{__version__}"[:16]
 
-class _HashingFile:
-    """pynetdicom's temporary file, with a running SHA-256 of what is written to it."""
-
-    def __init__(self, wrapped: Any) -> None:
-        self._wrapped = wrapped
-        self.digest = hashlib.sha256()
-        self.name: str = wrapped.name
-        self.file: IO[bytes] = wrapped.file
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        written: int = self._wrapped.write(data)
-        return written
-
-    def close(self) -> None:
-        self._wrapped.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
+_PREAMBLE = bytes(128) + b"DICM"
 
 
-class IncomingFiles:
-    """The files pynetdicom is writing, by path, and which association each belongs to."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._lock = threading.Lock()
-        self._files: dict[str, _HashingFile] = {}
-        self._by_association: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-
-    def install(self) -> None:
-        """Have pynetdicom stream every received dataset into a file made here."""
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # pynetdicom has no setting for the file; its module-level name is the seam.
-        setattr(  # noqa: B010 - the name is not exported, so mypy rejects plain assignment
-            dimse_messages, "NamedTemporaryFile", self._create
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """The file meta information group (PS3.10 7.1), Explicit VR Little Endian."""
+    elements = b"".join(
+        (
+            _explicit(0x0001, b"OB", b"\x00\x01"),
+            _explicit(0x0002, b"UI", _uid(sop_class_uid)),
+            _explicit(0x0003, b"UI", _uid(sop_instance_uid)),
+            _explicit(0x0010, b"UI", _uid(transfer_syntax)),
+            _explicit(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _explicit(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+            _explicit(0x0016, b"AE", _padded(source_ae, b" ")) if source_ae else b"",
         )
+    )
+    return _explicit(0x0000, b"UL", struct.pack("<L", len(elements))) + elements
 
-    def _create(self, **kwargs: Any) -> _HashingFile:
-        created = _HashingFile(tempfile.NamedTemporaryFile(dir=self.directory, **kwargs))  # noqa: SIM115 - pynetdicom closes it
-        # pynetdicom decodes P-DATA in the association's DUL thread, which knows its association.
-        association = getattr(threading.current_thread(), "assoc", None)
-        with self._lock:
-            self._files[created.name] = created
-            if association is not None:
-                self._by_association.setdefault(association, set()).add(created.name)
-        return created
 
-    def sha256(self, path: Path) -> str:
-        """The SHA-256 of the file at ``path``, from the bytes as they were written when
-        they passed through here (the file is no longer tracked after this)."""
-        with self._lock:
-            created = self._files.pop(str(path), None)
-        if created is not None:
-            return created.digest.hexdigest()
-        with path.open("rb") as handle:  # written by someone else: read it
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"UN", b"SQ", b"UT", b"OW"):
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
-    def forget(self, association: Any) -> int:
-        """Remove the files ``association`` left unclaimed (a dataset cut off, or refused);
-        returns how many were still on disk."""
-        with self._lock:
-            names = self._by_association.pop(association, set())
-            for name in names:
-                self._files.pop(name, None)
-        removed = 0
-        for name in names:
-            path = Path(name)
-            if path.exists():
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", errors="replace")
+    return raw + pad * (len(raw) % 2)
+
+
+def _uid(value: str) -> bytes:
+    return _padded(value, b"\0")
+
+
+class IncomingFile:
+    """One dataset being received into ``directory``."""
+
+    def __init__(self, directory: Path, meta: bytes) -> None:
+        fd, name = tempfile.mkstemp(dir=directory, suffix=".part")
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._digest = hashlib.sha256()
+        self.dataset_bytes = 0
+        self._closed = False
+        try:
+            self._file.write(_PREAMBLE + meta)
+        except OSError:
+            self.discard()
+            raise
+
+    def write(self, fragment: memoryview) -> None:
+        self._digest.update(fragment)
+        self._file.write(fragment)
+        self.dataset_bytes += len(fragment)
+
+    def finish(self) -> str:
+        """Close the file (``Spool.adopt`` makes it durable); returns the dataset's SHA-256."""
+        self._close()
+        return self._digest.hexdigest()
+
+    def discard(self) -> None:
+        """Close and remove the file; nothing of it stays visible."""
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._file.close()

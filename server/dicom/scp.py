@@ -1,10 +1,11 @@
 """The DICOM listener: C-ECHO and C-STORE, spool first, acknowledge after.
 
-pynetdicom streams each received dataset, as it arrives, into a file under the
-spool's ``tmp/``. The C-STORE handler reads the identifying attributes from that
-file (never the pixel data), makes it durable and moves it into the spool as
-received (no transcoding), commits the instance to the state store, and only then
-returns a status. Anything slow happens elsewhere.
+Each accepted connection runs in a thread of its own (``association``), which
+streams each received dataset, as it arrives, into a file under the spool's
+``tmp/``. The C-STORE service reads the identifying attributes from that file
+(never the pixel data), makes it durable and moves it into the spool as received
+(no transcoding), commits the instance to the state store, and only then returns a
+status. Anything slow happens elsewhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -33,28 +33,28 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext, build_context
 
 from infergate.config import IngestSettings
-from infergate.dicom.admission import space_shortfall
-from infergate.dicom.association_events import (
-    AssociationEvents,
-    ae_text,
-    called_ae_of,
-    peer_of,
+from infergate.dicom.admission import Rejection, space_shortfall
+from infergate.dicom.association import (
+    AssociationInfo,
+    InboundAssociation,
+    Limits,
+    ReceivedInstance,
+    bind_log_context,
 )
+from infergate.dicom.association_events import AssociationEvents
 from infergate.dicom.guards import check_inflated_size
-from infergate.dicom.incoming import IncomingFiles
 from infergate.dicom.received import read_header
-from infergate.dicom.sockets import AdoptingServer, ListeningSockets
+from infergate.dicom.sockets import ListeningSockets, accept_connections
 from infergate.dicom.spool import Spool
 from infergate.dicom.status import Status, status_for
 from infergate.dicom.tls import server_context
+from infergate.dicom.upper_layer import Connection, PduLimits
 from infergate.errors import (
     InfergateError,
-    InvalidInstanceError,
     SpoolFullError,
 )
 from infergate.logs import get_logger
@@ -91,13 +91,9 @@ ACCEPTED_TRANSFER_SYNTAXES = (
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
 )
-
-# Structlog's context (association id, peer) follows pynetdicom into its threads.
-_config.PASS_CONTEXTVARS = True
-# pynetdicom's standard handlers describe every PDU and DIMSE message (datasets
-# included, at debug level) for a logger held at WARNING: ~7% of ingest's CPU for
-# nothing, and patient data one level change away.
-_config.LOG_HANDLER_LEVEL = "none"
+# Connections beyond this many times max_associations are closed as they arrive
+# (admission refuses associations well before; this bounds bare TCP connections).
+_CONNECTIONS_PER_ASSOCIATION = 4
 
 
 @dataclass
@@ -107,29 +103,20 @@ class StorageSCP:
     settings: IngestSettings
     spool: Spool
     store: Store
-    _ae: AE = field(init=False)
-    _servers: list[AdoptingServer] = field(init=False, default_factory=list)
-    _incoming: IncomingFiles = field(init=False)
     _events: AssociationEvents = field(init=False)
+    _contexts: list[PresentationContext] = field(init=False)
+    _stopping: threading.Event = field(init=False, default_factory=threading.Event)
+    _acceptors: list[threading.Thread] = field(init=False, default_factory=list)
+    _sockets: list[socket.socket] = field(init=False, default_factory=list)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _open: dict[int, AssociationInfo | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_pdu_size = self.settings.max_pdu_length
-        ae.network_timeout = self.settings.network_timeout_s
-        ae.acse_timeout = self.settings.acse_timeout_s
-        ae.dimse_timeout = self.settings.network_timeout_s
-        # Admission (peers, called AE titles, load) is decided on EVT_REQUESTED, which
-        # logs and audits every refusal. pynetdicom's own limit also counts bare TCP
-        # connections, so it is set far above ours, as a backstop only.
-        ae.require_called_aet = False
-        ae.maximum_associations = 4 * self.settings.max_associations
-        self._incoming = IncomingFiles(self.spool.tmp_dir)
-        self._incoming.install()
-        ae.add_supported_context(VERIFICATION)
-        for sop_class in ACCEPTED_STORAGE:
-            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
-        self._ae = ae
-        self._events = AssociationEvents(self.settings, self.store, self.spool.root, self._incoming)
+        self._events = AssociationEvents(self.settings, self.store, self.spool.root)
+        self._contexts = [build_context(VERIFICATION)] + [
+            build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+            for sop_class in ACCEPTED_STORAGE
+        ]
 
     def start(self, sockets: ListeningSockets | None = None) -> None:
         """Serve on ``sockets`` (shared with other listener processes), or on sockets
@@ -141,22 +128,18 @@ class StorageSCP:
                 self._serve(sock, context)
 
     def _serve(self, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
-        handlers: list[Any] = [
-            *self._events.handlers(tls),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-        ]
-        server = cast(  # make_server builds an instance of server_class
-            AdoptingServer,
-            self._ae.make_server(
-                sock.getsockname()[:2],
-                evt_handlers=handlers,
-                server_class=AdoptingServer,
-                listening_socket=sock,
-            ),
+        def on_connection(connection: socket.socket, address: tuple[str, int]) -> None:
+            self._admit_connection(connection, address, tls)
+
+        thread = threading.Thread(
+            target=accept_connections,
+            args=(sock, self._stopping, on_connection),
+            name="ingest-accept",
+            daemon=True,
         )
-        threading.Thread(target=server.serve_forever, name="ingest-accept", daemon=True).start()
-        self._servers.append(server)
+        thread.start()
+        self._acceptors.append(thread)
+        self._sockets.append(sock)
         log.info(
             "ingest.listener.started",
             ae_title=self.settings.ae_title,
@@ -165,79 +148,131 @@ class StorageSCP:
             tls=tls is not None,
         )
 
+    def _admit_connection(
+        self, connection: socket.socket, address: tuple[str, int], tls: ssl.SSLContext | None
+    ) -> None:
+        with self._lock:
+            crowded = (
+                len(self._open) >= _CONNECTIONS_PER_ASSOCIATION * self.settings.max_associations
+            )
+        if crowded:
+            log.warning(
+                "ingest.connection.refused",
+                peer_address=address[0],
+                reason="too many open connections",
+            )
+            connection.close()
+            return
+        thread = threading.Thread(
+            target=self._run_connection, args=(connection, address, tls), daemon=True
+        )
+        with self._lock:
+            thread.start()
+            self._open[thread.ident or 0] = None
+
+    def _run_connection(
+        self, connection: socket.socket, address: tuple[str, int], tls: ssl.SSLContext | None
+    ) -> None:
+        key = threading.get_ident()
+        try:
+            prepared = self._events.connected(connection, address, tls)
+            if prepared is None:
+                return
+            sock, info = prepared
+            bind_log_context(info)
+            with self._lock:
+                self._open[key] = info
+            limits = PduLimits(
+                association_request_bytes=self.settings.max_association_request_bytes,
+                pdata_bytes=self.settings.max_pdu_length,
+            )
+            InboundAssociation(
+                Connection(sock, limits, self.settings.network_timeout_s),
+                info,
+                services=self,
+                contexts=self._contexts,
+                limits=Limits(
+                    self.settings.max_pdu_length,
+                    self.settings.acse_timeout_s,
+                    self.settings.network_timeout_s,
+                ),
+                tmp_dir=self.spool.tmp_dir,
+            ).run()
+        except Exception as exc:  # one connection's failure must not take the listener down
+            log.exception(
+                "ingest.connection.error", peer_address=address[0], error=type(exc).__name__
+            )
+        finally:
+            with self._lock:
+                self._open.pop(key, None)
+
     def stop(self) -> None:
         """Stop accepting, and give open associations the network timeout to finish
-        (their last events write the audit trail)."""
-        if not self._servers:
+        (their ends write the audit trail)."""
+        if not self._acceptors:
             return
-        for server in self._servers:
-            server.shutdown()
-        self._servers = []
+        self._stopping.set()
+        for thread in self._acceptors:
+            thread.join()
+        for sock in self._sockets:
+            sock.close()  # this process's descriptor only
+        self._acceptors, self._sockets = [], []
         deadline = time.monotonic() + self.settings.network_timeout_s
         while self._requested() and time.monotonic() < deadline:
             time.sleep(0.05)
-        log.info("ingest.listener.stopped", still_open=len(self._requested()))
+        log.info("ingest.listener.stopped", still_open=self._requested())
 
     def open_associations(self) -> int:
         """Connections this listener is serving now (their threads still running)."""
-        return sum(1 for a in self._ae.active_associations if a.is_acceptor)
+        with self._lock:
+            return len(self._open)
 
-    def _requested(self) -> list[Association]:
+    def _requested(self) -> int:
         """Connections that sent an A-ASSOCIATE-RQ: what stop() waits for. A bare TCP
         connection (a health check, a port scan) is not one."""
-        return [
-            a
-            for a in self._ae.active_associations
-            if a.is_acceptor and a.requestor.primitive is not None
-        ]
+        with self._lock:
+            return sum(1 for info in self._open.values() if info is not None and info.requested)
 
-    # -- DIMSE services -----------------------------------------------------------
+    # -- services (association.Services) -----------------------------------------
 
-    def _on_echo(self, event: evt.Event) -> int:
-        log.info("ingest.echo", **peer_of(event))
+    def admit(self, info: AssociationInfo, refused: Rejection | None) -> Rejection | None:
+        return self._events.admit(info, refused)
+
+    def closed(self, info: AssociationInfo, outcome: str, reason: str | None) -> None:
+        self._events.closed(info, outcome, reason)
+
+    def echo(self, info: AssociationInfo) -> int:
+        log.info("ingest.echo", **_peer(info))
         return int(Status.SUCCESS)
 
-    def _on_store(self, event: evt.Event) -> int:
-        stats = self._events.stats(event.assoc)
-        association_id = stats.association_id if stats else "unknown"
+    def store_instance(
+        self, info: AssociationInfo, instance: ReceivedInstance
+    ) -> tuple[int, str | None]:
         try:
-            record = self._accept_instance(event, association_id)
+            record = self._accept_instance(info, instance)
         except InfergateError as exc:
             status = status_for(exc)
-            if stats:
-                stats.failures += 1
+            info.failures += 1
             log.warning(
                 "ingest.instance.refused",
                 reason=str(exc),
                 error=type(exc).__name__,
                 status=f"0x{int(status):04X}",
             )
-            return int(status)
-        if stats:
-            stats.instances += 1
-            stats.bytes += record.size
-        return int(Status.SUCCESS)
+            return int(status), str(exc)
+        info.instances += 1
+        info.bytes += record.size
+        return int(Status.SUCCESS), None
 
-    def _accept_instance(self, event: evt.Event, association_id: str) -> InstanceRecord:
-        try:
-            received = event.dataset_path
-        except AttributeError as exc:
-            raise InvalidInstanceError("the C-STORE request carries no dataset") from exc
-        deflated = event.context.transfer_syntax == DeflatedExplicitVRLittleEndian
-        if deflated:
+    def _accept_instance(self, info: AssociationInfo, instance: ReceivedInstance) -> InstanceRecord:
+        received = instance.path
+        if instance.transfer_syntax == DeflatedExplicitVRLittleEndian:
             check_inflated_size(received, self.settings.max_inflated_bytes)
-        request = event.request
-        if not isinstance(request, C_STORE):
-            raise InvalidInstanceError("not a C-STORE request")
-        header = read_header(
-            received, str(request.AffectedSOPInstanceUID or ""), event.context.transfer_syntax
-        )
+        header = read_header(received, instance.sop_instance_uid, instance.transfer_syntax)
         shortfall = space_shortfall(shutil.disk_usage(self.spool.root).free, self.settings)
         if shortfall is not None:
             raise SpoolFullError(shortfall)
-        digest = self._incoming.sha256(received)
         path = self.spool.adopt(received)
-        requestor = event.assoc.requestor
         record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
@@ -246,10 +281,10 @@ class StorageSCP:
             modality=header.modality,
             path=path,
             size=path.stat().st_size,
-            association_id=association_id,
-            calling_ae=ae_text(requestor.ae_title),
-            called_ae=called_ae_of(event.assoc),
-            sha256=digest,
+            association_id=info.association_id,
+            calling_ae=info.calling_ae,
+            called_ae=info.called_ae,
+            sha256=instance.sha256,
         )
         outcome = self.store.record_instance(
             record, replace_changed=self.settings.changed_instance_policy == "replace"
@@ -270,3 +305,12 @@ class StorageSCP:
                 **ids,
             )
         return record
+
+
+def _peer(info: AssociationInfo) -> dict[str, object]:
+    return {
+        "peer_address": info.peer_address,
+        "peer_port": info.peer_port,
+        "calling_ae": info.calling_ae,
+        "called_ae": info.called_ae,
+    }

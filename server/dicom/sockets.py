@@ -1,28 +1,32 @@
-"""Listening sockets shared by several listener processes, and the server that adopts one.
+"""Listening sockets shared by several listener processes, and the loop that accepts on one.
 
-pynetdicom's server binds its own socket. To use more than one core, ``infergate
-serve`` binds each listening socket once and hands it to every listener process;
-each process runs a pynetdicom server on it, and the kernel gives each new
-connection to whichever process accepts first. A process busy with its own
-associations is slower to accept, so new connections go to the idler one (with
-SO_REUSEPORT the kernel would instead spread them by a hash of the addresses, blind
-to load). The socket is non-blocking: a process that loses the race to accept gets
-EAGAIN, which socketserver ignores, instead of blocking its accept loop.
+To use more than one core, ``infergate serve`` binds each listening socket once and
+hands it to every listener process; each process accepts on it, and the kernel
+gives each new connection to whichever process accepts first. A process busy with
+its own associations is slower to accept, so new connections go to the idler one
+(with SO_REUSEPORT the kernel would instead spread them by a hash of the addresses,
+blind to load). The socket is non-blocking: a process that loses the race to accept gets
+EAGAIN and moves on, instead of blocking its accept loop. A process stopping closes
+only its own descriptor: shutting the socket down would stop every process on it.
 """
 
 from __future__ import annotations
 
+import select
 import socket
-import socketserver
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from pynetdicom.transport import ThreadedAssociationServer
 
 from infergate.config import IngestSettings
 from infergate.errors import ListenerError
+from infergate.logs import get_logger
+
+log = get_logger(__name__)
 
 _BACKLOG = 128
+_POLL_S = 0.2  # how soon an accept loop notices it should stop
 
 
 def open_listening_socket(host: str, port: int) -> socket.socket:
@@ -85,34 +89,27 @@ def _bind(host: str, key: str, port: int) -> socket.socket:
         raise ListenerError(f"cannot listen on {host}:{port} ({key}): {exc.strerror}") from exc
 
 
-class AdoptingServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server on a socket that is already listening.
-
-    Takes the ``listening_socket`` keyword (passed through ``AE.make_server``) in place
-    of binding one, and closes only its own descriptor on shutdown: pynetdicom's
-    ``server_close`` shuts the socket down, which for a socket shared between processes
-    would stop every process listening on it. The server is not one that
-    ``AE.start_server`` made, so it is not in the AE's list of servers either.
-    """
-
-    def __init__(self, *args: Any, listening_socket: socket.socket, **kwargs: Any) -> None:
-        self._adopted = listening_socket
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        # socketserver made a fresh socket before calling this; use ours instead.
-        if self.socket is not None:
-            self.socket.close()
-        self.socket = self._adopted
-        self.server_address = self._adopted.getsockname()
-
-    def server_activate(self) -> None:
-        """Already listening."""
-
-    def server_close(self) -> None:
-        self._adopted.close()
-
-    def shutdown(self) -> None:
-        """Stop accepting and close this process's descriptor of the socket."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
+def accept_connections(
+    sock: socket.socket,
+    stopping: threading.Event,
+    on_connection: Callable[[socket.socket, tuple[str, int]], None],
+) -> None:
+    """Accept on the shared ``sock`` until ``stopping`` is set, handing each connection
+    to ``on_connection`` (which must not block). Runs in a thread of its own."""
+    while not stopping.is_set():
+        try:
+            ready, _, _ = select.select([sock], [], [], _POLL_S)
+            if not ready:
+                continue
+            connection, address = sock.accept()
+        except (BlockingIOError, InterruptedError):  # another process took it
+            continue
+        except OSError as exc:
+            if stopping.is_set() or sock.fileno() < 0:
+                return
+            # Out of descriptors or memory: refuse for a moment rather than spin.
+            log.error("ingest.accept.failed", reason=exc.strerror or str(exc))
+            time.sleep(_POLL_S)
+            continue
+        connection.setblocking(True)
+        on_connection(connection, (str(address[0]), int(address[1])))

@@ -14,9 +14,11 @@ from infergate.errors import (
 
 
 class Status(IntEnum):
-    """C-STORE statuses (PS3.4 Annex B.2.3) that Infergate answers."""
+    """DIMSE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C) that Infergate answers."""
 
     SUCCESS = 0x0000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    UNRECOGNIZED_OPERATION = 0x0211
     OUT_OF_RESOURCES = 0xA700
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
