@@ -8,13 +8,19 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pydicom
 import pytest
 import structlog
+from listeners import Listener, ListenerFactory
 
+from infergate.config import IngestSettings
+from infergate.dicom.scp import StorageSCP
+from infergate.dicom.spool import Spool
+from infergate.store import Store
 from infergate.testing import ChestPhantom, write_chest_ct
-from peers import REPO, SHARED_DATA, Orthanc
+from peers import REPO, SHARED_DATA, Orthanc, free_port
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +89,30 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     pacs.start()
     yield pacs
     pacs.stop()
+
+
+@pytest.fixture
+def make_listener(tmp_path: Path) -> Iterator[ListenerFactory]:
+    """Start a listener with ``IngestSettings`` overrides; stopped after the test."""
+    started: list[Listener] = []
+
+    def make(spool_root: Path | None = None, **overrides: Any) -> Listener:
+        port = free_port()
+        values: dict[str, Any] = {"network_timeout_s": 10, "min_free_bytes": 0, **overrides}
+        settings = IngestSettings(host="127.0.0.1", port=port, **values)
+        store = Store(tmp_path / f"state-{port}.db")
+        spool = Spool(spool_root or tmp_path / f"spool-{port}")
+        scp = StorageSCP(settings, spool, store)
+        scp.start()
+        started.append(Listener(scp, store, spool, port))
+        return started[-1]
+
+    yield make
+    for listener in started:
+        listener.scp.stop()
+        listener.store.close()
+
+
+@pytest.fixture
+def listener(make_listener: ListenerFactory) -> Listener:
+    return make_listener()

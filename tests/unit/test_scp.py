@@ -6,8 +6,7 @@ import io
 import socket
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import structlog
+from listeners import Listener, ListenerFactory
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -30,50 +30,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 
-from infergate.config import IngestSettings, Peer
-from infergate.dicom.scp import StorageSCP
-from infergate.dicom.spool import Spool
-from infergate.store import Store
+from infergate.config import Peer
 from infergate.testing import ChestPhantom
-from peers import PEER_ENV, assert_still_connected, free_port, require_program, storescu, wait_until
-
-
-@dataclass
-class Listener:
-    scp: StorageSCP
-    store: Store
-    spool: Spool
-    port: int
-
-
-ListenerFactory = Callable[..., Listener]
-
-
-@pytest.fixture
-def make_listener(tmp_path: Path) -> Iterator[ListenerFactory]:
-    """Start a listener with ``IngestSettings`` overrides; stopped after the test."""
-    started: list[Listener] = []
-
-    def make(spool_root: Path | None = None, **overrides: Any) -> Listener:
-        port = free_port()
-        values: dict[str, Any] = {"network_timeout_s": 10, "min_free_bytes": 0, **overrides}
-        settings = IngestSettings(host="127.0.0.1", port=port, **values)
-        store = Store(tmp_path / f"state-{port}.db")
-        spool = Spool(spool_root or tmp_path / f"spool-{port}")
-        scp = StorageSCP(settings, spool, store)
-        scp.start()
-        started.append(Listener(scp, store, spool, port))
-        return started[-1]
-
-    yield make
-    for listener in started:
-        listener.scp.stop()
-        listener.store.close()
-
-
-@pytest.fixture
-def listener(make_listener: ListenerFactory) -> Listener:
-    return make_listener()
+from peers import PEER_ENV, assert_still_connected, require_program, storescu, wait_until
 
 
 def _associate(port: int, called: str = "INFERGATE", calling: str = "TESTSCU") -> Any:
