@@ -6,6 +6,7 @@ audit trail in ``store_associations``. Each public method is one transaction.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -43,72 +44,27 @@ class Store(AssociationRecords):
     def record_instance(
         self, rec: InstanceRecord, *, replace_changed: bool = False, now: float | None = None
     ) -> ArrivalOutcome:
-        """Commit a received instance and say what it was.
+        """Commit a received instance and say what it was (see ``record_instances``)."""
+        return self.record_instances([rec], replace_changed=replace_changed, now=now)[0]
+
+    def record_instances(
+        self,
+        records: list[InstanceRecord],
+        *,
+        replace_changed: bool = False,
+        now: float | None = None,
+    ) -> list[ArrivalOutcome]:
+        """Commit received instances in one transaction and say what each was, in order.
 
         A SOP Instance UID already stored with the same bytes is a duplicate and
         changes nothing. With other bytes, the first instance stays unless
         ``replace_changed``; a replacement reopens its series. A new instance for a
         complete series reopens it as a new generation, so its jobs run again over
-        the whole series.
+        the whole series. Two records with one SOP Instance UID are taken in order.
         """
         at = time.time() if now is None else now
         with self._transaction() as db:
-            known = db.execute(
-                "SELECT sha256, path, series_uid FROM instances WHERE sop_instance_uid = ?",
-                (rec.sop_instance_uid,),
-            ).fetchone()
-            if known is not None:
-                if known[0] == rec.sha256:
-                    return ArrivalOutcome(Arrival.DUPLICATE)
-                if not replace_changed:
-                    return ArrivalOutcome(Arrival.CHANGED_KEPT)
-                db.execute(
-                    "DELETE FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
-                )
-                db.execute(
-                    "UPDATE series SET instance_count = instance_count - 1 WHERE series_uid = ?",
-                    (known[2],),
-                )
-            db.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,"
-                " path, size, association_id, received_at, sha256)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
-                    rec.series_uid,
-                    rec.study_uid,
-                    str(rec.path),
-                    rec.size,
-                    rec.association_id,
-                    at,
-                    rec.sha256,
-                ),
-            )
-            db.execute(
-                """
-                INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'receiving', 0, NULL)
-                ON CONFLICT (series_uid) DO UPDATE SET
-                    last_received_at = excluded.last_received_at,
-                    instance_count = instance_count + 1,
-                    generation = generation + (state = 'complete'),
-                    first_received_at = CASE WHEN state = 'complete'
-                        THEN excluded.first_received_at ELSE first_received_at END,
-                    state = 'receiving'
-                """,
-                (
-                    rec.series_uid,
-                    rec.study_uid,
-                    rec.modality,
-                    rec.calling_ae,
-                    rec.called_ae,
-                    at,
-                    at,
-                ),
-            )
-            if known is not None:
-                return ArrivalOutcome(Arrival.CHANGED_REPLACED, superseded_path=Path(known[1]))
-            return ArrivalOutcome(Arrival.NEW)
+            return [_record_instance(db, rec, replace_changed, at) for rec in records]
 
     # -- assembly ---------------------------------------------------------------
 
@@ -288,3 +244,62 @@ class Store(AssociationRecords):
                 " ORDER BY created_at"
             ).fetchall()
         return [ResultRow(r[0], r[1], r[2], Path(r[3]), r[4], r[5]) for r in rows]
+
+
+def _record_instance(
+    db: sqlite3.Connection, rec: InstanceRecord, replace_changed: bool, at: float
+) -> ArrivalOutcome:
+    known = db.execute(
+        "SELECT sha256, path, series_uid FROM instances WHERE sop_instance_uid = ?",
+        (rec.sop_instance_uid,),
+    ).fetchone()
+    if known is not None:
+        if known[0] == rec.sha256:
+            return ArrivalOutcome(Arrival.DUPLICATE)
+        if not replace_changed:
+            return ArrivalOutcome(Arrival.CHANGED_KEPT)
+        db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,))
+        db.execute(
+            "UPDATE series SET instance_count = instance_count - 1 WHERE series_uid = ?",
+            (known[2],),
+        )
+    db.execute(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,"
+        " path, size, association_id, received_at, sha256)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            rec.sop_instance_uid,
+            rec.sop_class_uid,
+            rec.series_uid,
+            rec.study_uid,
+            str(rec.path),
+            rec.size,
+            rec.association_id,
+            at,
+            rec.sha256,
+        ),
+    )
+    db.execute(
+        """
+        INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'receiving', 0, NULL)
+        ON CONFLICT (series_uid) DO UPDATE SET
+            last_received_at = excluded.last_received_at,
+            instance_count = instance_count + 1,
+            generation = generation + (state = 'complete'),
+            first_received_at = CASE WHEN state = 'complete'
+                THEN excluded.first_received_at ELSE first_received_at END,
+            state = 'receiving'
+        """,
+        (
+            rec.series_uid,
+            rec.study_uid,
+            rec.modality,
+            rec.calling_ae,
+            rec.called_ae,
+            at,
+            at,
+        ),
+    )
+    if known is not None:
+        return ArrivalOutcome(Arrival.CHANGED_REPLACED, superseded_path=Path(known[1]))
+    return ArrivalOutcome(Arrival.NEW)

@@ -4,7 +4,8 @@ Each accepted connection runs in a thread of its own (``association``), which
 streams each received dataset, as it arrives, into a file under the spool's
 ``tmp/``. The C-STORE service reads the identifying attributes from that file
 (never the pixel data), makes it durable and moves it into the spool as received
-(no transcoding), commits the instance to the state store, and only then returns a
+(no transcoding), commits the instance to the state store (``commits``: together
+with whatever other associations received meanwhile), and only then returns a
 status. Anything slow happens elsewhere.
 """
 
@@ -46,6 +47,7 @@ from infergate.dicom.association import (
     bind_log_context,
 )
 from infergate.dicom.association_events import AssociationEvents
+from infergate.dicom.commits import InstanceCommitter
 from infergate.dicom.guards import check_inflated_size
 from infergate.dicom.received import read_header
 from infergate.dicom.sockets import ListeningSockets, accept_connections
@@ -104,6 +106,7 @@ class StorageSCP:
     spool: Spool
     store: Store
     _events: AssociationEvents = field(init=False)
+    _committer: InstanceCommitter = field(init=False)
     _contexts: list[PresentationContext] = field(init=False)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _acceptors: list[threading.Thread] = field(init=False, default_factory=list)
@@ -113,6 +116,9 @@ class StorageSCP:
 
     def __post_init__(self) -> None:
         self._events = AssociationEvents(self.settings, self.store, self.spool.root)
+        self._committer = InstanceCommitter(
+            self.spool, self.store, self.settings.changed_instance_policy == "replace"
+        )
         self._contexts = [build_context(VERIFICATION)] + [
             build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
             for sop_class in ACCEPTED_STORAGE
@@ -272,23 +278,21 @@ class StorageSCP:
         shortfall = space_shortfall(shutil.disk_usage(self.spool.root).free, self.settings)
         if shortfall is not None:
             raise SpoolFullError(shortfall)
-        path = self.spool.adopt(received)
-        record = InstanceRecord(
+        received_record = InstanceRecord(
             sop_instance_uid=header.sop_instance_uid,
             sop_class_uid=header.sop_class_uid,
             series_uid=header.series_uid,
             study_uid=header.study_uid,
             modality=header.modality,
-            path=path,
-            size=path.stat().st_size,
+            path=received,
+            size=received.stat().st_size,
             association_id=info.association_id,
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
             sha256=instance.sha256,
         )
-        outcome = self.store.record_instance(
-            record, replace_changed=self.settings.changed_instance_policy == "replace"
-        )
+        record, outcome = self._committer.commit(received, received_record)
+        path = record.path
         ids = {"series_uid": record.series_uid, "sop_instance_uid": record.sop_instance_uid}
         if outcome.arrival is Arrival.NEW:
             log.debug("ingest.instance.stored", bytes=record.size, **ids)

@@ -53,21 +53,45 @@ class Spool:
         The file is fsynced, renamed to a generated name and the directory fsynced;
         on failure it is removed, so nothing half-written becomes visible.
         """
+        self.sync(partial)
+        return self.place([partial])[0]
+
+    def sync(self, partial: Path) -> None:
+        """Write a file under ``tmp/`` through to the disk; on failure it is removed."""
         if partial.parent != self.tmp_dir:
             raise SpoolError(f"refusing to adopt {partial}: not in {self.tmp_dir}")
-        final = self.instances_dir / f"{uuid.uuid4().hex}.dcm"
         try:
             fd = os.open(partial, os.O_RDONLY)
             try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            os.rename(partial, final)
-            fsync_dir(self.instances_dir)
         except OSError as exc:
             partial.unlink(missing_ok=True)
             raise self._error(exc) from exc
-        return final
+
+    def place(self, synced: list[Path]) -> list[Path]:
+        """Move files that ``sync`` wrote through into ``instances/`` under generated
+        names, with one fsync of the folder for all of them; on failure none of them
+        stays, under either name."""
+        for partial in synced:
+            if partial.parent != self.tmp_dir:
+                raise SpoolError(f"refusing to adopt {partial}: not in {self.tmp_dir}")
+        finals = [self.instances_dir / f"{uuid.uuid4().hex}.dcm" for _ in synced]
+        try:
+            for partial, final in zip(synced, finals, strict=True):
+                os.rename(partial, final)
+            fsync_dir(self.instances_dir)
+        except OSError as exc:
+            self.remove(synced + finals)
+            raise self._error(exc) from exc
+        return finals
+
+    @staticmethod
+    def remove(paths: list[Path]) -> None:
+        """Remove files of the spool that must not stay (missing ones are fine)."""
+        for path in paths:
+            path.unlink(missing_ok=True)
 
     def _error(self, exc: OSError) -> SpoolError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
