@@ -127,7 +127,7 @@ class IngestSettings(_Section):
     ae_title: str = Field(default="INFERGATE", min_length=1, max_length=16)
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM node listens on the network by design
     port: int = Field(default=11112, ge=1, le=65535)
-    # 128 KiB PDUs were measured faster than pynetdicom's 16 KiB default on this machine kind.
+    # 128 KiB PDUs were measured faster than 16 KiB ones on this machine kind.
     max_pdu_length: int = Field(default=131072, ge=4096)
     network_timeout_s: float = Field(default=60.0, gt=0)
     # How long a connection may take to send its A-ASSOCIATE-RQ, and a peer to answer
@@ -150,8 +150,8 @@ class IngestSettings(_Section):
     # An instance re-sent under a known SOP Instance UID with other content: keep the
     # first one received, or replace it (and process its series again).
     changed_instance_policy: Literal["keep_first", "replace"] = "keep_first"
-    # Listener processes sharing the port: pynetdicom is pure Python and uses one core
-    # per process. "auto" is one per core, at most MAX_AUTO_PROCESSES.
+    # Listener processes sharing the port: Python runs one thread at a time per
+    # process. "auto" is one per core, at most MAX_AUTO_PROCESSES.
     processes: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
     # DICOM TLS on tls.port; plain TCP on port unless plain is false.
     tls: TlsSettings | None = None

@@ -1,6 +1,6 @@
 """The listener processes of ``infergate serve``: started, watched, restarted, stopped.
 
-pynetdicom is pure Python, so one process uses one core; ingest uses more by running
+Python runs one thread at a time per process, so ingest uses more cores by running
 ``ingest.processes`` listener processes (``listener_process``) on one listening
 socket that the pool binds before starting any (see ``sockets``). A bind error
 therefore stops ``serve`` at once, with the port in the message. A listener that

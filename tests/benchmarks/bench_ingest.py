@@ -1,14 +1,17 @@
 """Ingest throughput: Infergate beside DCMTK's storescp and Orthanc, in the same run.
 
 A 300-slice 512x512 CT (the synthetic phantom, ~157 MB) is split over 1, 4 and 8
-concurrent storescu associations; each receiver starts fresh for each measurement.
-Reported: images/s, MB/s, the receiver's CPU seconds (all its processes), and the
-ratio to storescp. Infergate acknowledges only after fsync of file and folder and a
-SQLite commit; storescp does not fsync (it is the upper bound); Orthanc runs with
-its Debian defaults. Infergate runs as `infergate serve` with a quiet period long
-enough that no job starts during the measurement.
+concurrent storescu associations; each receiver starts fresh for each measurement,
+in a rotating order, after an ``os.sync()`` so that none pays for the write-back of
+the one before (storescp and Orthanc leave their files to the kernel). Reported:
+images/s, MB/s, the receiver's CPU seconds (all its processes), and the ratio to
+storescp. Infergate acknowledges only after fsync of file and folder and a SQLite
+commit; storescp does not fsync (it is the upper bound); Orthanc runs with its
+Debian defaults (strace shows one fdatasync per instance, and no folder fsync).
+Infergate runs as `infergate serve` with a quiet period long enough that no job
+starts during the measurement.
 
-    .venv/bin/python tests/benchmarks/bench_ingest.py --repeats 2
+    .venv/bin/python tests/benchmarks/bench_ingest.py --repeats 3
 """
 
 from __future__ import annotations
@@ -143,9 +146,16 @@ def main() -> None:
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         results: dict[tuple[str, int], list[tuple[float, float]]] = {}
         run = 0
-        for _ in range(args.repeats):
+        names = list(RECEIVERS)
+        for repeat in range(args.repeats):
             for associations in (1, 4, 8):
-                for name, receiver in RECEIVERS.items():  # interleaved, as the machine is noisy
+                # Interleaved, as the machine is noisy, and in a rotating order.
+                order = names[repeat % len(names) :] + names[: repeat % len(names)]
+                for name in order:
+                    receiver = RECEIVERS[name]
+                    # What the previous receiver left unsynced (storescp and Orthanc do not
+                    # fsync) would otherwise be written back during the next measurement.
+                    os.sync()
                     run += 1
                     work = root / f"run{run}"
                     work.mkdir()
