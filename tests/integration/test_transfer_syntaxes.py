@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
@@ -18,6 +19,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.integration
 # storescu's option that proposes each syntax (it proposes uncompressed ones only, unless
 # told); JPEG Lossless Process 14 has none, so pynetdicom sends those files as they are.
 PROPOSE = {
+    JPEGBaseline8Bit: "-xy",
     JPEGLosslessSV1: "-xs",
     JPEGExtended12Bit: "-xx",
     JPEGLSLossless: "-xt",
@@ -49,6 +52,7 @@ PROPOSE = {
 
 # transfer syntax -> how to make it: a DCMTK command, or pydicom's encoder (None)
 VARIANTS: dict[UID, list[str] | None] = {
+    JPEGBaseline8Bit: ["dcmcjpeg", "+eb"],  # of an 8-bit copy, see _eight_bit
     JPEGLosslessSV1: ["dcmcjpeg", "+e1"],
     JPEGLossless: ["dcmcjpeg", "+el"],
     JPEGExtended12Bit: ["dcmcjpeg", "+ee", "+un"],
@@ -73,6 +77,8 @@ def _variant(phantom: ChestPhantom, syntax: UID, folder: Path) -> tuple[str, lis
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         # Values fit in 12 bits (HU + 1024), as JPEG Extended needs.
         ds.BitsStored, ds.HighBit = 12, 11
+        if syntax == JPEGBaseline8Bit:
+            _eight_bit(ds)
         plain = folder / f"plain-{index:03d}.dcm"
         ds.save_as(plain)
         out = folder / f"{index:03d}.dcm"
@@ -96,6 +102,16 @@ def _variant(phantom: ChestPhantom, syntax: UID, folder: Path) -> tuple[str, lis
     expected = ExplicitVRLittleEndian if syntax == DeflatedExplicitVRLittleEndian else syntax
     assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == expected
     return study, files
+
+
+def _eight_bit(ds: pydicom.Dataset) -> None:
+    """JPEG Baseline holds 8 bits: store HU in steps of 16 (slope 16), as a system that
+    keeps CT as 8-bit lossy JPEG would. Not a conformant CT image, but a plugin that
+    applies to CT must still get the right volume out of it."""
+    stored = ds.pixel_array.astype(np.float32)  # HU + 1024, 0..4095
+    ds.PixelData = np.clip(np.round(stored / 16), 0, 255).astype(np.uint8).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.RescaleSlope, ds.RescaleIntercept = 16, -1024
 
 
 def _send_as_they_are(port: int, files: list[Path], syntax: UID) -> None:
