@@ -16,6 +16,7 @@ admission, the C-ECHO and C-STORE services, and the record of its end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from infergate.dicom.upper_layer import (
     INVALID_PARAMETER_VALUE,
     LAST,
     P_DATA_TF,
+    REASON_NOT_SPECIFIED,
     RELEASE_RP,
     UNEXPECTED_PDU,
     Connection,
@@ -157,6 +159,7 @@ class _Pending:
     command: Command
     context_id: int
     file: IncomingFile | None  # None: the dataset is read and dropped
+    write_error: OSError | None = None  # the file could not be written: answered with it
 
 
 class InboundAssociation:
@@ -182,10 +185,17 @@ class InboundAssociation:
         self._peer_max_pdu = 0
         self._command = bytearray()
         self._pending: _Pending | None = None
+        self._admitted = False
 
     def run(self) -> None:
         try:
-            outcome, reason = self._run()
+            try:
+                outcome, reason = self._run()
+            except Exception as exc:  # a bug here must not leave the association open
+                log.exception("ingest.association.error", error=type(exc).__name__)
+                self.connection.send_abort(ABORT_BY_PROVIDER, REASON_NOT_SPECIFIED)
+                reason = f"internal error ({type(exc).__name__})"
+                outcome = "aborted" if self._admitted else None
             if self._drop_pending():
                 log.warning("ingest.instance.incomplete", files_removed=1)
             if outcome is not None:
@@ -212,8 +222,12 @@ class InboundAssociation:
                 reason=f"first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
             )
             return None, None
-        if not self._associate(body):
-            return "rejected", None
+        try:
+            if not self._associate(body):
+                return "rejected", None
+        except (OSError, AssociationError) as exc:  # a malformed request, or the peer left
+            reason = self._connection_failed(exc, before_request=False)
+            return ("aborted", reason) if self._admitted else (None, None)
         return self._serve()
 
     def _associate(self, body: memoryview) -> bool:
@@ -232,6 +246,7 @@ class InboundAssociation:
             answer = bytes([0, rejection.result, rejection.source, rejection.diagnostic])
             self.connection.send(pdu(A_ASSOCIATE_RJ, answer))
             return False
+        self._admitted = True  # on record as open from here: its end must be recorded too
         self._peer_max_pdu = int(primitive.maximum_length_received or 0)
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role)
@@ -368,7 +383,7 @@ class InboundAssociation:
                 if pending is None or pending.context_id != context_id:
                     raise AssociationError("a data set fragment arrived without its command")
                 if pending.file is not None:
-                    pending.file.write(data)
+                    self._write(pending, data)
                 if control & LAST:
                     self._pending = None
                     self._answer(pending)
@@ -392,8 +407,24 @@ class InboundAssociation:
                 context.transfer_syntax,
                 self.info.calling_ae,
             )
-            incoming = IncomingFile(self.tmp_dir, meta)
+            try:
+                incoming = IncomingFile(self.tmp_dir, meta)
+            except OSError as exc:  # no room, or the spool is gone: answered at the end
+                self._pending = _Pending(command, context_id, None, exc)
+                return
         self._pending = _Pending(command, context_id, incoming)
+
+    @staticmethod
+    def _write(pending: _Pending, data: memoryview) -> None:
+        """Write a fragment; if the file cannot take it, drop the file and read the rest
+        of the dataset into nowhere, to answer with a status instead of an abort."""
+        if pending.file is None:
+            return
+        try:
+            pending.file.write(data)
+        except OSError as exc:
+            pending.file.discard()
+            pending.file, pending.write_error = None, exc
 
     def _answer(self, pending: _Pending) -> None:
         command = pending.command
@@ -403,6 +434,8 @@ class InboundAssociation:
             status = self.services.echo(self.info)
         elif command.field == C_STORE_RQ and pending.file is not None:
             status, comment = self._store(pending.file, command, context)
+        elif command.field == C_STORE_RQ and pending.write_error is not None:
+            status, comment = self._unwritable(pending.write_error)
         elif command.field == C_STORE_RQ:
             status, comment = Status.CANNOT_UNDERSTAND, "C-STORE without a data set"
         else:
@@ -413,6 +446,19 @@ class InboundAssociation:
         response = encode_response(command, status, comment)
         for message in pdata(pending.context_id, COMMAND, response, self._peer_max_pdu):
             self.connection.send(message)
+
+    def _unwritable(self, exc: OSError) -> tuple[int, str]:
+        self.info.failures += 1
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
+        reason = f"the spool could not take the data set: {exc.strerror or exc}"
+        log.warning(
+            "ingest.instance.refused",
+            reason=reason,
+            error=type(exc).__name__,
+            status=f"0x{int(status):04X}",
+        )
+        return status, reason
 
     def _store(
         self, file: IncomingFile, command: Command, context: _Context
@@ -434,9 +480,7 @@ class InboundAssociation:
         except BaseException:
             file.discard()
             raise
-        if (
-            status != Status.SUCCESS
-        ):  # refused before the spool adopted it (a success moved it away)
+        if status != Status.SUCCESS:  # refused before the spool took it (success moved it)
             file.discard()
         return status, comment
 

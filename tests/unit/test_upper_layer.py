@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import structlog
 from listeners import Listener, ListenerFactory
 from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
@@ -253,3 +254,38 @@ def _dcmdump(path: Path) -> Any:
     )
     assert "E:" not in result.stderr, result.stderr
     return result.stdout
+
+
+def test_a_spool_that_cannot_take_a_dataset_answers_a_status_not_an_abort(
+    listener: Listener, small_phantom: ChestPhantom
+) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
+    assert assoc.is_established
+    first, second = (pydicom.dcmread(p) for p in small_phantom.paths[:2])
+    listener.spool.tmp_dir.rmdir()  # where datasets are written: gone
+    refused = assoc.send_c_store(first)
+    assert refused.Status == 0x0110
+    assert "spool could not take" in refused.ErrorComment
+    listener.spool.tmp_dir.mkdir()
+    assert assoc.send_c_store(second).Status == 0x0000  # the same association goes on
+    assoc.release()
+    [stored] = list(listener.spool.instances_dir.iterdir())
+    assert pydicom.dcmread(stored).SOPInstanceUID == second.SOPInstanceUID
+    [audit] = listener.store.associations()
+    assert (audit.outcome, audit.instances, audit.failures) == ("released", 1, 1)
+
+
+def test_a_malformed_association_request_is_aborted_and_leaves_nothing_open(
+    listener: Listener,
+) -> None:
+    peer = RawPeer(listener.port)
+    with structlog.testing.capture_logs() as logs:
+        peer.sock.sendall(struct.pack(">BxL", 0x01, 20) + b"\xff" * 20)
+        _expect_abort(peer)
+        wait_until(lambda: any(e["event"] == "ingest.connection.failed" for e in logs), 5, "logged")
+    assert not any(e["event"] == "ingest.association.error" for e in logs)
+    assert listener.store.associations() == []
+    peer.close()
+    wait_until(lambda: listener.scp.open_associations() == 0, 5, "connection thread ended")
