@@ -105,6 +105,16 @@ class AssociationInfo:
     failures: int = 0
 
 
+def peer_fields(info: AssociationInfo) -> dict[str, object]:
+    """The peer's address and AE titles, as association log events carry them."""
+    return {
+        "peer_address": info.peer_address,
+        "peer_port": info.peer_port,
+        "calling_ae": info.calling_ae,
+        "called_ae": info.called_ae,
+    }
+
+
 @dataclass(frozen=True)
 class ReceivedInstance:
     """A whole dataset received for a C-STORE request, in a file under ``tmp/``."""
@@ -264,7 +274,7 @@ class InboundAssociation:
         self.connection.send(self._accept_pdu(primitive, results, role_replies))
         log.info(
             "ingest.association.accepted",
-            **self.peer(),
+            **peer_fields(self.info),
             **({"tls": True, "tls_subject": self.info.tls_subject} if self.info.tls else {}),
         )
         return True
@@ -310,14 +320,6 @@ class InboundAssociation:
         encoded = pynetdicom_pdu.A_ASSOCIATE_AC()
         encoded.from_primitive(accept)
         return bytes(encoded.encode())
-
-    def peer(self) -> dict[str, object]:
-        return {
-            "peer_address": self.info.peer_address,
-            "peer_port": self.info.peer_port,
-            "calling_ae": self.info.calling_ae,
-            "called_ae": self.info.called_ae,
-        }
 
     # -- established ------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from infergate.dicom.association import (
     Limits,
     ReceivedInstance,
     bind_log_context,
+    peer_fields,
 )
 from infergate.dicom.association_events import AssociationEvents
 from infergate.dicom.commits import InstanceCommitter
@@ -248,7 +249,7 @@ class StorageSCP:
         self._events.closed(info, outcome, reason)
 
     def echo(self, info: AssociationInfo) -> int:
-        log.info("ingest.echo", **_peer(info))
+        log.info("ingest.echo", **peer_fields(info))
         return int(Status.SUCCESS)
 
     def store_instance(
@@ -309,12 +310,3 @@ class StorageSCP:
                 **ids,
             )
         return record
-
-
-def _peer(info: AssociationInfo) -> dict[str, object]:
-    return {
-        "peer_address": info.peer_address,
-        "peer_port": info.peer_port,
-        "calling_ae": info.calling_ae,
-        "called_ae": info.called_ae,
-    }

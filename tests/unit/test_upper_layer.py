@@ -111,6 +111,14 @@ def _store_message(sop_class: str, dataset: bytes, instance: str = "1.2.3.4.5") 
     return message
 
 
+def _ct_association(port: int, **options: Any) -> Any:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="INFERGATE", **options)
+    assert assoc.is_established
+    return assoc
+
+
 def _outcomes(listener: Listener) -> list[tuple[str, str | None]]:
     return [(a.outcome, a.reason) for a in listener.store.associations()]
 
@@ -210,11 +218,8 @@ def test_small_pdus_and_role_selection_from_a_real_peer(
     make_listener: ListenerFactory, small_phantom: ChestPhantom
 ) -> None:
     listener = make_listener(max_pdu_length=4096)  # each image arrives in ~130 PDUs
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     role = build_role(CTImageStorage, scu_role=True, scp_role=False)
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE", ext_neg=[role])
-    assert assoc.is_established
+    assoc = _ct_association(listener.port, ext_neg=[role])
     path = small_phantom.paths[0]
     status = assoc.send_c_store(pydicom.dcmread(path))
     assoc.release()
@@ -226,9 +231,7 @@ def test_small_pdus_and_role_selection_from_a_real_peer(
 def test_spooled_files_carry_a_file_meta_dcmtk_reads(
     listener: Listener, small_phantom: ChestPhantom
 ) -> None:
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
+    assoc = _ct_association(listener.port)
     source = pydicom.dcmread(small_phantom.paths[0])
     assert assoc.send_c_store(source).Status == 0x0000
     assoc.release()
@@ -259,10 +262,7 @@ def _dcmdump(path: Path) -> Any:
 def test_a_spool_that_cannot_take_a_dataset_answers_a_status_not_an_abort(
     listener: Listener, small_phantom: ChestPhantom
 ) -> None:
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
-    assert assoc.is_established
+    assoc = _ct_association(listener.port)
     first, second = (pydicom.dcmread(p) for p in small_phantom.paths[:2])
     listener.spool.tmp_dir.rmdir()  # where datasets are written: gone
     refused = assoc.send_c_store(first)
