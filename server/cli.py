@@ -1,4 +1,4 @@
-"""The ``infergate`` command: ``serve``, ``check`` and ``plugins``."""
+"""The ``infergate`` command: ``serve``, ``check``, ``plugins`` and ``route explain``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
 from infergate.logs import configure_logging, get_logger
 from infergate.pipeline import Pipeline
-from infergate.plugins import LoadedPlugin, check_called_aes, discover
+from infergate.plugins import LoadedPlugin, check_plugin_names, discover
+from infergate.route_explain import explain
 from infergate.store import Store
 
 log = get_logger("infergate.cli")
@@ -74,7 +75,7 @@ def serve(settings: Settings) -> int:
     if ended:
         log.warning("ingest.associations.ended_at_start", associations=ended)
     plugins = discover()
-    check_called_aes(settings.ingest, plugins)
+    check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
     with triton_for(settings) as client:
@@ -109,7 +110,7 @@ def check(settings: Settings) -> int:
     if settings.ingest.tls is not None:
         server_context(settings.ingest.tls)  # the certificate, key and CA files are usable
     plugins = discover()
-    check_called_aes(settings.ingest, plugins)
+    check_plugin_names(settings, plugins)
     if not plugins:
         log.warning("check.no_plugins")
     with triton_for(settings) as client:
@@ -137,6 +138,14 @@ def list_plugins() -> int:
     return 0
 
 
+def explain_routes(settings: Settings, path: Path, calling_ae: str, called_ae: str | None) -> int:
+    plugins = discover()
+    check_plugin_names(settings, plugins)
+    for line in explain(settings, plugins, path, calling_ae, called_ae):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infergate", description="DICOM inference gateway")
     parser.add_argument("--version", action="version", version=f"infergate {__version__}")
@@ -145,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         ("serve", "receive studies, run plugins on Triton, send results"),
         ("check", "check config, plugins and their Triton models, then exit"),
         ("plugins", "list installed plugins"),
+        ("route", "explain routing: route explain PATH"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, help="YAML settings file")
+        if name == "route":
+            sub.add_argument("action", choices=["explain"])
+            sub.add_argument("path", type=Path, help="a DICOM file or a folder of them")
+            sub.add_argument("--calling-ae", default="", help="as if sent by this AE title")
+            sub.add_argument("--called-ae", help="as if sent to this AE title of ours")
     args = parser.parse_args(argv)
     configure_logging()  # until the settings say otherwise; a config error is logged too
     try:
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.logging.level)
         if args.command == "plugins":
             return list_plugins()
+        if args.command == "route":
+            return explain_routes(settings, args.path, args.calling_ae, args.called_ae)
         if args.command == "check":
             return check(settings)
         return serve(settings)

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from infergate import __version__
 from infergate.errors import ConfigError
+from infergate.routing_rules import Rule
 
 
 class _Section(BaseModel):
@@ -208,6 +209,13 @@ class StorageSettings(_Section):
         return self.var_dir / "infergate.db"
 
 
+class RoutingSettings(_Section):
+    """Which plugins run on which series (``routing_rules``); a plugin that no rule
+    names runs on the modalities it declares."""
+
+    rules: tuple[Rule, ...] = ()
+
+
 class AssemblySettings(_Section):
     """When a series counts as complete."""
 
@@ -291,6 +299,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     storage: StorageSettings = StorageSettings()
     assembly: AssemblySettings = AssemblySettings()
+    routing: RoutingSettings = RoutingSettings()
     triton: TritonSettings = TritonSettings()
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from infergate.config import IngestSettings
+from infergate.config import Settings
 from infergate.errors import ConfigError, PluginError
 from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
 
@@ -64,13 +64,18 @@ def discover() -> list[LoadedPlugin]:
     return loaded
 
 
-def check_called_aes(settings: IngestSettings, plugins: list[LoadedPlugin]) -> None:
-    """Raise :class:`ConfigError` if ``ingest.called_aes`` names a plugin not installed."""
+def check_plugin_names(settings: Settings, plugins: list[LoadedPlugin]) -> None:
+    """Raise :class:`ConfigError` if ``ingest.called_aes`` or ``routing.rules`` names a
+    plugin that is not installed."""
     installed = {p.spec.name for p in plugins}
-    for called in settings.called_aes:
-        unknown = sorted(set(called.plugins or ()) - installed)
+    listed = ", ".join(sorted(installed)) or "none"
+    places = [
+        (f"ingest.called_aes: {c.ae_title}", c.plugins or ()) for c in settings.ingest.called_aes
+    ]
+    places += [(f"routing.rules: {r.name}", r.plugins) for r in settings.routing.rules]
+    for where, names in places:
+        unknown = sorted(set(names) - installed)
         if unknown:
             raise ConfigError(
-                f"ingest.called_aes: {called.ae_title} names plugin(s) {', '.join(unknown)},"
-                f" not installed (installed: {', '.join(sorted(installed)) or 'none'})"
+                f"{where} names plugin(s) {', '.join(unknown)}, not installed (installed: {listed})"
             )

@@ -1,8 +1,10 @@
-"""Routing: which plugins a completed series goes to, and why.
+"""Routing: which plugins a completed series goes to, at which priority, and why.
 
-A pure function of the series' headers, the loaded plugins and the plugins enabled
-for the called AE title the series was sent to; no I/O. This version routes by
-modality; declarative rules will take its place behind the same signature.
+A pure function of the series' facts (``series_facts``), the installed plugins, the
+rules of ``routing.rules`` and the plugins enabled for the called AE title the
+series was sent to. A plugin that no configured rule names runs under its default
+rule (the modalities it declares); a plugin that rules name runs where one of them
+matches, the first that does giving the priority.
 """
 
 from __future__ import annotations
@@ -10,16 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infergate.plugins import LoadedPlugin
-
-
-@dataclass(frozen=True)
-class SeriesHeader:
-    """What routing may look at (no patient data)."""
-
-    modality: str
-    calling_ae: str
-    called_ae: str
-    instance_count: int
+from infergate.routing_rules import Condition, Priority, Rule, evaluate
+from infergate.series_facts import SeriesFacts
 
 
 @dataclass(frozen=True)
@@ -29,29 +23,60 @@ class Decision:
     plugin: str
     matched: bool
     reason: str
+    priority: Priority = "normal"
+    rule: str | None = None
+    # Every rule tried for the plugin: its name, and one line per test.
+    explanation: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def default_rule(loaded: LoadedPlugin) -> Rule:
+    """The rule a plugin runs under when no configured rule names it."""
+    spec = loaded.spec
+    return Rule(
+        name=f"{spec.name} (default)",
+        plugins=(spec.name,),
+        when=Condition(modality=tuple(sorted(spec.modalities))),
+    )
 
 
 def route(
-    series: SeriesHeader, plugins: list[LoadedPlugin], enabled: frozenset[str] | None = None
+    facts: SeriesFacts,
+    plugins: list[LoadedPlugin],
+    rules: tuple[Rule, ...] = (),
+    enabled: frozenset[str] | None = None,
 ) -> list[Decision]:
-    """Decide, for every plugin, whether it runs on ``series``; ``enabled`` (None: all)
-    are the plugins of the called AE title it was sent to."""
+    """Decide, for every plugin, whether it runs on the series and at which priority;
+    ``enabled`` (None: all) are the plugins of the called AE title it was sent to."""
     decisions = []
     for loaded in plugins:
-        spec = loaded.spec
-        accepted = sorted(spec.modalities)
-        if enabled is not None and spec.name not in enabled:
+        name = loaded.spec.name
+        if enabled is not None and name not in enabled:
+            reason = f"not enabled for called AE title {facts.called_ae} (ingest.called_aes)"
+            decisions.append(Decision(name, False, reason))
+            continue
+        candidates = [r for r in rules if name in r.plugins] or [default_rule(loaded)]
+        tried: list[tuple[str, tuple[str, ...]]] = []
+        chosen: Rule | None = None
+        for rule in candidates:
+            verdict = evaluate(rule.when, facts)
+            tried.append((rule.name, verdict.lines))
+            if verdict.matched:
+                chosen = rule
+                break
+        if chosen is None:
+            names = ", ".join(r.name for r in candidates)
             decisions.append(
-                Decision(
-                    spec.name,
-                    False,
-                    f"not enabled for called AE title {series.called_ae} (ingest.called_aes)",
-                )
+                Decision(name, False, f"no rule matched ({names})", explanation=tuple(tried))
             )
-        elif series.modality in spec.modalities:
-            decisions.append(Decision(spec.name, True, f"modality {series.modality} in {accepted}"))
         else:
             decisions.append(
-                Decision(spec.name, False, f"modality {series.modality} not in {accepted}")
+                Decision(
+                    name,
+                    True,
+                    f"rule {chosen.name} matched",
+                    priority=chosen.priority,
+                    rule=chosen.name,
+                    explanation=tuple(tried),
+                )
             )
     return decisions

@@ -15,11 +15,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import structlog
+from pydicom.errors import InvalidDicomError
 
 from infergate.config import AssemblySettings, Settings
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
-from infergate.routing import SeriesHeader, route
+from infergate.routing import route
+from infergate.series_facts import SeriesFacts, read_series_facts
 from infergate.store import NewJob, SeriesRow, Store
 
 log = get_logger(__name__)
@@ -96,14 +98,14 @@ def _complete(
 ) -> list[str] | None:
     """Complete ``series`` and create its jobs: their ids, or None when an instance
     arrived meanwhile (the next round decides again)."""
-    header = SeriesHeader(
-        modality=series.modality,
-        calling_ae=series.calling_ae,
-        called_ae=series.called_ae,
-        instance_count=series.instance_count,
-    )
+    facts = _facts(store, series)
     enabled = settings.ingest.called_ae(series.called_ae).plugins
-    decisions = route(header, plugins, None if enabled is None else frozenset(enabled))
+    decisions = route(
+        facts,
+        plugins,
+        settings.routing.rules,
+        None if enabled is None else frozenset(enabled),
+    )
     jobs = [NewJob(job_id=uuid.uuid4().hex, plugin=d.plugin) for d in decisions if d.matched]
     with structlog.contextvars.bound_contextvars(
         series_uid=series.series_uid, study_uid=series.study_uid
@@ -122,9 +124,40 @@ def _complete(
             "routing.series.routed",
             plugins=[d.plugin for d in decisions if d.matched],
             decisions=[
-                {"plugin": d.plugin, "matched": d.matched, "reason": d.reason} for d in decisions
+                {
+                    "plugin": d.plugin,
+                    "matched": d.matched,
+                    "reason": d.reason,
+                    "priority": d.priority,
+                    "rules": {rule: list(lines) for rule, lines in d.explanation},
+                }
+                for d in decisions
             ],
         )
         if not jobs:
             log.info("routing.series.unmatched", modality=series.modality)
     return [job.job_id for job in jobs]
+
+
+def _facts(store: Store, series: SeriesRow) -> SeriesFacts:
+    """What routing may look at, from the headers of the series' spooled instances; if
+    they cannot be read, what the state store knows (routing then sees no more)."""
+    try:
+        return read_series_facts(
+            store.instance_paths(series.series_uid), series.calling_ae, series.called_ae
+        )
+    except (OSError, InvalidDicomError, ValueError, IndexError) as exc:
+        log.warning("routing.series.unreadable", reason=f"{type(exc).__name__}: {exc}")
+        return SeriesFacts(
+            modality=series.modality,
+            sop_class_uid="",
+            body_part="",
+            series_description="",
+            image_type=(),
+            orientation="unknown",
+            slices=series.instance_count,
+            slice_thickness_mm=None,
+            regular_spacing=False,
+            calling_ae=series.calling_ae,
+            called_ae=series.called_ae,
+        )

@@ -10,7 +10,8 @@ import pytest
 from infergate.errors import PluginError
 from infergate.plugin_api import Findings, PluginSpec, Series
 from infergate.plugins import LoadedPlugin, discover, validate
-from infergate.routing import SeriesHeader, route
+from infergate.routing import route
+from infergate.series_facts import SeriesFacts
 from infergate_plugins.ct_lung import plugin as ct_lung
 
 
@@ -34,14 +35,24 @@ def test_in_repo_plugins_are_found_through_entry_points() -> None:
     assert "infergate_plugins.ct_lung:plugin" in loaded[0].source
 
 
-def test_routing_by_modality_explains_itself() -> None:
+def _facts(modality: str) -> SeriesFacts:
+    return SeriesFacts(modality, "", "", "", (), "axial", 100, 1.0, True, "SCANNER", "INFERGATE")
+
+
+def test_a_plugin_no_rule_names_runs_on_its_modalities_and_says_why() -> None:
     plugins = [LoadedPlugin(ct_lung, "test")]
-    ct = route(SeriesHeader("CT", "SCANNER", "INFERGATE", 100), plugins)
-    assert [(d.plugin, d.matched) for d in ct] == [("ct_lung", True)]
-    assert "CT" in ct[0].reason
-    mr = route(SeriesHeader("MR", "SCANNER", "INFERGATE", 100), plugins)
-    assert [(d.plugin, d.matched) for d in mr] == [("ct_lung", False)]
-    assert "MR not in" in mr[0].reason
+    [ct] = route(_facts("CT"), plugins)
+    assert (ct.plugin, ct.matched, ct.rule, ct.priority) == (
+        "ct_lung",
+        True,
+        "ct_lung (default)",
+        "normal",
+    )
+    assert ct.explanation == (("ct_lung (default)", ("pass modality CT in ['CT']",)),)
+    [mr] = route(_facts("MR"), plugins)
+    assert (mr.plugin, mr.matched) == ("ct_lung", False)
+    assert "no rule matched" in mr.reason
+    assert mr.explanation[0][1] == ("FAIL modality MR not in ['CT']",)
 
 
 def test_validation_refuses_broken_plugins() -> None:
