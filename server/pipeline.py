@@ -22,7 +22,7 @@ from infergate.inference.runner import run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
-from infergate.store import ResultRow, Store
+from infergate.store import JobRow, ResultRow, Store
 
 log = get_logger(__name__)
 
@@ -46,49 +46,59 @@ class Pipeline:
         log.info("pipeline.started")
         while not stop.is_set():
             try:
-                self.step()
+                self.step(stop)
             except InfergateError as exc:  # e.g. the store failed; try again next tick
                 log.error("pipeline.step.failed", error=type(exc).__name__, reason=str(exc))
             stop.wait(self.settings.assembly.poll_interval_s)
         log.info("pipeline.stopped")
 
-    def step(self) -> None:
+    def step(self, stop: threading.Event | None = None) -> None:
+        """Complete quiet series, then run jobs one at a time until none is left (or
+        ``stop``), choosing the next only when the last is done: a series completed
+        meanwhile that routing made urgent goes before the normal jobs still queued,
+        and each job's results are sent before the next job starts."""
         complete_quiet_series(self.store, self.plugins, time.time(), self.settings)
-        self.run_jobs()
+        while (stop is None or not stop.is_set()) and (job := self.store.next_job()) is not None:
+            self._run_one(job)
+            self.export()
+            complete_quiet_series(self.store, self.plugins, time.time(), self.settings)
         self.export()
 
-    def run_jobs(self) -> None:
-        by_name = {p.spec.name: p for p in self.plugins}
-        for job in self.store.runnable_jobs():
-            with structlog.contextvars.bound_contextvars(
-                job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
-            ):
-                plugin = by_name.get(job.plugin)
-                if plugin is None:
-                    reason = f"plugin {job.plugin} is not installed"
-                    self.store.fail_job(job.job_id, reason, time.time())
-                    log.error("inference.job.failed", plugin=job.plugin, reason=reason)
-                    continue
-                self.store.start_job(job.job_id, time.time())
-                log.info("inference.job.started", plugin=job.plugin, attempt=job.attempts + 1)
-                try:
-                    outcome = run_job(job, self.store, plugin, self.triton, self.settings)
-                except InfergateError as exc:
-                    self.store.fail_job(job.job_id, str(exc), time.time())
-                    log.error(
-                        "inference.job.failed",
-                        plugin=job.plugin,
-                        error=type(exc).__name__,
-                        reason=str(exc),
-                    )
-                    continue
-                self.store.finish_job(job.job_id, outcome.results, time.time())
-                log.info(
-                    "inference.job.done",
+    def _run_one(self, job: JobRow) -> None:
+        plugin = next((p for p in self.plugins if p.spec.name == job.plugin), None)
+        with structlog.contextvars.bound_contextvars(
+            job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
+        ):
+            if plugin is None:
+                reason = f"plugin {job.plugin} is not installed"
+                self.store.fail_job(job.job_id, reason, time.time())
+                log.error("inference.job.failed", plugin=job.plugin, reason=reason)
+                return
+            self.store.start_job(job.job_id, time.time())
+            log.info(
+                "inference.job.started",
+                plugin=job.plugin,
+                attempt=job.attempts + 1,
+                priority=job.priority,
+            )
+            try:
+                outcome = run_job(job, self.store, plugin, self.triton, self.settings)
+            except InfergateError as exc:
+                self.store.fail_job(job.job_id, str(exc), time.time())
+                log.error(
+                    "inference.job.failed",
                     plugin=job.plugin,
-                    results=[r.kind for r in outcome.results],
-                    **outcome.timings_s,
+                    error=type(exc).__name__,
+                    reason=str(exc),
                 )
+                return
+            self.store.finish_job(job.job_id, outcome.results, time.time())
+            log.info(
+                "inference.job.done",
+                plugin=job.plugin,
+                results=[r.kind for r in outcome.results],
+                **outcome.timings_s,
+            )
 
     def export(self) -> None:
         pending = self.store.pending_results()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from infergate.errors import StoreError
 from infergate.store_associations import AssociationRecords
@@ -100,7 +101,7 @@ class Store(AssociationRecords):
                 return False
             db.executemany(
                 "INSERT INTO jobs (job_id, series_uid, study_uid, generation, plugin, state,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                " created_at, updated_at, priority) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
                 [
                     (
                         job.job_id,
@@ -110,6 +111,7 @@ class Store(AssociationRecords):
                         job.plugin,
                         now,
                         now,
+                        PRIORITY_RANK[job.priority],
                     )
                     for job in jobs
                 ],
@@ -127,12 +129,22 @@ class Store(AssociationRecords):
     # -- jobs -------------------------------------------------------------------
 
     def runnable_jobs(self) -> list[JobRow]:
+        """Pending jobs in the order they run: urgent ones first, then by age."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id, series_uid, study_uid, plugin, state, attempts, error"
-                " FROM jobs WHERE state = 'pending' ORDER BY created_at"
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending'"  # noqa: S608 - constant
+                " ORDER BY priority, created_at"
             ).fetchall()
-        return [JobRow(*row) for row in rows]
+        return [_job(row) for row in rows]
+
+    def next_job(self) -> JobRow | None:
+        """The job to run next, if any (see ``runnable_jobs``)."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending'"  # noqa: S608 - constant
+                " ORDER BY priority, created_at LIMIT 1"
+            ).fetchone()
+        return None if row is None else _job(row)
 
     def start_job(self, job_id: str, now: float) -> None:
         with self._transaction() as db:
@@ -184,21 +196,19 @@ class Store(AssociationRecords):
     def job(self, job_id: str) -> JobRow:
         with self._lock:
             row = self._db.execute(
-                "SELECT job_id, series_uid, study_uid, plugin, state, attempts, error"
-                " FROM jobs WHERE job_id = ?",
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?",  # noqa: S608 - constant
                 (job_id,),
             ).fetchone()
         if row is None:
             raise StoreError(f"no job {job_id} in the state store")
-        return JobRow(*row)
+        return _job(row)
 
     def jobs(self) -> list[JobRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id, series_uid, study_uid, plugin, state, attempts, error"
-                " FROM jobs ORDER BY created_at"
+                f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at"  # noqa: S608 - constant
             ).fetchall()
-        return [JobRow(*row) for row in rows]
+        return [_job(row) for row in rows]
 
     # -- export -----------------------------------------------------------------
 
@@ -303,3 +313,15 @@ def _record_instance(
     if known is not None:
         return ArrivalOutcome(Arrival.CHANGED_REPLACED, superseded_path=Path(known[1]))
     return ArrivalOutcome(Arrival.NEW)
+
+
+_JOB_COLUMNS = "job_id, series_uid, study_uid, plugin, state, attempts, error, priority"
+PRIORITY_RANK = {"urgent": 0, "normal": 1}
+_PRIORITY_NAME = {rank: name for name, rank in PRIORITY_RANK.items()}
+
+
+def _job(row: tuple[Any, ...]) -> JobRow:
+    job_id, series_uid, study_uid, plugin, state, attempts, error, rank = row
+    return JobRow(
+        job_id, series_uid, study_uid, plugin, state, attempts, error, _PRIORITY_NAME[rank]
+    )

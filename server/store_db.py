@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 1,
     UNIQUE (series_uid, generation, plugin)
 );
 CREATE TABLE IF NOT EXISTS associations (
@@ -93,7 +94,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 3
+_VERSION = 4
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -101,10 +102,12 @@ def _migrate(db: sqlite3.Connection) -> None:
     if db.execute("PRAGMA user_version").fetchone()[0] >= _VERSION:
         return
     added = {
-        # duplicate detection (version 1), listener processes (2), release hint (3)
+        # duplicate detection (version 1), listener processes (2), release hint (3),
+        # job priority (4: 0 urgent, 1 normal)
         ("instances", "sha256"): "TEXT NOT NULL DEFAULT ''",
         ("associations", "process_id"): "INTEGER NOT NULL DEFAULT 0",
         ("series", "released_at"): "REAL",
+        ("jobs", "priority"): "INTEGER NOT NULL DEFAULT 1",
     }
     for (table, column), definition in added.items():
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class JobRow:
     state: str
     attempts: int
     error: str | None
+    priority: str = "normal"  # urgent jobs run before normal ones
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,4 @@ class AssociationAudit:
 class NewJob:
     job_id: str
     plugin: str
+    priority: Literal["urgent", "normal"] = "normal"

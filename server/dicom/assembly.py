@@ -106,7 +106,11 @@ def _complete(
         settings.routing.rules,
         None if enabled is None else frozenset(enabled),
     )
-    jobs = [NewJob(job_id=uuid.uuid4().hex, plugin=d.plugin) for d in decisions if d.matched]
+    jobs = [
+        NewJob(job_id=uuid.uuid4().hex, plugin=d.plugin, priority=d.priority)
+        for d in decisions
+        if d.matched
+    ]
     with structlog.contextvars.bound_contextvars(
         series_uid=series.series_uid, study_uid=series.study_uid
     ):

@@ -163,3 +163,40 @@ def test_restart_gives_receiving_series_a_fresh_quiet_period(store: Store) -> No
     store.recover(now=500.0)
     (series,) = store.receiving_series()
     assert series.last_received_at == 500.0
+
+
+def _complete(store: Store, series: str, jobs: list[NewJob], now: float) -> None:
+    store.record_instance(_record(f"{series}.1", series=series), now=now)
+    (row,) = [s for s in store.receiving_series() if s.series_uid == series]
+    assert store.complete_series(row, jobs, now=now + 1)
+
+
+def test_urgent_jobs_run_before_older_normal_ones(store: Store) -> None:
+    _complete(store, "9.1", [NewJob("normal1", "ct_lung")], now=10.0)
+    _complete(store, "9.2", [NewJob("normal2", "ct_lung", "normal")], now=20.0)
+    _complete(store, "9.3", [NewJob("urgent", "ct_lung", "urgent")], now=30.0)
+    assert [j.job_id for j in store.runnable_jobs()] == ["urgent", "normal1", "normal2"]
+    next_job = store.next_job()
+    assert next_job is not None
+    assert (next_job.job_id, next_job.priority) == ("urgent", "urgent")
+    store.start_job("urgent", now=31.0)
+    assert store.job("urgent").priority == "urgent"
+    next_job = store.next_job()
+    assert next_job is not None
+    assert (next_job.job_id, next_job.priority) == ("normal1", "normal")
+
+
+def test_jobs_of_a_version_3_database_become_normal(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    Store(path).close()
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE jobs DROP COLUMN priority")
+    old.execute(
+        "INSERT INTO jobs (job_id, series_uid, study_uid, generation, plugin, state,"
+        " created_at, updated_at) VALUES ('j', 's', 'st', 0, 'ct_lung', 'pending', 1, 1)"
+    )
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    store = Store(path)
+    assert [(j.job_id, j.priority) for j in store.runnable_jobs()] == [("j", "normal")]
