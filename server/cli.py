@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -125,6 +126,7 @@ def list_plugins() -> int:
         print(f"{spec.name} {spec.version}")
         print(f"  {spec.description}")
         print(f"  modalities: {', '.join(sorted(spec.modalities))}")
+        print(f"  default rule: {json.dumps(spec.rule) if spec.rule else 'its modalities'}")
         print(
             f"  Triton model: {spec.model_name}"
             + (f" v{spec.model_version}" if spec.model_version else "")

@@ -68,6 +68,10 @@ class PluginSpec:
     # The procedure the report is about (TID 1500 "Procedure reported").
     procedure: Code = Code("363679005", "SCT", "Imaging procedure")
     api_version: int = API_VERSION
+    # The series the plugin runs on unless a rule in routing.rules names it: a mapping
+    # as in a rule's ``when`` (modality, image_type, series_description, not, ...).
+    # None: every series of one of ``modalities``.
+    rule: Mapping[str, object] | None = field(default=None, hash=False)
 
     def segment(self, number: int) -> SegmentSpec:
         for seg in self.segments:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from pydantic import ValidationError
+
 from infergate.config import Settings
 from infergate.errors import ConfigError, PluginError
 from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
+from infergate.routing_rules import Condition
 
 GROUP = "infergate.plugins"
 
@@ -40,6 +43,14 @@ def validate(plugin: object, source: str) -> Plugin:
         )
     if not spec.modalities:
         raise PluginError(f"plugin {spec.name} accepts no modality")
+    if spec.rule is not None:
+        try:
+            Condition.model_validate(spec.rule)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise PluginError(f"plugin {spec.name} ships an invalid rule: {problems}") from exc
     numbers = [s.number for s in spec.segments]
     if len(set(numbers)) != len(numbers) or any(not 0 < n < 256 for n in numbers):
         raise PluginError(f"plugin {spec.name}: segment numbers must be unique and in 1..255")

@@ -30,13 +30,15 @@ class Decision:
 
 
 def default_rule(loaded: LoadedPlugin) -> Rule:
-    """The rule a plugin runs under when no configured rule names it."""
+    """The rule a plugin runs under when no configured rule names it: the one its spec
+    ships, or else its modalities."""
     spec = loaded.spec
-    return Rule(
-        name=f"{spec.name} (default)",
-        plugins=(spec.name,),
-        when=Condition(modality=tuple(sorted(spec.modalities))),
+    when = (
+        Condition(modality=tuple(sorted(spec.modalities)))
+        if spec.rule is None
+        else Condition.model_validate(spec.rule)
     )
+    return Rule(name=f"{spec.name} (default)", plugins=(spec.name,), when=when)
 
 
 def route(

@@ -34,6 +34,16 @@ SPEC = PluginSpec(
     description="Left and right lung segmentation on chest CT by density and morphology",
     modalities=frozenset({"CT"}),
     model_name="ct_lung_seg",
+    # Any CT but scout views: a head CT gets "lungs absent", which is an answer too.
+    rule={
+        "modality": ["CT"],
+        "not": {
+            "any": [
+                {"image_type": ["LOCALIZER"]},
+                {"series_description": "(?i)scout|localizer|topogram|surview"},
+            ]
+        },
+    },
     inputs=(
         TensorSpec("CT_HU", "INT16", (-1, -1, -1)),
         TensorSpec("SPACING_MM", "FP32", (3,)),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -48,11 +49,23 @@ def test_a_plugin_no_rule_names_runs_on_its_modalities_and_says_why() -> None:
         "ct_lung (default)",
         "normal",
     )
-    assert ct.explanation == (("ct_lung (default)", ("pass modality CT in ['CT']",)),)
+    assert ct.explanation == (
+        (
+            "ct_lung (default)",
+            (
+                "pass modality CT in ['CT']",
+                "pass not:",
+                "  FAIL any of:",
+                "    FAIL image type (none) lacks ['LOCALIZER']",
+                "    FAIL series description '' does not match"
+                " '(?i)scout|localizer|topogram|surview'",
+            ),
+        ),
+    )
     [mr] = route(_facts("MR"), plugins)
     assert (mr.plugin, mr.matched) == ("ct_lung", False)
     assert "no rule matched" in mr.reason
-    assert mr.explanation[0][1] == ("FAIL modality MR not in ['CT']",)
+    assert mr.explanation[0][1][0] == "FAIL modality MR not in ['CT']"
 
 
 def test_validation_refuses_broken_plugins() -> None:
@@ -65,3 +78,22 @@ def test_validation_refuses_broken_plugins() -> None:
     doubled = ct_lung.spec.segments + ct_lung.spec.segments[:1]
     with pytest.raises(PluginError, match="unique"):
         validate(_Plugin(replace(ct_lung.spec, segments=doubled)), "test")
+
+
+def test_the_default_rule_a_plugin_ships_keeps_scouts_out() -> None:
+    plugins = [LoadedPlugin(ct_lung, "test")]
+    scout = dataclasses.replace(_facts("CT"), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    [decision] = route(scout, plugins)
+    assert not decision.matched
+    assert (
+        "    pass image type ORIGINAL\\PRIMARY\\LOCALIZER has ['LOCALIZER']"
+        in (decision.explanation[0][1])
+    )
+    topogram = dataclasses.replace(_facts("CT"), series_description="Topogram 0.6 T20f")
+    assert not route(topogram, plugins)[0].matched
+
+
+def test_a_plugin_whose_rule_is_not_a_rule_is_refused() -> None:
+    broken = replace(ct_lung.spec, rule={"modality": ["CT"], "colour": "red"})
+    with pytest.raises(PluginError, match="invalid rule: colour"):
+        validate(_Plugin(broken), "test")
