@@ -209,6 +209,7 @@ class StorageSCP:
             log.exception(
                 "ingest.connection.error", peer_address=address[0], error=type(exc).__name__
             )
+            connection.close()
         finally:
             with self._lock:
                 self._open.pop(key, None)
