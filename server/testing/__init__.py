@@ -1,5 +1,7 @@
-"""What a plugin author (and Infergate's own tests) need: synthetic series builders."""
+"""What a plugin author (and Infergate's own tests) need: synthetic series builders and
+the conformance check every plugin must pass."""
 
+from infergate.testing.conformance import check_plugin, synthetic_series
 from infergate.testing.phantoms import ChestPhantom, PhantomIdentity, write_chest_ct
 
-__all__ = ["ChestPhantom", "PhantomIdentity", "write_chest_ct"]
+__all__ = ["ChestPhantom", "PhantomIdentity", "check_plugin", "synthetic_series", "write_chest_ct"]

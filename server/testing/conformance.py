@@ -1,0 +1,155 @@
+"""The conformance check a plugin must pass, without Triton or DICOM.
+
+``check_plugin`` validates the spec, calls ``preprocess`` on a synthetic series of
+each modality the plugin accepts and compares what comes back with the declared
+inputs (names, dtypes, ranks, fixed sizes); then calls ``postprocess`` with outputs
+shaped as declared (all zeros, and filled with each declared segment number in
+turn) and checks the findings against the spec: label map shape and dtype,
+segments declared, measurements and evaluations about segments that exist. It
+also checks that neither function changes the series it is given.
+
+    from infergate.testing import check_plugin
+    assert check_plugin(my_plugin) == []
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from tritonclient.utils import triton_to_np_dtype
+
+from infergate.errors import PluginError
+from infergate.plugin_api import Findings, Plugin, PluginSpec, Series, TensorSpec
+from infergate.plugins import validate
+
+_SHAPE = (8, 32, 32)  # slices, rows, columns of the synthetic series
+
+
+def synthetic_series(modality: str, shape: tuple[int, int, int] = _SHAPE) -> Series:
+    """A small series of ``modality``: air around a body-like block (CT values in HU)."""
+    volume = np.full(shape, -1000.0, dtype=np.float32)
+    _, rows, columns = shape
+    volume[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 40.0
+    return Series(
+        modality=modality,
+        volume=volume,
+        spacing=(10.0, 5.0, 5.0),  # 0.25 mL voxels: the block is ~500 mL
+        row_direction=(1.0, 0.0, 0.0),
+        column_direction=(0.0, 1.0, 0.0),
+        origin=(0.0, 0.0, 0.0),
+    )
+
+
+def check_plugin(plugin: object) -> list[str]:
+    """What is wrong with ``plugin``: one line per problem, none when it conforms."""
+    try:
+        checked = validate(plugin, "the plugin under test")
+    except PluginError as exc:
+        return [str(exc)]
+    spec = checked.spec
+    problems: list[str] = []
+    for modality in sorted(spec.modalities):
+        series = synthetic_series(modality)
+        before = series.volume.copy()
+        try:
+            inputs = checked.preprocess(series)
+        except Exception as exc:  # the plugin's own code may raise anything
+            problems.append(f"preprocess raised {type(exc).__name__} on a {modality} series: {exc}")
+            continue
+        problems += _check_tensors("input", spec.inputs, inputs)
+        for outputs in _model_outputs(spec, series):
+            problems += _check_postprocess(checked, spec, series, outputs)
+        if not np.array_equal(series.volume, before):
+            problems.append(f"the {modality} series' volume was changed by the plugin")
+    return problems
+
+
+def _check_tensors(
+    kind: str, specs: tuple[TensorSpec, ...], arrays: Mapping[str, npt.NDArray[np.generic]]
+) -> list[str]:
+    problems = []
+    declared = {t.name for t in specs}
+    if set(arrays) != declared:
+        problems.append(f"{kind}s are {sorted(arrays)}, the spec declares {sorted(declared)}")
+    for tensor in specs:
+        array = arrays.get(tensor.name)
+        if array is None:
+            continue
+        wanted = np.dtype(triton_to_np_dtype(tensor.datatype))
+        if array.dtype != wanted:
+            problems.append(f"{kind} {tensor.name} is {array.dtype}, declared {tensor.datatype}")
+        if array.ndim != len(tensor.shape) or any(
+            size not in (-1, got) for size, got in zip(tensor.shape, array.shape, strict=False)
+        ):
+            problems.append(
+                f"{kind} {tensor.name} has shape {array.shape}, declared {tensor.shape}"
+            )
+    return problems
+
+
+def _model_outputs(spec: PluginSpec, series: Series) -> list[dict[str, npt.NDArray[np.generic]]]:
+    """Outputs as the declared model could return them: zeros, then, for each declared
+    segment, its number over the body-like block of the synthetic series."""
+    fills = [0] + [segment.number for segment in spec.segments]
+    variants = []
+    for fill in fills:
+        outputs = {}
+        for tensor in spec.outputs:
+            shape = tuple(
+                (series.volume.shape[i] if len(tensor.shape) == 3 else 1) if size == -1 else size
+                for i, size in enumerate(tensor.shape)
+            )
+            dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
+            array = np.zeros(shape, dtype=dtype)
+            if array.ndim == 3:
+                _, rows, columns = array.shape
+                array[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = fill
+            else:
+                array[...] = fill
+            outputs[tensor.name] = array
+        variants.append(outputs)
+    return variants
+
+
+def _check_postprocess(
+    plugin: Plugin,
+    spec: PluginSpec,
+    series: Series,
+    outputs: dict[str, npt.NDArray[np.generic]],
+) -> list[str]:
+    try:
+        findings = plugin.postprocess(series, outputs)
+    except Exception as exc:  # the plugin's own code may raise anything
+        return [f"postprocess raised {type(exc).__name__}: {exc}"]
+    if not isinstance(findings, Findings):
+        return [f"postprocess returned {type(findings).__name__}, not Findings"]
+    problems = []
+    declared = {segment.number for segment in spec.segments}
+    undeclared = set(findings.segment_numbers) - declared
+    if undeclared:
+        problems.append(f"findings name segments {sorted(undeclared)} the spec does not declare")
+    if findings.label_map is not None:
+        labels = findings.label_map
+        if labels.shape != series.volume.shape or labels.dtype != np.uint8:
+            problems.append(
+                f"label map is {labels.dtype} {labels.shape}, expected uint8 {series.volume.shape}"
+            )
+        present = {int(v) for v in np.unique(labels)} - {0}
+        if not present <= set(findings.segment_numbers):
+            problems.append(
+                f"label map holds {sorted(present)} but findings list {findings.segment_numbers}"
+            )
+    listed = set(findings.segment_numbers)
+    for measurement in findings.measurements:
+        if measurement.segment_number not in listed:
+            problems.append(
+                f"a measurement is about segment {measurement.segment_number}, not listed"
+            )
+    for evaluation in findings.evaluations:
+        if evaluation.segment_number is not None and evaluation.segment_number not in listed:
+            problems.append(
+                f"an evaluation is about segment {evaluation.segment_number}, not listed"
+            )
+    return problems
