@@ -22,7 +22,12 @@ from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
 from infergate.logs import configure_logging, get_logger
 from infergate.pipeline import Pipeline
-from infergate.plugins import LoadedPlugin, check_plugin_names, discover
+from infergate.plugins import (
+    LoadedPlugin,
+    check_plugin_names,
+    discover,
+    enabled_plugins,
+)
 from infergate.route_explain import explain
 from infergate.store import Store
 
@@ -75,7 +80,7 @@ def serve(settings: Settings) -> int:
     ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
     if ended:
         log.warning("ingest.associations.ended_at_start", associations=ended)
-    plugins = discover()
+    plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
@@ -110,7 +115,7 @@ def serve(settings: Settings) -> int:
 def check(settings: Settings) -> int:
     if settings.ingest.tls is not None:
         server_context(settings.ingest.tls)  # the certificate, key and CA files are usable
-    plugins = discover()
+    plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
     if not plugins:
         log.warning("check.no_plugins")
@@ -141,7 +146,7 @@ def list_plugins() -> int:
 
 
 def explain_routes(settings: Settings, path: Path, calling_ae: str, called_ae: str | None) -> int:
-    plugins = discover()
+    plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
     for line in explain(settings, plugins, path, calling_ae, called_ae):
         print(line)

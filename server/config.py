@@ -282,6 +282,12 @@ class ExportSettings(_Section):
     timeout_s: float = Field(default=60.0, gt=0)
 
 
+class PluginSettings(_Section):
+    """Which installed plugins run. ``enabled`` None: every installed one."""
+
+    enabled: tuple[str, ...] | None = None
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -300,6 +306,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     assembly: AssemblySettings = AssemblySettings()
     routing: RoutingSettings = RoutingSettings()
+    plugins: PluginSettings = PluginSettings()
     triton: TritonSettings = TritonSettings()
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()

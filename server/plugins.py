@@ -9,10 +9,13 @@ from pydantic import ValidationError
 
 from infergate.config import Settings
 from infergate.errors import ConfigError, PluginError
+from infergate.logs import get_logger
 from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
 from infergate.routing_rules import Condition
 
 GROUP = "infergate.plugins"
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,29 @@ def discover() -> list[LoadedPlugin]:
     return loaded
 
 
+def enabled_plugins(settings: Settings, installed: list[LoadedPlugin]) -> list[LoadedPlugin]:
+    """The installed plugins that ``plugins.enabled`` lists (all if it is not set); one
+    listed but not installed is a :class:`ConfigError`, one installed but not listed is
+    logged as skipped."""
+    wanted = settings.plugins.enabled
+    if wanted is None:
+        return installed
+    names = {p.spec.name for p in installed}
+    missing = sorted(set(wanted) - names)
+    if missing:
+        raise ConfigError(
+            f"plugins.enabled lists {', '.join(missing)}, not installed"
+            f" (installed: {', '.join(sorted(names)) or 'none'})"
+        )
+    for loaded in installed:
+        if loaded.spec.name not in wanted:
+            log.info("plugins.skipped", plugin=loaded.spec.name, reason="not in plugins.enabled")
+    return [p for p in installed if p.spec.name in wanted]
+
+
 def check_plugin_names(settings: Settings, plugins: list[LoadedPlugin]) -> None:
     """Raise :class:`ConfigError` if ``ingest.called_aes`` or ``routing.rules`` names a
-    plugin that is not installed."""
+    plugin that is not among ``plugins`` (installed and enabled)."""
     installed = {p.spec.name for p in plugins}
     listed = ", ".join(sorted(installed)) or "none"
     places = [
@@ -88,5 +111,6 @@ def check_plugin_names(settings: Settings, plugins: list[LoadedPlugin]) -> None:
         unknown = sorted(set(names) - installed)
         if unknown:
             raise ConfigError(
-                f"{where} names plugin(s) {', '.join(unknown)}, not installed (installed: {listed})"
+                f"{where} names plugin(s) {', '.join(unknown)}, not installed or not enabled"
+                f" (enabled: {listed})"
             )

@@ -7,10 +7,12 @@ from dataclasses import replace
 import numpy as np
 import numpy.typing as npt
 import pytest
+import structlog
 
-from infergate.errors import PluginError
+from infergate.config import Settings
+from infergate.errors import ConfigError, PluginError
 from infergate.plugin_api import Findings, PluginSpec, Series
-from infergate.plugins import LoadedPlugin, discover, validate
+from infergate.plugins import LoadedPlugin, check_plugin_names, discover, enabled_plugins, validate
 from infergate.routing import route
 from infergate.series_facts import SeriesFacts
 from infergate_plugins.ct_lung import plugin as ct_lung
@@ -97,3 +99,28 @@ def test_a_plugin_whose_rule_is_not_a_rule_is_refused() -> None:
     broken = replace(ct_lung.spec, rule={"modality": ["CT"], "colour": "red"})
     with pytest.raises(PluginError, match="invalid rule: colour"):
         validate(_Plugin(broken), "test")
+
+
+def test_plugins_enabled_selects_and_logs_what_it_skips() -> None:
+    installed = [LoadedPlugin(ct_lung, "test"), LoadedPlugin(_Plugin(_other_spec()), "test")]
+    assert enabled_plugins(Settings(), installed) == installed  # not set: all of them
+    settings = Settings.model_validate({"plugins": {"enabled": ["ct_lung"]}})
+    with structlog.testing.capture_logs() as logs:
+        assert [p.spec.name for p in enabled_plugins(settings, installed)] == ["ct_lung"]
+    assert [(e["event"], e["plugin"]) for e in logs] == [("plugins.skipped", "mr_other")]
+    with pytest.raises(ConfigError, match=r"plugins\.enabled lists ct_brain, not installed"):
+        enabled_plugins(
+            Settings.model_validate({"plugins": {"enabled": ["ct_lung", "ct_brain"]}}), installed
+        )
+    routed = Settings.model_validate(
+        {
+            "plugins": {"enabled": ["ct_lung"]},
+            "routing": {"rules": [{"name": "mr", "plugins": ["mr_other"]}]},
+        }
+    )
+    with pytest.raises(ConfigError, match="not installed or not enabled"):
+        check_plugin_names(routed, enabled_plugins(routed, installed))
+
+
+def _other_spec() -> PluginSpec:
+    return replace(ct_lung.spec, name="mr_other", modalities=frozenset({"MR"}), rule=None)
