@@ -120,6 +120,7 @@ class ReceivedInstance:
     """A whole dataset received for a C-STORE request, in a file under ``tmp/``."""
 
     path: Path
+    size: int  # of the file: preamble, file meta and dataset
     sha256: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -144,13 +145,6 @@ class Services(Protocol):
     def closed(self, info: AssociationInfo, outcome: str, reason: str | None) -> None:
         """The association ended: ``released``, ``aborted`` or ``rejected``."""
         ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_pdu_length: int
-    acse_timeout_s: float
-    network_timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -182,14 +176,14 @@ class InboundAssociation:
         *,
         services: Services,
         contexts: list[PresentationContext],
-        limits: Limits,
+        acse_timeout_s: float,
         tmp_dir: Path,
     ) -> None:
         self.connection = connection
         self.info = info
         self.services = services
         self.contexts = contexts
-        self.limits = limits
+        self.acse_timeout_s = acse_timeout_s
         self.tmp_dir = tmp_dir
         self._accepted: dict[int, _Context] = {}
         self._peer_max_pdu = 0
@@ -220,7 +214,7 @@ class InboundAssociation:
     def _run(self) -> tuple[str | None, str | None]:
         """The outcome to record (None for a connection that never asked to associate)."""
         try:
-            pdu_type, body = self.connection.read_pdu(self.limits.acse_timeout_s)
+            pdu_type, body = self.connection.read_pdu(self.acse_timeout_s)
         except (OSError, AssociationError) as exc:
             self._connection_failed(exc, before_request=True)
             return None, None
@@ -311,7 +305,7 @@ class InboundAssociation:
         accept.result_source = 0x01
         accept.presentation_context_definition_results_list = results
         maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = self.limits.max_pdu_length
+        maximum.maximum_length_received = self.connection.limits.pdata_bytes
         implementation = ImplementationClassUIDNotification()
         implementation.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
         version = ImplementationVersionNameNotification()
@@ -326,7 +320,7 @@ class InboundAssociation:
     def _serve(self) -> tuple[str, str | None]:
         while True:
             try:
-                pdu_type, body = self.connection.read_pdu(self.limits.network_timeout_s)
+                pdu_type, body = self.connection.read_pdu(self.connection.timeout_s)
                 if pdu_type == P_DATA_TF:
                     self._receive(body)
                     continue
@@ -473,6 +467,7 @@ class InboundAssociation:
         try:
             instance = ReceivedInstance(
                 path=file.path,
+                size=file.size,
                 sha256=digest,
                 sop_class_uid=command.sop_class_uid,
                 sop_instance_uid=command.sop_instance_uid,

@@ -30,7 +30,7 @@ Encoded = bytes | memoryview | mmap.mmap
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # VRs whose explicit encoding has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
+LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 _SHORT_VRS = frozenset(
@@ -66,7 +66,7 @@ class _Walker:
         vr = bytes(self.data[pos + 4 : pos + 6])
         if vr in _SHORT_VRS:
             return tag, vr, self.u16.unpack_from(self.data, pos + 6)[0], pos + 8
-        if vr in _LONG_VRS and pos + 12 <= self.end:
+        if vr in LONG_VRS and pos + 12 <= self.end:
             return tag, vr, self.u32.unpack_from(self.data, pos + 8)[0], pos + 12
         raise _DeclinedError
 

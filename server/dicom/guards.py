@@ -4,14 +4,12 @@ dataset may inflate, checked as a stream. (Read timeouts and PDU length caps are
 
 from __future__ import annotations
 
-import struct
 import zlib
 from pathlib import Path
 
+from infergate.dicom.incoming import HEAD_BYTES, dataset_offset
 from infergate.errors import InstanceTooLargeError, InvalidInstanceError
 
-_PREAMBLE_AND_PREFIX = 132
-_META_GROUP_LENGTH_ELEMENT = 12  # (0002,0000) UL, explicit VR: tag, VR, length, value
 _CHUNK = 1 << 16
 
 
@@ -20,15 +18,14 @@ def check_inflated_size(path: Path, limit: int) -> None:
 
     pydicom inflates a deflated dataset whole, in memory, before parsing it; a few
     kilobytes can inflate to gigabytes. This counts the inflated bytes, keeping none.
-    The file is as ingest writes it: preamble, prefix, file meta starting with its
-    group length, then the deflated dataset.
+    The file is as ingest writes it (``incoming``): preamble, prefix, file meta starting
+    with its group length, then the deflated dataset.
     """
     with path.open("rb") as handle:
-        handle.seek(_PREAMBLE_AND_PREFIX)
-        element = handle.read(_META_GROUP_LENGTH_ELEMENT)
-        if len(element) != _META_GROUP_LENGTH_ELEMENT or element[:4] != b"\x02\x00\x00\x00":
+        start = dataset_offset(handle.read(HEAD_BYTES))
+        if start is None:
             raise InvalidInstanceError("file meta does not start with its group length")
-        handle.seek(struct.unpack("<L", element[8:12])[0], 1)
+        handle.seek(start)
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         while chunk := handle.read(_CHUNK):

@@ -11,18 +11,35 @@ of the dataset, or the instance was refused) is removed by whoever holds it.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 import tempfile
 from pathlib import Path
 
 from infergate import __version__
+from infergate.dicom.elements import LONG_VRS
 
 # Infergate's implementation class UID (PS3.7 D.3.3.2), a UUID-derived UID (PS3.5 B.2).
 IMPLEMENTATION_CLASS_UID = "2.25.143092972379244883166501419910714095225"
 IMPLEMENTATION_VERSION_NAME = f"INFERGATE_{__version__}"[:16]
 
 _PREAMBLE = bytes(128) + b"DICM"
+# The file meta group starts with its group length: (0002,0000) UL, explicit VR.
+_META_GROUP_LENGTH = struct.Struct("<HH2sHL")
+HEAD_BYTES = len(_PREAMBLE) + _META_GROUP_LENGTH.size
+
+
+def dataset_offset(head: bytes | mmap.mmap) -> int | None:
+    """Where the dataset starts in a file as ingest writes it (preamble, ``DICM``, the
+    file meta group led by its length), from at least the file's first
+    ``HEAD_BYTES``; None when the file does not start that way."""
+    if len(head) < HEAD_BYTES:
+        return None
+    group, element, vr, length, meta_length = _META_GROUP_LENGTH.unpack_from(head, len(_PREAMBLE))
+    if (group, element, vr, length) != (2, 0, b"UL", 4):
+        return None
+    return HEAD_BYTES + int(meta_length)
 
 
 def file_meta(
@@ -44,7 +61,7 @@ def file_meta(
 
 
 def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB", b"UN", b"SQ", b"UT", b"OW"):
+    if vr in LONG_VRS:
         return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
@@ -66,10 +83,11 @@ class IncomingFile:
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._digest = hashlib.sha256()
-        self.dataset_bytes = 0
+        self.size = 0  # of the file, as written so far
         self._closed = False
         try:
             self._file.write(_PREAMBLE + meta)
+            self.size = len(_PREAMBLE) + len(meta)
         except OSError:
             self.discard()
             raise
@@ -77,7 +95,7 @@ class IncomingFile:
     def write(self, fragment: memoryview) -> None:
         self._digest.update(fragment)
         self._file.write(fragment)
-        self.dataset_bytes += len(fragment)
+        self.size += len(fragment)
 
     def finish(self) -> str:
         """Close the file (``Spool.adopt`` makes it durable); returns the dataset's SHA-256."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from infergate.dicom.elements import identifying_values
+from infergate.dicom.incoming import dataset_offset
 from infergate.errors import InvalidInstanceError, UIDMismatchError
 
 # PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros
@@ -45,7 +45,7 @@ class InstanceHeader:
 def read_header(path: Path, announced_uid: str, transfer_syntax: UID) -> InstanceHeader:
     """The identifying attributes of the received file at ``path``.
 
-    The file is as pynetdicom writes it: preamble, file meta, then the dataset in
+    The file is as ingest writes it (``incoming``): preamble, file meta, then the dataset in
     ``transfer_syntax``. A deflated dataset is parsed by pydicom from its inflated
     copy, whose size the caller has bounded.
 
@@ -71,8 +71,6 @@ def read_header(path: Path, announced_uid: str, transfer_syntax: UID) -> Instanc
 
 
 _NAMES = ("sop_instance_uid", "sop_class_uid", "series_uid", "study_uid", "modality")
-_PREAMBLE_AND_PREFIX = 132
-_META_GROUP_LENGTH = struct.Struct("<HH2sHL")  # (0002,0000) UL, explicit VR little endian
 
 
 def _walk(path: Path, transfer_syntax: UID) -> dict[str, str] | None:
@@ -83,14 +81,9 @@ def _walk(path: Path, transfer_syntax: UID) -> dict[str, str] | None:
         except ValueError:  # an empty file cannot be mapped
             return None
     with data:
-        if len(data) < _PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH.size:
+        start = dataset_offset(data)
+        if start is None:
             return None
-        group, element, vr, length, meta_length = _META_GROUP_LENGTH.unpack_from(
-            data, _PREAMBLE_AND_PREFIX
-        )
-        if (group, element, vr, length) != (2, 0, b"UL", 4):
-            return None
-        start = _PREAMBLE_AND_PREFIX + _META_GROUP_LENGTH.size + meta_length
         return identifying_values(
             data,
             start,

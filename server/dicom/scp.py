@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import (
     JPEG2000,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -40,9 +39,9 @@ from pynetdicom.presentation import PresentationContext, build_context
 from infergate.config import IngestSettings
 from infergate.dicom.admission import Rejection, space_shortfall
 from infergate.dicom.association import (
+    VERIFICATION,
     AssociationInfo,
     InboundAssociation,
-    Limits,
     ReceivedInstance,
     bind_log_context,
     peer_fields,
@@ -65,7 +64,6 @@ from infergate.store import Arrival, InstanceRecord, Store
 
 log = get_logger(__name__)
 
-VERIFICATION = UID("1.2.840.10008.1.1")
 # Every storage SOP class pynetdicom knows, so a PACS routing a whole study (images,
 # SR, presentation states, key objects) never sees a refused context.
 ACCEPTED_STORAGE = tuple(
@@ -198,11 +196,7 @@ class StorageSCP:
                 info,
                 services=self,
                 contexts=self._contexts,
-                limits=Limits(
-                    self.settings.max_pdu_length,
-                    self.settings.acse_timeout_s,
-                    self.settings.network_timeout_s,
-                ),
+                acse_timeout_s=self.settings.acse_timeout_s,
                 tmp_dir=self.spool.tmp_dir,
             ).run()
         except Exception as exc:  # one connection's failure must not take the listener down
@@ -287,7 +281,7 @@ class StorageSCP:
             study_uid=header.study_uid,
             modality=header.modality,
             path=received,
-            size=received.stat().st_size,
+            size=instance.size,
             association_id=info.association_id,
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,

@@ -1,10 +1,9 @@
 """DICOM TLS: the server context, and the handshake done off the accept loop.
 
-pynetdicom wraps an accepted socket in the accept loop itself, so a client that
-connects and says nothing would hold up every other connection until it gave up.
-Here the TLS port's listener accepts plain sockets and the handshake runs in the
-connection's own thread (``AssociationEvents.on_connect``), bounded by
-``tls.handshake_timeout_s``.
+Wrapping an accepted socket in the accept loop would let a client that connects and
+says nothing hold up every other connection until it gave up. So the TLS port's
+listener accepts plain sockets and the handshake runs in the connection's own thread
+(``AssociationEvents.connected``), bounded by ``tls.handshake_timeout_s``.
 """
 
 from __future__ import annotations
