@@ -209,11 +209,27 @@ class StorageSettings(_Section):
         return self.var_dir / "infergate.db"
 
 
+class UnmatchedSettings(_Section):
+    """What happens to a series that no plugin runs on: it is always logged
+    (``routing.series.unmatched``); ``forward`` also sends its instances, as received,
+    to ``destination`` (for example a PACS that keeps everything)."""
+
+    action: Literal["ignore", "forward"] = "ignore"
+    destination: Destination | None = None
+
+    @model_validator(mode="after")
+    def _forward_needs_destination(self) -> UnmatchedSettings:
+        if self.action == "forward" and self.destination is None:
+            raise ValueError("action forward needs a destination")
+        return self
+
+
 class RoutingSettings(_Section):
     """Which plugins run on which series (``routing_rules``); a plugin that no rule
     names runs on the modalities it declares."""
 
     rules: tuple[Rule, ...] = ()
+    unmatched: UnmatchedSettings = UnmatchedSettings()
 
 
 class AssemblySettings(_Section):

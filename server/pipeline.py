@@ -22,9 +22,12 @@ from infergate.inference.runner import run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
+from infergate.routing import FORWARD_JOB
 from infergate.store import JobRow, ResultRow, Store
 
 log = get_logger(__name__)
+# The kind of a result row that is a received instance forwarded as it came.
+FORWARDED = "forwarded"
 
 
 @dataclass
@@ -69,6 +72,9 @@ class Pipeline:
         with structlog.contextvars.bound_contextvars(
             job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
         ):
+            if job.plugin == FORWARD_JOB:
+                self._queue_forward(job)
+                return
             if plugin is None:
                 reason = f"plugin {job.plugin} is not installed"
                 self.store.fail_job(job.job_id, reason, time.time())
@@ -100,6 +106,22 @@ class Pipeline:
                 **outcome.timings_s,
             )
 
+    def _queue_forward(self, job: JobRow) -> None:
+        """A series no plugin runs on: its instances, as received, become the job's
+        results, which export sends to ``routing.unmatched.destination``."""
+        self.store.start_job(job.job_id, time.time())
+        rows = [
+            ResultRow(uid, job.job_id, FORWARDED, path, "pending", 0)
+            for uid, path in self.store.series_instances(job.series_uid)
+        ]
+        self.store.finish_job(job.job_id, rows, time.time())
+        log.info("routing.series.forward_queued", instances=len(rows))
+
+    def _destination(self, job_id: str, called_ae: str) -> Destination | None:
+        if self.store.job(job_id).plugin == FORWARD_JOB:
+            return self.settings.routing.unmatched.destination
+        return self.settings.destination_for(called_ae)
+
     def export(self) -> None:
         pending = self.store.pending_results()
         if not pending:
@@ -113,7 +135,7 @@ class Pipeline:
                 # The series' called AE title picks the destination, and is the title
                 # Infergate calls it with.
                 called_ae = self.store.called_ae_of_job(job_id)
-                destination = self.settings.destination_for(called_ae)
+                destination = self._destination(job_id, called_ae)
                 if destination is None:
                     self.store.mark_results_attempted(
                         [r.sop_instance_uid for r in rows], "no destination configured", True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -14,6 +15,8 @@ from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
 from infergate.routing_rules import Condition
 
 GROUP = "infergate.plugins"
+# Plugin names appear in config, job records and logs.
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 log = get_logger(__name__)
 
@@ -43,6 +46,11 @@ def validate(plugin: object, source: str) -> Plugin:
         raise PluginError(
             f"plugin {spec.name} targets plugin API {spec.api_version};"
             f" this Infergate has {API_VERSION}"
+        )
+    if not _NAME.fullmatch(spec.name):
+        raise PluginError(
+            f"{source}: plugin name {spec.name!r} must be lowercase letters, digits and _"
+            " starting with a letter"
         )
     if not spec.modalities:
         raise PluginError(f"plugin {spec.name} accepts no modality")

@@ -38,16 +38,30 @@ def explain(
         facts = series_facts(headers, calling_ae, called)
         yield f"series {uid}"
         yield f"  {_describe(facts)}"
-        for decision in route(
+        decisions = route(
             facts, plugins, settings.routing.rules, None if enabled is None else frozenset(enabled)
-        ):
+        )
+        for decision in decisions:
             verdict = f"runs, priority {decision.priority}" if decision.matched else "does not run"
             yield f"  {decision.plugin}: {verdict} ({decision.reason})"
             for rule, lines in decision.explanation:
                 yield f"    rule {rule}:"
                 yield from (f"      {line}" for line in lines)
+        if not any(d.matched for d in decisions):
+            yield f"  no plugin runs: {_unmatched(settings)}"
     if skipped:
         yield f"{skipped} file(s) skipped: not DICOM, or without a Series Instance UID"
+
+
+def _unmatched(settings: Settings) -> str:
+    policy = settings.routing.unmatched
+    if policy.destination is None or policy.action == "ignore":
+        return "ignored (routing.unmatched.action: ignore), logged"
+    where = policy.destination
+    return (
+        f"forwarded as received to {where.ae_title} at {where.host}:{where.port}"
+        " (routing.unmatched)"
+    )
 
 
 def _read_headers(target: Path) -> tuple[dict[str, list[Dataset]], int]:

@@ -15,6 +15,10 @@ from infergate.plugins import LoadedPlugin
 from infergate.routing_rules import Condition, Priority, Rule, evaluate
 from infergate.series_facts import SeriesFacts
 
+# The job that forwards a series no plugin runs on (routing.unmatched); not a plugin
+# name, which is a lowercase identifier.
+FORWARD_JOB = "(forward)"
+
 
 @dataclass(frozen=True)
 class Decision:

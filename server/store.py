@@ -126,6 +126,15 @@ class Store(AssociationRecords):
             ).fetchall()
         return [Path(row[0]) for row in rows]
 
+    def series_instances(self, series_uid: str) -> list[tuple[str, Path]]:
+        """SOP Instance UID and spool path of every instance of a series, as received."""
+        rows = self._rows(
+            "SELECT sop_instance_uid, path FROM instances WHERE series_uid = ?"
+            " ORDER BY received_at",
+            (series_uid,),
+        )
+        return [(str(row[0]), Path(row[1])) for row in rows]
+
     # -- jobs -------------------------------------------------------------------
 
     def runnable_jobs(self) -> list[JobRow]:

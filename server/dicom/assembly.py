@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from infergate.config import AssemblySettings, Settings
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
-from infergate.routing import route
+from infergate.routing import FORWARD_JOB, route
 from infergate.series_facts import SeriesFacts, read_series_facts
 from infergate.store import NewJob, SeriesRow, Store
 
@@ -111,6 +111,10 @@ def _complete(
         for d in decisions
         if d.matched
     ]
+    unmatched = settings.routing.unmatched
+    if not jobs and unmatched.action == "forward":
+        # A job like any other, so a crash between completion and delivery loses nothing.
+        jobs = [NewJob(job_id=uuid.uuid4().hex, plugin=FORWARD_JOB)]
     with structlog.contextvars.bound_contextvars(
         series_uid=series.series_uid, study_uid=series.study_uid
     ):
@@ -126,7 +130,7 @@ def _complete(
         )
         log.info(
             "routing.series.routed",
-            plugins=[d.plugin for d in decisions if d.matched],
+            plugins=[job.plugin for job in jobs],
             decisions=[
                 {
                     "plugin": d.plugin,
@@ -138,8 +142,14 @@ def _complete(
                 for d in decisions
             ],
         )
-        if not jobs:
-            log.info("routing.series.unmatched", modality=series.modality)
+        if not any(d.matched for d in decisions):
+            destination = unmatched.destination
+            log.info(
+                "routing.series.unmatched",
+                modality=series.modality,
+                action=unmatched.action,
+                destination=None if destination is None else destination.ae_title,
+            )
     return [job.job_id for job in jobs]
 
 

@@ -1,4 +1,5 @@
-"""C-STORE SCU: delivering result files to a destination, all in one association."""
+"""C-STORE SCU: delivering files (results, forwarded series) to a destination, all in one
+association."""
 
 from __future__ import annotations
 
@@ -6,18 +7,18 @@ import socket
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import (
-    Comprehensive3DSRStorage,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    SegmentationStorage,
-)
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from infergate.config import Destination
 from infergate.errors import ExportError
 
-RESULT_SOP_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage)
+# Uncompressed data sets can be re-encoded in whichever of these the receiver accepts.
+_UNCOMPRESSED = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+# One association proposes at most 128 presentation contexts (PS3.8 9.3.2.2).
+_MAX_CONTEXTS = 128
 # Statuses a receiver may answer that still mean "stored" (PS3.4 B.2.3).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -27,6 +28,27 @@ def set_nodelay(event: evt.Event) -> None:
     wrapper = event.assoc.dul.socket
     if wrapper is not None and wrapper.socket is not None:
         wrapper.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def requested_contexts(paths: list[Path]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts to propose for ``paths``: per SOP class, one for the
+    uncompressed files (either little endian will do) and one per compressed transfer
+    syntax, which the receiver has to accept as it is."""
+    contexts: dict[tuple[str, str], list[str]] = {}
+    for path in paths:
+        try:
+            meta = read_file_meta_info(path)
+        except (OSError, InvalidDicomError) as exc:
+            raise ExportError(f"{path.name} cannot be read for sending: {exc}") from exc
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        syntax = str(meta.get("TransferSyntaxUID", ""))
+        if not sop_class or not syntax:
+            raise ExportError(f"{path.name} has no SOP class or transfer syntax in its file meta")
+        if syntax in _UNCOMPRESSED:
+            contexts[(sop_class, "")] = _UNCOMPRESSED
+        else:
+            contexts[(sop_class, syntax)] = [syntax]
+    return [(sop_class, syntaxes) for (sop_class, _), syntaxes in contexts.items()]
 
 
 def send_files(
@@ -39,8 +61,14 @@ def send_files(
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
-    for sop_class in RESULT_SOP_CLASSES:
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    contexts = requested_contexts(paths)
+    if len(contexts) > _MAX_CONTEXTS:
+        raise ExportError(
+            f"{len(contexts)} presentation contexts needed for one association;"
+            f" at most {_MAX_CONTEXTS}"
+        )
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
     where = f"{destination.ae_title} at {destination.host}:{destination.port}"
     assoc = ae.associate(
         destination.host,

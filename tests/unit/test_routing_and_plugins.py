@@ -80,6 +80,9 @@ def test_validation_refuses_broken_plugins() -> None:
     doubled = ct_lung.spec.segments + ct_lung.spec.segments[:1]
     with pytest.raises(PluginError, match="unique"):
         validate(_Plugin(replace(ct_lung.spec, segments=doubled)), "test")
+    for name in ("(forward)", "CT Lung", "", "9lives"):
+        with pytest.raises(PluginError, match="must be lowercase letters"):
+            validate(_Plugin(replace(ct_lung.spec, name=name)), "test")
 
 
 def test_the_default_rule_a_plugin_ships_keeps_scouts_out() -> None:

@@ -167,6 +167,14 @@ def test_route_explain_prints_every_series_and_every_test(
     assert "ct_lung: does not run (no rule matched (chest))" in out
     assert "FAIL body part HEAD not in ['CHEST']" in out
     assert "1 file(s) skipped" in out
+    assert "no plugin runs: ignored (routing.unmatched.action: ignore), logged" in out
+    config.write_text(
+        config.read_text() + "  unmatched:\n    action: forward\n"
+        "    destination: {ae_title: ARCHIVE, host: 10.1.1.1, port: 104}\n"
+    )
+    assert main(["route", "explain", str(folder), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "no plugin runs: forwarded as received to ARCHIVE at 10.1.1.1:104" in out
     assert "PatientName" not in out
     patient = str(pydicom.dcmread(head_ct[0], stop_before_pixels=True).get("PatientName", ""))
     if patient:
