@@ -248,6 +248,17 @@ class AssemblySettings(_Section):
     release_quiet_period_s: float | None = Field(default=None, gt=0)
 
 
+class VolumeSettings(_Section):
+    """How a series becomes the regular volume a plugin gets (``dicom.volume``)."""
+
+    # Slices sheared by gantry tilt: shift each in plane onto the first, or refuse.
+    tilt: Literal["resample", "refuse"] = "resample"
+    # Uneven gaps between slices: interpolate onto the median spacing, or refuse.
+    irregular_spacing: Literal["resample", "refuse"] = "resample"
+    # A gap over this many times the median spacing means missing slices: refused.
+    max_gap_ratio: float = Field(default=2.5, gt=1)
+
+
 class TritonSettings(_Section):
     """The Triton Inference Server: started by Infergate (embedded) or reached by URL."""
 
@@ -322,6 +333,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     assembly: AssemblySettings = AssemblySettings()
     routing: RoutingSettings = RoutingSettings()
+    volume: VolumeSettings = VolumeSettings()
     plugins: PluginSettings = PluginSettings()
     triton: TritonSettings = TritonSettings()
     results: ResultsSettings = ResultsSettings()

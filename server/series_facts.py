@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
@@ -87,8 +88,13 @@ def regularly_spaced(headers: Sequence[Dataset]) -> bool:
             return len(headers) == 1
         normal = np.cross([float(v) for v in iop[:3]], [float(v) for v in iop[3:]])
         positions.append(float(np.dot(normal, [float(v) for v in ipp])))
-    if len(positions) < 3:
-        return True
-    gaps = np.diff(np.sort(positions))
+    return not irregular_gaps(np.diff(np.sort(positions)))
+
+
+def irregular_gaps(gaps: npt.NDArray[np.float64]) -> bool:
+    """Whether gaps between consecutive slice positions differ from their median by more
+    than the tolerance (two or fewer slices are regular)."""
+    if len(gaps) < 2:
+        return False
     median = float(np.median(gaps))
-    return bool(np.all(np.abs(gaps - median) <= max(_SPACING_TOLERANCE * median, 0.01)))
+    return bool(np.any(np.abs(gaps - median) > max(_SPACING_TOLERANCE * median, 0.01)))

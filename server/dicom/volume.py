@@ -1,12 +1,25 @@
-"""Turning the spooled instances of a series into a volume for a plugin.
+"""Turning the spooled instances of a series into the regular volume a plugin gets.
 
 Slices are ordered by position along the slice normal (the cross product of the
 row and column directions), never by Instance Number or file order. The modality
-LUT (Rescale Slope and Intercept) is applied.
+LUT (Rescale Slope and Intercept) is applied. Instances that do not belong in the
+volume (localizers, or another orientation or size mixed into the series) are left
+out and said so.
+
+Two acquisitions do not give a regular grid as they are: a stack sheared by gantry
+tilt (each slice shifted in plane along the table) and uneven gaps between slices.
+``volume.tilt`` and ``volume.irregular_spacing`` decide: ``resample`` onto a
+regular grid along the normal (in-plane shift per slice, linear interpolation
+between slices), or ``refuse`` the series with the reason. Slices missing from
+the stack (a gap over ``volume.max_gap_ratio`` times the series' spacing) are
+always refused: resampling would invent them. Whatever the plugin's label map says
+about the grid is mapped back onto the acquired slices (``source_label_frames``),
+so results overlay the images the radiologist sees.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,20 +27,74 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
+from infergate.config import VolumeSettings
 from infergate.errors import VolumeError
 from infergate.plugin_api import Series
+from infergate.series_facts import irregular_gaps
 
 # Positions along the normal closer than this are the same slice position (mm).
 _SAME_POSITION_MM = 1e-3
+# Direction cosines that differ by less than this are the same orientation.
+_SAME_ORIENTATION = 1e-4
+# An in-plane drift of the slice origins under this fraction of a pixel is not a shear.
+_SHEAR_TOLERANCE_PX = 0.1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an acquired slice lies in the plugin's volume: its slice index there
+    (fractional when resampled) and the in-plane shift (rows, columns, in pixels)
+    that was applied to it to undo a shear."""
+
+    index: float
+    shift_px: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
 class LoadedSeries:
-    """A volume and the headers of its slices, in volume order, pixel data dropped."""
+    """The plugin's volume, and the acquired slices it was built from.
+
+    ``headers`` (pixel data dropped) are the slices used, ordered along the normal,
+    with their ``placements``; ``excluded`` says which instances were left out and why;
+    ``resampled`` says how the grid differs from the acquisition, if it does.
+    """
 
     series: Series
     headers: tuple[Dataset, ...]
+    placements: tuple[Placement, ...]
+    excluded: tuple[str, ...] = ()
+    resampled: str | None = None
+
+    def source_label_frames(self, label_map: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """``label_map`` (the volume's shape) as one frame per acquired slice, in the
+        order of ``headers``: the nearest grid slice, shifted back in plane."""
+        if label_map.shape != self.series.volume.shape:
+            raise VolumeError(
+                f"label map has shape {label_map.shape}, the volume {self.series.volume.shape}"
+            )
+        if self.resampled is None:
+            return label_map
+        last = label_map.shape[0] - 1
+        frames = np.empty((len(self.placements), *label_map.shape[1:]), dtype=np.uint8)
+        for i, place in enumerate(self.placements):
+            grid = label_map[min(max(round(place.index), 0), last)]
+            if place.shift_px == (0.0, 0.0):
+                frames[i] = grid
+            else:
+                back = (-place.shift_px[0], -place.shift_px[1])
+                frames[i] = ndimage.shift(grid, back, order=0, mode="constant", cval=0)
+        return frames
+
+
+@dataclass
+class _Slice:
+    path: Path
+    header: Dataset
+    pixels: npt.NDArray[np.float32]
+    orientation: npt.NDArray[np.float64]
+    position: npt.NDArray[np.float64]
 
 
 def _vector(ds: Dataset, keyword: str, length: int, path: Path) -> npt.NDArray[np.float64]:
@@ -37,60 +104,165 @@ def _vector(ds: Dataset, keyword: str, length: int, path: Path) -> npt.NDArray[n
     return np.array([float(v) for v in value], dtype=np.float64)
 
 
-def load_series(paths: list[Path]) -> LoadedSeries:
+def _read(path: Path) -> _Slice:
+    try:
+        ds = pydicom.dcmread(path)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise VolumeError(f"instance {path.name} cannot be read: {exc}") from exc
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise VolumeError(f"instance {path.name} is multi-frame, which is not supported yet")
+    orientation = _vector(ds, "ImageOrientationPatient", 6, path)
+    position = _vector(ds, "ImagePositionPatient", 3, path)
+    try:
+        pixels = ds.pixel_array.astype(np.float32)
+    except Exception as exc:  # pixel handlers raise many types
+        raise VolumeError(f"instance {path.name}: pixel data cannot be decoded: {exc}") from exc
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        pixels *= slope
+    if intercept != 0.0:
+        pixels += intercept
+    del ds.PixelData
+    return _Slice(path, ds, pixels, orientation, position)
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    return "LOCALIZER" in {str(v).upper() for v in (ds.get("ImageType") or ())}
+
+
+def _select(slices: list[_Slice]) -> tuple[list[_Slice], tuple[str, ...]]:
+    """The slices that make the volume: no localizer, and the orientation and size most
+    of the series has. The rest are left out, each reason with its count."""
+    reasons: Counter[str] = Counter()
+    kept = [s for s in slices if not _is_localizer(s.header)]
+    reasons["localizer (Image Type)"] = len(slices) - len(kept)
+    if not kept:
+        raise VolumeError("series holds only localizers")
+
+    def key(s: _Slice) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(np.round(s.orientation / _SAME_ORIENTATION).astype(int)), s.pixels.shape
+
+    counts = Counter(key(s) for s in kept)
+    (main, main_count), *others = counts.most_common()
+    if others and others[0][1] == main_count:
+        raise VolumeError(
+            f"series mixes {len(counts)} orientations or image sizes in equal numbers"
+            f" ({main_count} slices each): no volume to choose"
+        )
+    volume = [s for s in kept if key(s) == main]
+    reasons["another orientation or image size"] = len(kept) - len(volume)
+    return volume, tuple(f"{n} {why}" for why, n in reasons.items() if n)
+
+
+def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> LoadedSeries:
     """Read ``paths`` (one series) into a :class:`LoadedSeries`.
 
-    Raises :class:`VolumeError` when slices disagree in size or orientation, share a
-    position, or lack geometry.
+    Raises :class:`VolumeError` when no regular volume can be made under ``settings``:
+    slices sharing a position, missing slices, a tilt or uneven spacing the policy
+    refuses, or instances without geometry.
     """
+    policy = settings or VolumeSettings()
     if not paths:
         raise VolumeError("series has no instances")
-    slices: list[tuple[float, Dataset, npt.NDArray[np.float32]]] = []
-    orientation: npt.NDArray[np.float64] | None = None
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise VolumeError(f"instance {path.name} cannot be read: {exc}") from exc
-        iop = _vector(ds, "ImageOrientationPatient", 6, path)
-        if orientation is None:
-            orientation = iop
-        elif not np.allclose(iop, orientation, atol=1e-4):
-            raise VolumeError(f"instance {path.name} has a different orientation from the series")
-        normal = np.cross(iop[:3], iop[3:])
-        position = _vector(ds, "ImagePositionPatient", 3, path)
-        try:
-            pixels = ds.pixel_array.astype(np.float32)
-        except Exception as exc:  # pixel handlers raise many types
-            raise VolumeError(f"instance {path.name}: pixel data cannot be decoded: {exc}") from exc
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if slope != 1.0:
-            pixels *= slope
-        if intercept != 0.0:
-            pixels += intercept
-        del ds.PixelData
-        slices.append((float(np.dot(position, normal)), ds, pixels))
-
-    shapes = {pixels.shape for _, _, pixels in slices}
-    if len(shapes) != 1:
-        raise VolumeError(f"slices differ in size: {sorted(shapes)}")
-    slices.sort(key=lambda item: item[0])
-    distances = np.array([item[0] for item in slices])
+    slices, excluded = _select([_read(p) for p in paths])
+    orientation = slices[0].orientation
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    slices.sort(key=lambda s: float(np.dot(s.position, normal)))
+    distances = np.array([float(np.dot(s.position, normal)) for s in slices])
     gaps = np.diff(distances)
     if len(gaps) and float(gaps.min()) < _SAME_POSITION_MM:
         raise VolumeError("two or more slices share a position along the slice normal")
-    first = slices[0][1]
+    first = slices[0].header
     row_spacing, column_spacing = (float(v) for v in _vector(first, "PixelSpacing", 2, paths[0]))
-    slice_spacing = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1))
-    if orientation is None:  # unreachable: paths is not empty
-        raise VolumeError("series has no instances")
+    spacing = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1) or 1)
+    irregular = irregular_gaps(gaps)
+    if irregular:
+        # The finest gap that is not an outlier: the grid keeps every acquired slice's detail.
+        spacing = float(gaps[gaps >= spacing / 2].min())
+    if len(gaps) and float(gaps.max()) > policy.max_gap_ratio * spacing:
+        raise VolumeError(
+            f"slices missing: a gap of {float(gaps.max()):.2f} mm along the normal where the"
+            f" series' spacing is {spacing:.2f} mm (over volume.max_gap_ratio"
+            f" {policy.max_gap_ratio:g})"
+        )
+
+    # In-plane drift of each slice's origin from the first's, in pixels (rows, columns).
+    drift_mm = np.array([s.position - slices[0].position for s in slices])
+    shifts = np.stack([drift_mm @ col_dir / row_spacing, drift_mm @ row_dir / column_spacing], 1)
+    sheared = bool(np.abs(shifts).max() > _SHEAR_TOLERANCE_PX) if len(gaps) else False
+    changes: list[str] = []
+    if sheared:
+        extent = float(distances[-1] - distances[0])
+        drift = float(np.linalg.norm(drift_mm[-1] - (drift_mm[-1] @ normal) * normal))
+        angle = float(np.degrees(np.arctan2(drift, extent)))
+        tilt = first.get("GantryDetectorTilt")
+        what = f"slices sheared by {angle:.1f} degrees" + (
+            f" (Gantry/Detector Tilt {float(tilt):g})" if tilt not in (None, "") else ""
+        )
+        if policy.tilt == "refuse":
+            raise VolumeError(f"{what}; volume.tilt is refuse")
+        changes.append(f"{what}: each slice shifted in plane onto the first")
+    if irregular:
+        what = f"slice gaps from {float(gaps.min()):.2f} to {float(gaps.max()):.2f} mm"
+        if policy.irregular_spacing == "refuse":
+            raise VolumeError(f"{what}; volume.irregular_spacing is refuse")
+        changes.append(f"{what}: resampled every {spacing:.2f} mm along the normal")
+
+    stack = np.stack([s.pixels for s in slices])
+    if sheared:
+        background = float(stack.min())
+        for i in range(1, len(slices)):
+            stack[i] = ndimage.shift(
+                stack[i], tuple(shifts[i]), order=1, mode="constant", cval=background
+            )
+    index = (distances - distances[0]) / spacing if len(gaps) else np.zeros(1)
+    if irregular:
+        stack = _resample_along_normal(stack, index)
+    placements = tuple(
+        Placement(
+            float(index[i]) if irregular else float(i),
+            (float(shifts[i][0]), float(shifts[i][1])) if sheared else (0.0, 0.0),
+        )
+        for i in range(len(slices))
+    )
     series = Series(
         modality=str(first.get("Modality", "")),
-        volume=np.stack([pixels for _, _, pixels in slices]),
-        spacing=(slice_spacing, row_spacing, column_spacing),
-        row_direction=(float(orientation[0]), float(orientation[1]), float(orientation[2])),
-        column_direction=(float(orientation[3]), float(orientation[4]), float(orientation[5])),
-        origin=tuple(float(v) for v in _vector(first, "ImagePositionPatient", 3, paths[0])),  # type: ignore[arg-type]
+        volume=stack,
+        spacing=(spacing, row_spacing, column_spacing),
+        row_direction=(float(row_dir[0]), float(row_dir[1]), float(row_dir[2])),
+        column_direction=(float(col_dir[0]), float(col_dir[1]), float(col_dir[2])),
+        origin=(
+            float(slices[0].position[0]),
+            float(slices[0].position[1]),
+            float(slices[0].position[2]),
+        ),
     )
-    return LoadedSeries(series=series, headers=tuple(ds for _, ds, _ in slices))
+    return LoadedSeries(
+        series=series,
+        headers=tuple(s.header for s in slices),
+        placements=placements,
+        excluded=excluded,
+        resampled="; ".join(changes) or None,
+    )
+
+
+def _resample_along_normal(
+    stack: npt.NDArray[np.float32], index: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float32]:
+    """Slices at fractional grid positions ``index`` (increasing, from 0) onto the
+    integer positions 0..round(last), each a linear blend of its two neighbours."""
+    count = round(float(index[-1])) + 1
+    grid = np.empty((count, *stack.shape[1:]), dtype=np.float32)
+    for j in range(count):
+        upper = int(np.searchsorted(index, j, side="left"))
+        if upper == 0:
+            grid[j] = stack[0]
+        elif upper >= len(index):
+            grid[j] = stack[-1]
+        else:
+            lower = upper - 1
+            weight = float((j - index[lower]) / (index[upper] - index[lower]))
+            grid[j] = (1.0 - weight) * stack[lower] + weight * stack[upper]
+    return grid

@@ -53,8 +53,16 @@ def run_job(
         timings[name] = round(now - started, 3)
         started = now
 
-    loaded = load_series(store.instance_paths(job.series_uid))
+    loaded = load_series(store.instance_paths(job.series_uid), settings.volume)
     lap("volume_s")
+    if loaded.excluded or loaded.resampled:
+        log.info(
+            "inference.volume.adjusted",
+            excluded=list(loaded.excluded),
+            resampled=loaded.resampled,
+            slices=len(loaded.headers),
+            grid_slices=loaded.series.volume.shape[0],
+        )
     inputs = _plugin_step(spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series))
     lap("preprocess_s")
     outputs = triton.infer(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -73,6 +73,9 @@ def encode(
     """The job's result objects: a SEG when there are segments, and always an SR."""
     results: list[EncodedResult] = []
     source = conformant_source(loaded.headers)
+    if findings.label_map is not None:
+        # Results describe the acquired slices, whatever grid the plugin saw.
+        findings = replace(findings, label_map=loaded.source_label_frames(findings.label_map))
     seg = None
     if findings.label_map is not None and findings.segment_numbers:
         seg = build_segmentation(source, findings, spec, identity)

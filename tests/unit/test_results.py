@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from series_variants import sheared
 
 from infergate.config import DeviceSettings
 from infergate.dicom.volume import LoadedSeries, load_series
@@ -131,3 +132,37 @@ def test_source_defects_are_not_copied(head_ct: list[Path], tmp_path: Path) -> N
     assert sr.dataset.PatientBirthDate == ""
     assert sr.dataset.DeidentificationMethod == DEIDENTIFICATION_UNSTATED
     assert dciodvfy_errors(write_result(tmp_path, sr)) == []
+
+
+def test_results_of_a_resampled_volume_lie_on_the_acquired_slices(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    paths = sheared(small_phantom, tmp_path / "tilt")
+    loaded = load_series(paths)
+    assert loaded.resampled is not None
+    findings = _findings(loaded, (RIGHT_LUNG,))
+    seg, sr = encode(loaded, findings, plugin.spec, _identity())
+    assert dciodvfy_errors(write_result(tmp_path / "out", seg)) == []
+    assert dciodvfy_errors(write_result(tmp_path / "out", sr)) == []
+    acquired = {
+        str(ds.SOPInstanceUID): ds
+        for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
+    }
+    frames = _round_trip(seg.dataset)
+    expected = loaded.source_label_frames(findings.label_map)  # type: ignore[arg-type]
+    stored = frames.pixel_array
+    for index, item in enumerate(frames.PerFrameFunctionalGroupsSequence):
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        original = acquired[str(source.ReferencedSOPInstanceUID)]
+        # Each SEG frame sits where its acquired slice is, and holds that slice's labels.
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in position] == pytest.approx(
+            [float(v) for v in original.ImagePositionPatient]
+        )
+        slice_index = [h.SOPInstanceUID for h in loaded.headers].index(
+            source.ReferencedSOPInstanceUID
+        )
+        np.testing.assert_array_equal(stored[index], expected[slice_index] == RIGHT_LUNG)
+    # The label map shifted back: the segment moves one row per slice with the tilt.
+    rows = [int(np.nonzero(frame.any(axis=1))[0][0]) for frame in expected if frame.any()]
+    assert rows == list(range(rows[0], rows[0] - len(rows), -1))

@@ -5,7 +5,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from series_variants import by_z, rewrite, sheared
 
+from infergate.config import VolumeSettings
 from infergate.dicom.volume import load_series
 from infergate.errors import VolumeError
 from infergate.testing import ChestPhantom
@@ -35,7 +38,11 @@ def test_rescale_gives_hounsfield_units(small_phantom: ChestPhantom) -> None:
 
 
 def test_real_tilted_head_ct(head_ct: list[Path]) -> None:
+    # This scanner writes the tilt into the orientation: the slices lie along the tilted
+    # normal, so the stack is regular and nothing is resampled.
     loaded = load_series(head_ct)
+    assert loaded.resampled is None
+    assert loaded.excluded == ()
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in head_ct]
     iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
@@ -51,14 +58,102 @@ def test_real_tilted_head_ct(head_ct: list[Path]) -> None:
     assert loaded.series.modality == "CT"
 
 
-def test_mixed_orientation_is_refused(small_phantom: ChestPhantom, tmp_path: Path) -> None:
-    paths = list(small_phantom.paths[:5])
-    odd = pydicom.dcmread(paths[0])
-    odd.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
-    odd_path = tmp_path / "odd.dcm"
-    odd.save_as(odd_path)
-    with pytest.raises(VolumeError, match="different orientation"):
-        load_series([*paths[1:], odd_path])
+def test_localizers_and_other_orientations_mixed_in_are_left_out(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    paths = by_z(small_phantom.paths)[:6]
+
+    def mix(index: int, ds: Dataset) -> None:
+        if index == 0:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        if index in (1, 2):
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+
+    loaded = load_series(rewrite(paths, tmp_path / "mixed", mix))
+    assert len(loaded.headers) == 3
+    assert loaded.excluded == ("1 localizer (Image Type)", "2 another orientation or image size")
+    assert loaded.resampled is None
+
+
+def test_an_even_mix_of_orientations_is_refused(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    def mix(index: int, ds: Dataset) -> None:
+        if index % 2:
+            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+
+    with pytest.raises(VolumeError, match="in equal numbers"):
+        load_series(rewrite(list(small_phantom.paths[:4]), tmp_path / "even", mix))
+
+
+def test_a_sheared_stack_is_shifted_back_onto_a_regular_grid(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    straight = load_series(list(small_phantom.paths))
+    loaded = load_series(sheared(small_phantom, tmp_path / "tilt"))
+    assert loaded.resampled is not None
+    assert "sheared by 13.1 degrees (Gantry/Detector Tilt 13.1)" in loaded.resampled
+    assert loaded.series.volume.shape == straight.series.volume.shape
+    assert loaded.series.spacing == pytest.approx(straight.series.spacing)
+    # Rows the shift did not carry out of the field are the untilted phantom's, exactly.
+    margin = len(small_phantom.paths)
+    inner = slice(margin, 256 - margin)
+    np.testing.assert_allclose(
+        loaded.series.volume[:, inner], straight.series.volume[:, inner], atol=1e-3
+    )
+    # A label map on the grid lands on the acquired slices where their pixels are.
+    lungs = (loaded.series.volume < -500).astype(np.uint8)
+    frames = loaded.source_label_frames(lungs)
+    acquired = (
+        np.stack(
+            [
+                pydicom.dcmread(p).pixel_array
+                for p in by_z(tuple(tmp_path.joinpath("tilt").glob("*.dcm")))
+            ]
+        ).astype(np.float32)
+        - 1024
+    )
+    np.testing.assert_array_equal(frames[:, inner], (acquired[:, inner] < -500))
+
+
+def test_the_tilt_policy_can_refuse_a_sheared_stack(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    with pytest.raises(VolumeError, match=r"sheared by 13\.1 degrees.*volume.tilt is refuse"):
+        load_series(sheared(small_phantom, tmp_path / "tilt"), VolumeSettings(tilt="refuse"))
+
+
+def test_uneven_gaps_are_resampled_or_refused(small_phantom: ChestPhantom, tmp_path: Path) -> None:
+    ordered = by_z(small_phantom.paths)
+    straight = load_series(ordered)
+    # Every third slice missing: gaps of 6 and 12 mm.
+    kept = [p for i, p in enumerate(ordered) if i % 3 != 1]
+    loaded = load_series(kept)
+    assert loaded.resampled is not None
+    assert "slice gaps from 6.00 to 12.00 mm" in loaded.resampled
+    assert loaded.series.spacing[0] == pytest.approx(6.0)
+    assert loaded.series.volume.shape == straight.series.volume.shape
+    acquired = [i for i in range(len(ordered)) if i % 3 != 1]
+    np.testing.assert_array_equal(loaded.series.volume[acquired], straight.series.volume[acquired])
+    # A slice the grid adds is the mean of its two neighbours, 6 mm either side.
+    np.testing.assert_allclose(
+        loaded.series.volume[1],
+        (straight.series.volume[0] + straight.series.volume[2]) / 2,
+        atol=1e-3,
+    )
+    assert [p.index for p in loaded.placements][:3] == pytest.approx([0.0, 2.0, 3.0])
+    assert loaded.source_label_frames(np.zeros(loaded.series.volume.shape, np.uint8)).shape[0] == (
+        len(kept)
+    )
+    with pytest.raises(VolumeError, match=r"volume\.irregular_spacing is refuse"):
+        load_series(kept, VolumeSettings(irregular_spacing="refuse"))
+
+
+def test_missing_slices_are_refused_whatever_the_policy(small_phantom: ChestPhantom) -> None:
+    ordered = by_z(small_phantom.paths)
+    with pytest.raises(VolumeError, match=r"slices missing: a gap of 24\.00 mm"):
+        load_series([*ordered[:10], *ordered[13:]])
 
 
 def test_two_slices_at_one_position_are_refused(
