@@ -131,7 +131,8 @@ def list_plugins() -> int:
         print(f"{spec.name} {spec.version}")
         print(f"  {spec.description}")
         print(f"  modalities: {', '.join(sorted(spec.modalities))}")
-        print(f"  default rule: {json.dumps(spec.rule) if spec.rule else 'its modalities'}")
+        rule = json.dumps(spec.rule) if spec.rule else "its modalities"
+        print(f"  default rule ({spec.priority}): {rule}")
         print(
             f"  Triton model: {spec.model_name}"
             + (f" v{spec.model_version}" if spec.model_version else "")

@@ -158,8 +158,11 @@ class Pipeline:
         uids = [r.sop_instance_uid for r in rows]
         attempt = max(r.attempts for r in rows) + 1
         started = time.perf_counter()
+        urgent = any(r.priority == "urgent" for r in rows)
         try:
-            send_files([r.path for r in rows], destination, calling_ae, export.timeout_s)
+            send_files(
+                [r.path for r in rows], destination, calling_ae, export.timeout_s, urgent=urgent
+            )
         except InfergateError as exc:
             give_up = attempt >= export.attempts
             self.store.mark_results_attempted(uids, str(exc), give_up)
@@ -179,6 +182,7 @@ class Pipeline:
             destination=destination.ae_title,
             calling_ae=calling_ae,
             kinds=[r.kind for r in rows],
+            priority="urgent" if urgent else "normal",
             sop_instance_uids=uids,
             attempt=attempt,
             duration_s=round(time.perf_counter() - started, 3),

@@ -50,6 +50,9 @@ class SegmentSpec:
     category: Code
     type: Code
     algorithm_type: Literal["AUTOMATIC", "SEMIAUTOMATIC"] = "AUTOMATIC"
+    # Where in the body the segment is (the SR's finding site); None: ``type`` is the
+    # anatomy itself (an organ segmentation).
+    site: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class PluginSpec:
     # as in a rule's ``when`` (modality, image_type, series_description, not, ...).
     # None: every series of one of ``modalities``.
     rule: Mapping[str, object] | None = field(default=None, hash=False)
+    # The priority of its jobs under that default rule (a triage plugin: urgent).
+    priority: Literal["urgent", "normal"] = "normal"
 
     def segment(self, number: int) -> SegmentSpec:
         for seg in self.segments:
@@ -132,6 +137,9 @@ class Findings:
     measurements: tuple[Measurement, ...] = ()
     evaluations: tuple[Evaluation, ...] = ()
     summary: Mapping[str, float | int | str] = field(default_factory=dict)
+    # A finding that cannot wait (a bleed): the results go out ahead of others, and
+    # are sent with C-STORE priority HIGH.
+    urgent: bool = False
 
 
 @runtime_checkable
@@ -155,3 +163,7 @@ MILLILITER = Code("mL", "UCUM", "milliliter")
 FINDING = Code("121071", "DCM", "Finding")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("2667000", "SCT", "Absent")
+LATERALITY = Code("272741003", "SCT", "Laterality")
+RIGHT = Code("24028007", "SCT", "Right")
+LEFT = Code("7771000", "SCT", "Left")
+RIGHT_AND_LEFT = Code("51440002", "SCT", "Right and left")

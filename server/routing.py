@@ -42,7 +42,9 @@ def default_rule(loaded: LoadedPlugin) -> Rule:
         if spec.rule is None
         else Condition.model_validate(spec.rule)
     )
-    return Rule(name=f"{spec.name} (default)", plugins=(spec.name,), when=when)
+    return Rule(
+        name=f"{spec.name} (default)", plugins=(spec.name,), priority=spec.priority, when=when
+    )
 
 
 def route(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from infergate.errors import StoreError
+from infergate.routing_rules import Priority
 from infergate.store_associations import AssociationRecords
 from infergate.store_rows import (
     Arrival,
@@ -175,8 +176,18 @@ class Store(AssociationRecords):
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, path, state,"
-                " created_at) VALUES (?, ?, ?, ?, 'pending', ?)",
-                [(r.sop_instance_uid, job_id, r.kind, str(r.path), now) for r in results],
+                " created_at, priority) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                [
+                    (
+                        r.sop_instance_uid,
+                        job_id,
+                        r.kind,
+                        str(r.path),
+                        now,
+                        PRIORITY_RANK[r.priority],
+                    )
+                    for r in results
+                ],
             )
             db.execute(
                 "UPDATE jobs SET state = 'done', error = NULL, updated_at = ? WHERE job_id = ?",
@@ -233,12 +244,12 @@ class Store(AssociationRecords):
         return str(rows[0][0])
 
     def pending_results(self) -> list[ResultRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sop_instance_uid, job_id, kind, path, state, attempts FROM results"
-                " WHERE state = 'pending' ORDER BY created_at, kind"
-            ).fetchall()
-        return [ResultRow(r[0], r[1], r[2], Path(r[3]), r[4], r[5]) for r in rows]
+        """Results not yet delivered, urgent ones first, then oldest first."""
+        rows = self._rows(
+            f"SELECT {_RESULT_COLUMNS} FROM results"  # noqa: S608 - constant
+            " WHERE state = 'pending' ORDER BY priority, created_at, kind"
+        )
+        return [_result(row) for row in rows]
 
     def mark_results_sent(self, uids: list[str], now: float) -> None:
         with self._transaction() as db:
@@ -257,12 +268,10 @@ class Store(AssociationRecords):
             )
 
     def results(self) -> list[ResultRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sop_instance_uid, job_id, kind, path, state, attempts FROM results"
-                " ORDER BY created_at"
-            ).fetchall()
-        return [ResultRow(r[0], r[1], r[2], Path(r[3]), r[4], r[5]) for r in rows]
+        rows = self._rows(
+            f"SELECT {_RESULT_COLUMNS} FROM results ORDER BY created_at"  # noqa: S608 - constant
+        )
+        return [_result(row) for row in rows]
 
 
 def _record_instance(
@@ -325,8 +334,8 @@ def _record_instance(
 
 
 _JOB_COLUMNS = "job_id, series_uid, study_uid, plugin, state, attempts, error, priority"
-PRIORITY_RANK = {"urgent": 0, "normal": 1}
-_PRIORITY_NAME = {rank: name for name, rank in PRIORITY_RANK.items()}
+PRIORITY_RANK: dict[Priority, int] = {"urgent": 0, "normal": 1}
+_PRIORITY_NAME: dict[int, Priority] = {rank: name for name, rank in PRIORITY_RANK.items()}
 
 
 def _job(row: tuple[Any, ...]) -> JobRow:
@@ -334,3 +343,11 @@ def _job(row: tuple[Any, ...]) -> JobRow:
     return JobRow(
         job_id, series_uid, study_uid, plugin, state, attempts, error, _PRIORITY_NAME[rank]
     )
+
+
+_RESULT_COLUMNS = "sop_instance_uid, job_id, kind, path, state, attempts, priority"
+
+
+def _result(row: tuple[Any, ...]) -> ResultRow:
+    uid, job_id, kind, path, state, attempts, rank = row
+    return ResultRow(uid, job_id, kind, Path(path), state, attempts, _PRIORITY_NAME[rank])

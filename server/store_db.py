@@ -85,7 +85,8 @@ CREATE TABLE IF NOT EXISTS results (
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created_at REAL NOT NULL,
-    sent_at REAL
+    sent_at REAL,
+    priority INTEGER NOT NULL DEFAULT 1
 );
 """
 
@@ -94,7 +95,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 4
+_VERSION = 5
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -103,11 +104,12 @@ def _migrate(db: sqlite3.Connection) -> None:
         return
     added = {
         # duplicate detection (version 1), listener processes (2), release hint (3),
-        # job priority (4: 0 urgent, 1 normal)
+        # job priority (4: 0 urgent, 1 normal), result priority (5)
         ("instances", "sha256"): "TEXT NOT NULL DEFAULT ''",
         ("associations", "process_id"): "INTEGER NOT NULL DEFAULT 0",
         ("series", "released_at"): "REAL",
         ("jobs", "priority"): "INTEGER NOT NULL DEFAULT 1",
+        ("results", "priority"): "INTEGER NOT NULL DEFAULT 1",
     }
     for (table, column), definition in added.items():
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:

@@ -78,6 +78,8 @@ class ResultRow:
     path: Path
     state: str
     attempts: int
+    # Urgent results (a finding that cannot wait) are sent first, with C-STORE priority HIGH.
+    priority: Literal["urgent", "normal"] = "normal"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,14 @@ from infergate.config import IngestSettings
 from infergate.dicom.scp import StorageSCP
 from infergate.dicom.spool import Spool
 from infergate.store import Store
-from infergate.testing import ChestPhantom, write_chest_ct
+from infergate.testing import (
+    LEFT_FRONTAL,
+    RIGHT_PARIETAL,
+    ChestPhantom,
+    HeadPhantom,
+    write_chest_ct,
+    write_head_ct,
+)
 from peers import REPO, SHARED_DATA, Orthanc, free_port
 
 
@@ -60,16 +67,33 @@ def strict_pydicom() -> Iterator[None]:
     settings.writing_validation_mode = before
 
 
-@pytest.fixture(scope="session")
-def lung_model() -> ModuleType:
-    """The ct_lung_seg Triton model's module, imported without Triton to test its algorithm."""
-    path = REPO / "model_repository" / "ct_lung_seg" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("ct_lung_seg_model", path)
+def _model_module(name: str) -> ModuleType:
+    """A Python-backend Triton model's module, imported without Triton."""
+    path = REPO / "model_repository" / name / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_model", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def lung_model() -> ModuleType:
+    """The ct_lung_seg Triton model's module, to test its algorithm."""
+    return _model_module("ct_lung_seg")
+
+
+@pytest.fixture(scope="session")
+def bleed_model() -> ModuleType:
+    """The ct_head_bleed Triton model's module, to test its algorithm."""
+    return _model_module("ct_head_bleed")
+
+
+@pytest.fixture(scope="session")
+def bleed_head(tmp_path_factory: pytest.TempPathFactory) -> HeadPhantom:
+    """A synthetic head CT with a right parietal and a left frontal hyperdensity."""
+    return write_head_ct(tmp_path_factory.mktemp("bleed-head"), (RIGHT_PARIETAL, LEFT_FRONTAL))
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,8 @@ from infergate.errors import ExportError
 
 # Uncompressed data sets can be re-encoded in whichever of these the receiver accepts.
 _UNCOMPRESSED = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+# C-STORE Priority (PS3.7 9.1.1.1.4).
+_MEDIUM, _HIGH = 0x0000, 0x0001
 # One association proposes at most 128 presentation contexts (PS3.8 9.3.2.2).
 _MAX_CONTEXTS = 128
 # Statuses a receiver may answer that still mean "stored" (PS3.4 B.2.3).
@@ -52,9 +54,15 @@ def requested_contexts(paths: list[Path]) -> list[tuple[str, list[str]]]:
 
 
 def send_files(
-    paths: list[Path], destination: Destination, calling_ae: str, timeout_s: float
+    paths: list[Path],
+    destination: Destination,
+    calling_ae: str,
+    timeout_s: float,
+    *,
+    urgent: bool = False,
 ) -> None:
-    """C-STORE ``paths`` to ``destination`` in one association.
+    """C-STORE ``paths`` to ``destination`` in one association, with priority HIGH when
+    ``urgent`` and MEDIUM otherwise.
 
     Raises :class:`ExportError` naming the destination and the status or failure.
     """
@@ -79,9 +87,10 @@ def send_files(
     if not assoc.is_established:
         raise ExportError(f"destination {where} refused or did not answer the association")
     try:
-        for path in paths:
+        priority = _HIGH if urgent else _MEDIUM
+        for message_id, path in enumerate(paths, start=1):
             ds = pydicom.dcmread(path)
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(ds, msg_id=message_id, priority=priority)
             code = int(status.Status) if status is not None and "Status" in status else None
             if code is None:
                 raise ExportError(f"destination {where} gave no C-STORE response for {path.name}")

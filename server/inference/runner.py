@@ -91,6 +91,7 @@ def run_job(
             path=write_result(directory, result),
             state="pending",
             attempts=0,
+            priority="urgent" if findings.urgent else "normal",
         )
         for result in encoded
     ]
@@ -99,6 +100,7 @@ def run_job(
         "inference.job.findings",
         plugin=spec.name,
         slices=len(loaded.headers),
+        urgent=findings.urgent,
         **{k: v for k, v in findings.summary.items()},
     )
     return JobOutcome(results=rows, timings_s=timings)

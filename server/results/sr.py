@@ -71,7 +71,9 @@ def _segment_groups(
                     source_images=covered,
                 ),
                 finding_type=coded(segment.type),
-                finding_sites=[hd.sr.FindingSite(anatomic_location=coded(segment.type))],
+                finding_sites=[
+                    hd.sr.FindingSite(anatomic_location=coded(segment.site or segment.type))
+                ],
                 algorithm_id=_algorithm_id(spec),
                 measurements=measurements or None,
                 qualitative_evaluations=evaluations or None,

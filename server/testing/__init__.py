@@ -2,6 +2,24 @@
 the conformance check every plugin must pass."""
 
 from infergate.testing.conformance import check_plugin, synthetic_series
+from infergate.testing.head_phantom import (
+    LEFT_FRONTAL,
+    RIGHT_PARIETAL,
+    HeadPhantom,
+    Hyperdensity,
+    write_head_ct,
+)
 from infergate.testing.phantoms import ChestPhantom, PhantomIdentity, write_chest_ct
 
-__all__ = ["ChestPhantom", "PhantomIdentity", "check_plugin", "synthetic_series", "write_chest_ct"]
+__all__ = [
+    "LEFT_FRONTAL",
+    "RIGHT_PARIETAL",
+    "ChestPhantom",
+    "HeadPhantom",
+    "Hyperdensity",
+    "PhantomIdentity",
+    "check_plugin",
+    "synthetic_series",
+    "write_chest_ct",
+    "write_head_ct",
+]

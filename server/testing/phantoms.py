@@ -53,7 +53,7 @@ class ChestPhantom:
     identity: PhantomIdentity
 
 
-def _ellipsoid(
+def ellipsoid(
     grid: list[npt.NDArray[np.float64]],
     centre: tuple[float, float, float],
     semi_axes: tuple[float, float, float],
@@ -95,24 +95,78 @@ def write_chest_ct(
     volume[(np.abs(x) <= 200.0) & (y >= 135.0) & (y <= 150.0)] = TABLE_HU
 
     extent = z_top
-    right = _ellipsoid(grid, (-70.0, -5.0, 0.0), (55.0, 80.0, 0.80 * extent))
-    left = _ellipsoid(grid, (70.0, -5.0, -5.0), (48.0, 72.0, 0.72 * extent))
+    right = ellipsoid(grid, (-70.0, -5.0, 0.0), (55.0, 80.0, 0.80 * extent))
+    left = ellipsoid(grid, (70.0, -5.0, -5.0), (48.0, 72.0, 0.72 * extent))
     volume[right | left] = LUNG_HU
     trachea = (x**2 + (y + 40.0) ** 2 <= 9.0**2) & (grid[0] >= 0.55 * extent)
     volume[trachea & body] = AIR_HU
     for cx, cy, cz in ((-70.0, 0.0, 20.0), (-60.0, -30.0, -30.0), (65.0, 10.0, 0.0)):
-        vessel = _ellipsoid(grid, (cx, cy, cz), (5.0, 5.0, 5.0))
+        vessel = ellipsoid(grid, (cx, cy, cz), (5.0, 5.0, 5.0))
         volume[vessel] = VESSEL_HU
     noise = rng.normal(0.0, 15.0, size=volume.shape)
     volume = np.clip(volume + noise, -1024, 3000).astype(np.int16)
 
     voxel_ml = pixel_spacing * pixel_spacing * slice_spacing / 1000.0
+    written = write_axial_series(
+        directory,
+        volume,
+        z_positions,
+        pixel_spacing=pixel_spacing,
+        slice_spacing=slice_spacing,
+        identity=ident,
+        rng=rng,
+    )
+    return ChestPhantom(
+        directory=directory,
+        paths=written.paths,
+        study_uid=written.study_uid,
+        series_uid=written.series_uid,
+        sop_instance_uids=written.sop_instance_uids,
+        right_lung_ml=float(right.sum()) * voxel_ml,
+        left_lung_ml=float(left.sum()) * voxel_ml,
+        identity=ident,
+    )
+
+
+@dataclass(frozen=True)
+class WrittenSeries:
+    paths: tuple[Path, ...]
+    study_uid: str
+    series_uid: str
+    sop_instance_uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SeriesLabels:
+    """What the headers say the series is."""
+
+    body_part: str = "CHEST"
+    study_description: str = "CHEST PHANTOM"
+    series_description: str = "SYNTHETIC CHEST 2.5MM"
+    window: tuple[int, int] = (-600, 1500)
+
+
+def write_axial_series(
+    directory: Path,
+    volume: npt.NDArray[np.int16],
+    z_positions: npt.NDArray[np.float64],
+    *,
+    pixel_spacing: float,
+    slice_spacing: float,
+    identity: PhantomIdentity,
+    rng: np.random.Generator,
+    labels: SeriesLabels | None = None,
+) -> WrittenSeries:
+    """Write ``volume`` (HU, slice x row x column, centred on the patient axis) as an
+    axial CT series with shuffled Instance Numbers and file names."""
+    slices, size = volume.shape[0], volume.shape[1]
+    half_fov = size * pixel_spacing / 2.0
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     numbers = rng.permutation(slices) + 1
     paths: list[Path] = []
     uids: list[str] = []
     for index in range(slices):
-        ds = _slice_dataset(ident, study_uid, series_uid, frame_uid)
+        ds = _slice_dataset(identity, study_uid, series_uid, frame_uid, labels or SeriesLabels())
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = int(numbers[index])
@@ -130,19 +184,12 @@ def write_chest_ct(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
         uids.append(ds.SOPInstanceUID)
-    return ChestPhantom(
-        directory=directory,
-        paths=tuple(paths),
-        study_uid=study_uid,
-        series_uid=series_uid,
-        sop_instance_uids=tuple(uids),
-        right_lung_ml=float(right.sum()) * voxel_ml,
-        left_lung_ml=float(left.sum()) * voxel_ml,
-        identity=ident,
-    )
+    return WrittenSeries(tuple(paths), study_uid, series_uid, tuple(uids))
 
 
-def _slice_dataset(ident: PhantomIdentity, study: str, series: str, frame: str) -> Dataset:
+def _slice_dataset(
+    ident: PhantomIdentity, study: str, series: str, frame: str, labels: SeriesLabels
+) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -158,13 +205,13 @@ def _slice_dataset(ident: PhantomIdentity, study: str, series: str, frame: str) 
     ds.Modality = "CT"
     ds.Manufacturer = "Infergate test phantom"
     ds.ReferringPhysicianName = "REFERRER^PHI"
-    ds.StudyDescription = "CHEST PHANTOM"
-    ds.SeriesDescription = "SYNTHETIC CHEST 2.5MM"
+    ds.StudyDescription = labels.study_description
+    ds.SeriesDescription = labels.series_description
     ds.PatientName = ident.patient_name
     ds.PatientID = ident.patient_id
     ds.PatientBirthDate = ident.patient_birth_date
     ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
+    ds.BodyPartExamined = labels.body_part
     ds.KVP = 120
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = study
@@ -184,6 +231,5 @@ def _slice_dataset(ident: PhantomIdentity, study: str, series: str, frame: str) 
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
     ds.RescaleType = "HU"
-    ds.WindowCenter = -600
-    ds.WindowWidth = 1500
+    ds.WindowCenter, ds.WindowWidth = labels.window
     return ds

@@ -57,7 +57,8 @@ def _pipeline(store: Store, unmatched: dict[str, object]) -> tuple[Pipeline, Tri
         }
     )
     client = TritonClient("127.0.0.1:1", timeout_s=1)  # never called: nothing is inferred
-    return Pipeline(settings, store, discover(), client), client
+    plugins = [p for p in discover() if p.spec.name == "ct_lung"]
+    return Pipeline(settings, store, plugins, client), client
 
 
 def test_an_unmatched_series_is_forwarded_as_received(

@@ -2,12 +2,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import structlog
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import Settings
 from infergate.inference.triton import TritonClient
 from infergate.pipeline import Pipeline
 from infergate.store import InstanceRecord, NewJob, ResultRow, Store
+from infergate.testing import ChestPhantom
+from peers import free_port
 
 
 def test_without_a_destination_results_stay_on_disk_and_the_log_says_so(
@@ -93,3 +99,46 @@ def test_an_urgent_job_goes_before_the_normal_jobs_still_queued(tmp_path: Path) 
     client.close()
     order = [e["plugin"] for e in logs if e["event"] == "inference.job.failed"]
     assert order == ["n0", "u", "n1", "n2"]
+
+
+def test_urgent_results_go_first_with_c_store_priority_high(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    received: list[tuple[str, int]] = []
+
+    def on_store(event: evt.Event) -> int:
+        request = event.request
+        assert isinstance(request, C_STORE)
+        received.append((str(event.dataset.SOPInstanceUID), int(request.Priority)))
+        return 0x0000
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None
+    try:
+        store = Store(tmp_path / "s.db")
+        paths = sorted(small_phantom.paths)
+        jobs = [("normal-job", paths[0], "normal"), ("urgent-job", paths[1], "urgent")]
+        for index, (job_id, path, priority) in enumerate(jobs):
+            _completed_series(store, f"series-{job_id}", [NewJob(job_id, "ct_lung")], now=index)
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            row = ResultRow(uid, job_id, "seg", path, "pending", 0, priority)  # type: ignore[arg-type]
+            store.finish_job(job_id, [row], now=10.0 + index)  # the urgent one is newer
+        settings = Settings.model_validate(
+            {"export": {"destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": port}}}
+        )
+        client = TritonClient("127.0.0.1:1", timeout_s=1)  # never called
+        with structlog.testing.capture_logs() as logs:
+            Pipeline(settings, store, [], client).export()
+        client.close()
+    finally:
+        server.shutdown()
+    sent = [(e["sop_instance_uids"][0], e["priority"]) for e in logs if e["event"] == "export.sent"]
+    assert [priority for _, priority in sent] == ["urgent", "normal"]
+    # What the PACS saw: the urgent one first, as HIGH (1); the other MEDIUM (0).
+    assert [priority for _, priority in received] == [1, 0]
+    assert [uid for uid, _ in received] == [uid for uid, _ in sent]

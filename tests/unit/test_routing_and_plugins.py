@@ -15,6 +15,7 @@ from infergate.plugin_api import Findings, PluginSpec, Series
 from infergate.plugins import LoadedPlugin, check_plugin_names, discover, enabled_plugins, validate
 from infergate.routing import route
 from infergate.series_facts import SeriesFacts
+from infergate_plugins.ct_head_bleed import plugin as ct_head_bleed
 from infergate_plugins.ct_lung import plugin as ct_lung
 
 
@@ -32,10 +33,23 @@ class _Plugin:
 
 
 def test_in_repo_plugins_are_found_through_entry_points() -> None:
-    loaded = discover()
-    assert [p.spec.name for p in loaded] == ["ct_lung"]
-    assert loaded[0].plugin is ct_lung
-    assert "infergate_plugins.ct_lung:plugin" in loaded[0].source
+    loaded = {p.spec.name: p for p in discover()}
+    assert sorted(loaded) == ["ct_head_bleed", "ct_lung"]
+    assert loaded["ct_lung"].plugin is ct_lung
+    assert "infergate_plugins.ct_lung:plugin" in loaded["ct_lung"].source
+    assert "infergate_plugins.ct_head_bleed:plugin" in loaded["ct_head_bleed"].source
+
+
+def test_a_triage_plugin_runs_urgent_on_head_cts_only() -> None:
+    plugins = [LoadedPlugin(ct_head_bleed, "test")]
+    head = SeriesFacts("CT", "", "HEAD", "", (), "axial", 30, 5.0, True, "SCANNER", "INFERGATE")
+    [decision] = route(head, plugins)
+    assert (decision.matched, decision.priority) == (True, "urgent")
+    described = SeriesFacts("CT", "", "", "Routine Brain 5mm", (), "axial", 30, 5.0, True)
+    assert route(described, plugins)[0].matched
+    assert not route(_facts("CT"), plugins)[0].matched
+    scout = SeriesFacts("CT", "", "HEAD", "", ("ORIGINAL", "LOCALIZER"), "axial", 1, 1.0, True)
+    assert not route(scout, plugins)[0].matched
 
 
 def _facts(modality: str) -> SeriesFacts:

@@ -158,12 +158,13 @@ def test_route_explain_prints_every_series_and_every_test(
     (folder / "notes.txt").write_text("not DICOM")
     config = tmp_path / "infergate.yaml"
     config.write_text(
+        "plugins:\n  enabled: [ct_lung]\n"
         "routing:\n  rules:\n    - name: chest\n      plugins: [ct_lung]\n"
         "      when: {body_part: [CHEST]}\n"
     )
     assert main(["route", "explain", str(folder), "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert out.count("series ") == 2
+    assert sum(line.startswith("series ") for line in out.splitlines()) == 2
     assert "ct_lung: does not run (no rule matched (chest))" in out
     assert "FAIL body part HEAD not in ['CHEST']" in out
     assert "1 file(s) skipped" in out
