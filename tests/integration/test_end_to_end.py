@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from infergate.testing import ChestPhantom
+from infergate.testing import ChestPhantom, HeadPhantom
 from peers import (
     InfergateProcess,
     Orthanc,
@@ -142,30 +142,91 @@ def test_real_head_ct_reports_no_lungs(
     infergate.config["storage"]["var_dir"] = "var"
     infergate.start()
     storescu(infergate.port, head_ct)
-    sent = infergate.wait_event("export.sent", timeout=180)
-    assert sent[0]["kinds"] == ["sr"]
+    # Both CT plugins run on a head CT; each sends one SR and nothing else.
+    sent = infergate.wait_event("export.sent", timeout=180, count=2)
+    assert [e["kinds"] for e in sent] == [["sr"], ["sr"]]
 
     assert _fetch(orthanc, study_uid, "SEG", tmp_path) == []
     srs = _fetch(orthanc, study_uid, "SR", tmp_path)
-    assert len(srs) == 1
-    sr = pydicom.dcmread(srs[0])
-    assert sr.StudyInstanceUID == study_uid
-    findings = {
-        (item.ConceptNameCodeSequence[0].CodeMeaning, item.ConceptCodeSequence[0].CodeMeaning)
-        for item in walk_content(sr.ContentSequence)
-        if item.ValueType == "CODE"
-    }
+    assert len(srs) == 2
+    findings = set()
+    for path in srs:
+        sr = pydicom.dcmread(path)
+        assert sr.StudyInstanceUID == study_uid
+        assert _sr_volumes(sr) == {}
+        assert dciodvfy_errors(path) == []
+        findings |= {
+            (item.ConceptNameCodeSequence[0].CodeMeaning, item.ConceptCodeSequence[0].CodeMeaning)
+            for item in walk_content(sr.ContentSequence)
+            if item.ValueType == "CODE"
+        }
     assert ("Lung", "Absent") in findings
-    assert _sr_volumes(sr) == {}
-    assert dciodvfy_errors(srs[0]) == []
-    done = infergate.wait_event("inference.job.findings", timeout=5)[0]
-    assert done["lungs_found"] == 0
+    assert ("Intracranial hemorrhage", "Absent") in findings
+    done = {e["plugin"]: e for e in infergate.wait_event("inference.job.findings", 5, count=2)}
+    assert done["ct_lung"]["lungs_found"] == 0
+    assert done["ct_head_bleed"]["candidates"] == 0
+    routed = infergate.wait_event("routing.series.routed", timeout=5)[0]
+    priorities = {d["plugin"]: d["priority"] for d in routed["decisions"]}
+    assert priorities == {"ct_head_bleed": "urgent", "ct_lung": "normal"}
     # The real file's own patient module must not leak either (highdicom warns about
     # its single-component name, quoting it).
     source = pydicom.dcmread(head_ct[0], stop_before_pixels=True)
     text = infergate.log_text()
     assert str(source.PatientName) not in text
     assert str(source.PatientID) not in text
+
+
+def test_head_ct_with_a_bleed_gets_urgent_seg_and_sr(
+    infergate: InfergateProcess, orthanc: Orthanc, bleed_head: HeadPhantom, tmp_path: Path
+) -> None:
+    infergate.config["plugins"] = {"enabled": ["ct_head_bleed"]}
+    infergate.start()
+    storescu(infergate.port, list(bleed_head.paths))
+    (sent,) = infergate.wait_event("export.sent", timeout=180)
+    assert sent["kinds"] == ["seg", "sr"]
+    assert sent["priority"] == "urgent"
+    (findings,) = infergate.wait_event("inference.job.findings", timeout=5)
+    assert findings["urgent"] is True
+    assert findings["candidates"] == 2
+
+    (seg_path,) = _fetch(orthanc, bleed_head.study_uid, "SEG", tmp_path)
+    (sr_path,) = _fetch(orthanc, bleed_head.study_uid, "SR", tmp_path)
+    assert dciodvfy_errors(seg_path) == []
+    assert dciodvfy_errors(sr_path) == []
+    seg = pydicom.dcmread(seg_path)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "Hyperdense candidate 1",
+        "Hyperdense candidate 2",
+    ]
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in seg.ReferencedSeriesSequence
+        for ref in series.ReferencedInstanceSequence
+    }
+    assert referenced <= set(bleed_head.sop_instance_uids)
+    # Each candidate's group in the SR: its volume (within 10% of what was inserted) and side.
+    groups: dict[str, dict[str, object]] = {}
+    for item in walk_content(pydicom.dcmread(sr_path).ContentSequence):
+        if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
+            continue
+        group: dict[str, object] = {}
+        for child in item.ContentSequence:
+            name = child.ConceptNameCodeSequence[0].CodeMeaning
+            if child.ValueType == "TEXT":
+                group[name] = child.TextValue
+            if child.ValueType == "NUM":
+                group[name] = float(child.MeasuredValueSequence[0].NumericValue)
+            if child.ValueType == "CODE":
+                group[name] = child.ConceptCodeSequence[0].CodeMeaning
+        if "Volume" in group:
+            groups[str(group["Tracking Identifier"])] = group
+    right_ml, left_ml = bleed_head.hyperdensity_ml
+    first, second = groups["Hyperdense candidate 1"], groups["Hyperdense candidate 2"]
+    assert first["Volume"] == pytest.approx(right_ml, rel=0.1)
+    assert (first["Laterality"], first["Finding Site"]) == ("Right", "Brain")
+    assert second["Volume"] == pytest.approx(left_ml, rel=0.1)
+    assert second["Laterality"] == "Left"
+    _assert_no_phi(infergate, bleed_head.identity)
 
 
 @pytest.mark.parametrize("kill_after", ["acknowledged", "inference_started"])

@@ -138,7 +138,7 @@ def test_check_fails_when_the_model_is_missing(tmp_path: Path) -> None:
     empty.mkdir()
     result = _check(tmp_path, empty)
     assert result.returncode == 1
-    assert "no ready model 'ct_lung_seg'" in result.stderr
+    assert "no ready model 'ct_head_bleed'" in result.stderr
     assert "not in its model repository" in result.stderr
 
 
