@@ -270,6 +270,11 @@ class TritonSettings(_Section):
     http_port: int = Field(default=8000, ge=1, le=65535)
     metrics_port: int = Field(default=8002, ge=1, le=65535)
     request_timeout_s: float = Field(default=300.0, gt=0)
+    # Triton unreachable (restarting, overloaded): a job is tried this many times in
+    # all, waiting retry_delay_s, doubled each time up to max_retry_delay_s.
+    unavailable_attempts: int = Field(default=5, ge=1)
+    retry_delay_s: float = Field(default=2.0, ge=0)
+    max_retry_delay_s: float = Field(default=60.0, ge=0)
     startup_timeout_s: float = Field(default=120.0, gt=0)
 
     @property

@@ -78,6 +78,10 @@ class TritonUnavailableError(InferenceError):
     """Triton could not be reached or is not ready."""
 
 
+class InferenceTimeoutError(InferenceError):
+    """Triton gave no answer within the plugin's deadline: the job fails, it is not retried."""
+
+
 class ModelMismatchError(InferenceError):
     """A Triton model is missing or does not match the plugin's spec."""
 

@@ -17,7 +17,7 @@ import structlog
 from infergate.config import Destination, Settings
 from infergate.dicom.assembly import complete_quiet_series
 from infergate.dicom.scu import send_files
-from infergate.errors import InfergateError
+from infergate.errors import InfergateError, TritonUnavailableError
 from infergate.inference.runner import run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
@@ -89,6 +89,9 @@ class Pipeline:
             )
             try:
                 outcome = run_job(job, self.store, plugin, self.triton, self.settings)
+            except TritonUnavailableError as exc:
+                self._retry_or_fail(job, exc)
+                return
             except InfergateError as exc:
                 self.store.fail_job(job.job_id, str(exc), time.time())
                 log.error(
@@ -105,6 +108,30 @@ class Pipeline:
                 results=[r.kind for r in outcome.results],
                 **outcome.timings_s,
             )
+
+    def _retry_or_fail(self, job: JobRow, exc: TritonUnavailableError) -> None:
+        """Triton could not be reached: try the job again later, with a doubling delay,
+        until ``triton.unavailable_attempts`` tries in all."""
+        triton = self.settings.triton
+        attempt = job.attempts + 1
+        if attempt >= triton.unavailable_attempts:
+            reason = f"{exc} (tried {attempt} times)"
+            self.store.fail_job(job.job_id, reason, time.time())
+            log.error(
+                "inference.job.failed", plugin=job.plugin, error=type(exc).__name__, reason=reason
+            )
+            return
+        delay = min(triton.retry_delay_s * 2 ** (attempt - 1), triton.max_retry_delay_s)
+        now = time.time()
+        self.store.retry_job(job.job_id, str(exc), now + delay, now)
+        log.warning(
+            "inference.job.retrying",
+            plugin=job.plugin,
+            attempt=attempt,
+            of=triton.unavailable_attempts,
+            retry_in_s=round(delay, 1),
+            reason=str(exc),
+        )
 
     def _queue_forward(self, job: JobRow) -> None:
         """A series no plugin runs on: its instances, as received, become the job's

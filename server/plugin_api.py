@@ -77,6 +77,9 @@ class PluginSpec:
     rule: Mapping[str, object] | None = field(default=None, hash=False)
     # The priority of its jobs under that default rule (a triage plugin: urgent).
     priority: Literal["urgent", "normal"] = "normal"
+    # How long one inference may take before the job fails (a hung model); None:
+    # triton.request_timeout_s.
+    deadline_s: float | None = None
 
     def segment(self, number: int) -> SegmentSpec:
         for seg in self.segments:

@@ -147,12 +147,16 @@ class Store(AssociationRecords):
             ).fetchall()
         return [_job(row) for row in rows]
 
-    def next_job(self) -> JobRow | None:
-        """The job to run next, if any (see ``runnable_jobs``)."""
+    def next_job(self, now: float | None = None) -> JobRow | None:
+        """The job to run next, if any (see ``runnable_jobs``); a job waiting to be
+        retried is not runnable before its time."""
+        at = time.time() if now is None else now
         with self._lock:
             row = self._db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending'"  # noqa: S608 - constant
-                " ORDER BY priority, created_at LIMIT 1"
+                " AND (not_before IS NULL OR not_before <= ?)"
+                " ORDER BY priority, created_at LIMIT 1",
+                (at,),
             ).fetchone()
         return None if row is None else _job(row)
 
@@ -162,6 +166,15 @@ class Store(AssociationRecords):
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ?"
                 " WHERE job_id = ?",
                 (now, job_id),
+            )
+
+    def retry_job(self, job_id: str, error: str, not_before: float, now: float) -> None:
+        """Put a job back in the queue, to run again no sooner than ``not_before``."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'pending', error = ?, not_before = ?, updated_at = ?"
+                " WHERE job_id = ?",
+                (error, not_before, now, job_id),
             )
 
     def fail_job(self, job_id: str, error: str, now: float) -> None:

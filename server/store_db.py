@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     priority INTEGER NOT NULL DEFAULT 1,
+    not_before REAL,
     UNIQUE (series_uid, generation, plugin)
 );
 CREATE TABLE IF NOT EXISTS associations (
@@ -104,12 +105,13 @@ def _migrate(db: sqlite3.Connection) -> None:
         return
     added = {
         # duplicate detection (version 1), listener processes (2), release hint (3),
-        # job priority (4: 0 urgent, 1 normal), result priority (5)
+        # job priority (4: 0 urgent, 1 normal), result priority and job retry time (5)
         ("instances", "sha256"): "TEXT NOT NULL DEFAULT ''",
         ("associations", "process_id"): "INTEGER NOT NULL DEFAULT 0",
         ("series", "released_at"): "REAL",
         ("jobs", "priority"): "INTEGER NOT NULL DEFAULT 1",
         ("results", "priority"): "INTEGER NOT NULL DEFAULT 1",
+        ("jobs", "not_before"): "REAL",
     }
     for (table, column), definition in added.items():
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:

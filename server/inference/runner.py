@@ -66,7 +66,11 @@ def run_job(
     inputs = _plugin_step(spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series))
     lap("preprocess_s")
     outputs = triton.infer(
-        spec.model_name, inputs, tuple(t.name for t in spec.outputs), spec.model_version
+        spec.model_name,
+        inputs,
+        tuple(t.name for t in spec.outputs),
+        spec.model_version,
+        timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
     )
     lap("inference_s")
     findings = _plugin_step(

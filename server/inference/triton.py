@@ -14,7 +14,12 @@ import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from infergate.errors import InferenceError, ModelMismatchError, TritonUnavailableError
+from infergate.errors import (
+    InferenceError,
+    InferenceTimeoutError,
+    ModelMismatchError,
+    TritonUnavailableError,
+)
 from infergate.plugin_api import PluginSpec, TensorSpec
 
 # Large volumes travel in one message; tritonclient's default cap would refuse them.
@@ -117,8 +122,15 @@ class TritonClient:
         inputs: Mapping[str, npt.NDArray[np.generic]],
         outputs: tuple[str, ...],
         version: str = "",
+        timeout_s: float | None = None,
     ) -> dict[str, npt.NDArray[np.generic]]:
-        """Run one inference request; raises :class:`InferenceError` on any failure."""
+        """Run one inference request within ``timeout_s`` (default: the client's).
+
+        Raises :class:`TritonUnavailableError` when Triton cannot be reached (worth
+        retrying), :class:`InferenceTimeoutError` past the deadline, and
+        :class:`InferenceError` on any other failure.
+        """
+        deadline = self.timeout_s if timeout_s is None else timeout_s
         request_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -131,12 +143,16 @@ class TritonClient:
                 request_inputs,
                 model_version=version,
                 outputs=requested,
-                client_timeout=self.timeout_s,
+                client_timeout=deadline,
             )
         except InferenceServerException as exc:
             status = exc.status() or ""
             message = f"Triton model '{model}' failed: {exc.message()}"
-            if "UNAVAILABLE" in status or "DEADLINE" in status:
+            if "DEADLINE" in status:
+                raise InferenceTimeoutError(
+                    f"Triton model '{model}' gave no answer within its deadline of {deadline:g} s"
+                ) from exc
+            if "UNAVAILABLE" in status:
                 raise TritonUnavailableError(message) from exc
             raise InferenceError(message) from exc
         arrays: dict[str, npt.NDArray[np.generic]] = {}

@@ -15,7 +15,7 @@ import yaml
 
 from infergate.config import TritonSettings
 from infergate.dicom.volume import load_series
-from infergate.errors import InferenceError, ModelMismatchError
+from infergate.errors import InferenceError, InferenceTimeoutError, ModelMismatchError
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
 from infergate.plugin_api import TensorSpec
@@ -92,7 +92,7 @@ def test_model_errors_and_timeouts_become_inference_errors(triton: TritonClient)
         )
     impatient = TritonClient(triton.url, timeout_s=0.001)
     try:
-        with pytest.raises(InferenceError):
+        with pytest.raises(InferenceTimeoutError, match=r"within its deadline of 0\.001 s"):
             impatient.infer(
                 "ct_lung_seg",
                 {"CT_HU": np.zeros((60, 256, 256), np.int16), "SPACING_MM": np.ones(3, np.float32)},

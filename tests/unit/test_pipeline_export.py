@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -11,6 +12,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from infergate.config import Settings
 from infergate.inference.triton import TritonClient
 from infergate.pipeline import Pipeline
+from infergate.plugins import discover
 from infergate.store import InstanceRecord, NewJob, ResultRow, Store
 from infergate.testing import ChestPhantom
 from peers import free_port
@@ -142,3 +144,72 @@ def test_urgent_results_go_first_with_c_store_priority_high(
     # What the PACS saw: the urgent one first, as HIGH (1); the other MEDIUM (0).
     assert [priority for _, priority in received] == [1, 0]
     assert [uid for uid, _ in received] == [uid for uid, _ in sent]
+
+
+def _lung_job(store: Store, small_phantom: ChestPhantom) -> None:
+    for index, path in enumerate(small_phantom.paths):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        store.record_instance(
+            InstanceRecord(
+                str(ds.SOPInstanceUID),
+                str(ds.SOPClassUID),
+                small_phantom.series_uid,
+                small_phantom.study_uid,
+                "CT",
+                path,
+                1,
+                "a",
+                "SCANNER",
+                "INFERGATE",
+                str(index),
+            ),
+            now=1.0,
+        )
+    (series,) = store.receiving_series()
+    assert store.complete_series(series, [NewJob("lung", "ct_lung")], now=2.0)
+
+
+def test_triton_unavailable_is_retried_with_backoff_then_fails_the_job(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _lung_job(store, small_phantom)
+    settings = Settings.model_validate(
+        {"triton": {"unavailable_attempts": 3, "retry_delay_s": 0, "max_retry_delay_s": 0}}
+    )
+    client = TritonClient("127.0.0.1:1", timeout_s=5)  # nothing listens: UNAVAILABLE
+    lung = [p for p in discover() if p.spec.name == "ct_lung"]
+    with structlog.testing.capture_logs() as logs:
+        Pipeline(settings, store, lung, client).step()
+    client.close()
+    retrying = [e for e in logs if e["event"] == "inference.job.retrying"]
+    assert [(e["attempt"], e["of"]) for e in retrying] == [(1, 3), (2, 3)]
+    (failed,) = [e for e in logs if e["event"] == "inference.job.failed"]
+    assert failed["error"] == "TritonUnavailableError"
+    assert "(tried 3 times)" in failed["reason"]
+    job = store.job("lung")
+    assert (job.state, job.attempts) == ("failed", 3)
+
+
+def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _lung_job(store, small_phantom)
+    settings = Settings.model_validate({"triton": {"retry_delay_s": 30}})
+    client = TritonClient("127.0.0.1:1", timeout_s=5)
+    lung = [p for p in discover() if p.spec.name == "ct_lung"]
+    with structlog.testing.capture_logs() as logs:
+        Pipeline(settings, store, lung, client).step()
+    client.close()
+    (retrying,) = [e for e in logs if e["event"] == "inference.job.retrying"]
+    assert retrying["retry_in_s"] == 30
+    job = store.job("lung")
+    assert (job.state, job.attempts) == ("pending", 1)
+    assert job.error is not None
+    assert job.error.startswith("Triton model 'ct_lung_seg' failed")
+    # Not runnable before its time, runnable after it.
+    assert store.next_job() is None
+    later = store.next_job(now=time.time() + 31)
+    assert later is not None
+    assert later.job_id == "lung"
