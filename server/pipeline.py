@@ -76,9 +76,7 @@ class Pipeline:
                 self._queue_forward(job)
                 return
             if plugin is None:
-                reason = f"plugin {job.plugin} is not installed"
-                self.store.fail_job(job.job_id, reason, time.time())
-                log.error("inference.job.failed", plugin=job.plugin, reason=reason)
+                self._fail(job, None, f"plugin {job.plugin} is not installed")
                 return
             self.store.start_job(job.job_id, time.time())
             log.info(
@@ -93,13 +91,7 @@ class Pipeline:
                 self._retry_or_fail(job, exc)
                 return
             except InfergateError as exc:
-                self.store.fail_job(job.job_id, str(exc), time.time())
-                log.error(
-                    "inference.job.failed",
-                    plugin=job.plugin,
-                    error=type(exc).__name__,
-                    reason=str(exc),
-                )
+                self._fail(job, exc, str(exc))
                 return
             self.store.finish_job(job.job_id, outcome.results, time.time())
             log.info(
@@ -109,17 +101,18 @@ class Pipeline:
                 **outcome.timings_s,
             )
 
+    def _fail(self, job: JobRow, exc: InfergateError | None, reason: str) -> None:
+        self.store.fail_job(job.job_id, reason, time.time())
+        error = {} if exc is None else {"error": type(exc).__name__}
+        log.error("inference.job.failed", plugin=job.plugin, reason=reason, **error)
+
     def _retry_or_fail(self, job: JobRow, exc: TritonUnavailableError) -> None:
         """Triton could not be reached: try the job again later, with a doubling delay,
         until ``triton.unavailable_attempts`` tries in all."""
         triton = self.settings.triton
         attempt = job.attempts + 1
         if attempt >= triton.unavailable_attempts:
-            reason = f"{exc} (tried {attempt} times)"
-            self.store.fail_job(job.job_id, reason, time.time())
-            log.error(
-                "inference.job.failed", plugin=job.plugin, error=type(exc).__name__, reason=reason
-            )
+            self._fail(job, exc, f"{exc} (tried {attempt} times)")
             return
         delay = min(triton.retry_delay_s * 2 ** (attempt - 1), triton.max_retry_delay_s)
         now = time.time()

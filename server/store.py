@@ -119,14 +119,6 @@ class Store(AssociationRecords):
             )
             return True
 
-    def instance_paths(self, series_uid: str) -> list[Path]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at",
-                (series_uid,),
-            ).fetchall()
-        return [Path(row[0]) for row in rows]
-
     def series_instances(self, series_uid: str) -> list[tuple[str, Path]]:
         """SOP Instance UID and spool path of every instance of a series, as received."""
         rows = self._rows(
@@ -136,29 +128,27 @@ class Store(AssociationRecords):
         )
         return [(str(row[0]), Path(row[1])) for row in rows]
 
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        return [path for _, path in self.series_instances(series_uid)]
+
     # -- jobs -------------------------------------------------------------------
 
-    def runnable_jobs(self) -> list[JobRow]:
-        """Pending jobs in the order they run: urgent ones first, then by age."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending'"  # noqa: S608 - constant
-                " ORDER BY priority, created_at"
-            ).fetchall()
+    def runnable_jobs(self, now: float | None = None) -> list[JobRow]:
+        """Pending jobs in the order they run: urgent ones first, then by age; a job
+        waiting to be retried is not runnable before its time."""
+        rows = self._rows(
+            f"SELECT {_JOB_COLUMNS} {_RUNNABLE}",
+            (time.time() if now is None else now,),
+        )
         return [_job(row) for row in rows]
 
     def next_job(self, now: float | None = None) -> JobRow | None:
-        """The job to run next, if any (see ``runnable_jobs``); a job waiting to be
-        retried is not runnable before its time."""
-        at = time.time() if now is None else now
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'pending'"  # noqa: S608 - constant
-                " AND (not_before IS NULL OR not_before <= ?)"
-                " ORDER BY priority, created_at LIMIT 1",
-                (at,),
-            ).fetchone()
-        return None if row is None else _job(row)
+        """The job to run next, if any (the first of ``runnable_jobs``)."""
+        rows = self._rows(
+            f"SELECT {_JOB_COLUMNS} {_RUNNABLE} LIMIT 1",
+            (time.time() if now is None else now,),
+        )
+        return _job(rows[0]) if rows else None
 
     def start_job(self, job_id: str, now: float) -> None:
         with self._transaction() as db:
@@ -347,6 +337,10 @@ def _record_instance(
 
 
 _JOB_COLUMNS = "job_id, series_uid, study_uid, plugin, state, attempts, error, priority"
+_RUNNABLE = (
+    "FROM jobs WHERE state = 'pending' AND (not_before IS NULL OR not_before <= ?)"
+    " ORDER BY priority, created_at"
+)
 PRIORITY_RANK: dict[Priority, int] = {"urgent": 0, "normal": 1}
 _PRIORITY_NAME: dict[int, Priority] = {rank: name for name, rank in PRIORITY_RANK.items()}
 

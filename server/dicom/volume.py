@@ -175,7 +175,9 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
     if len(gaps) and float(gaps.min()) < _SAME_POSITION_MM:
         raise VolumeError("two or more slices share a position along the slice normal")
     first = slices[0].header
-    row_spacing, column_spacing = (float(v) for v in _vector(first, "PixelSpacing", 2, paths[0]))
+    row_spacing, column_spacing = (
+        float(v) for v in _vector(first, "PixelSpacing", 2, slices[0].path)
+    )
     spacing = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1) or 1)
     irregular = irregular_gaps(gaps)
     if irregular:
