@@ -94,6 +94,12 @@ class Series:
 
     ``volume`` is indexed (slice, row, column), slices ordered along the slice
     normal, values after the modality LUT (Hounsfield units for CT).
+
+    A series of projection images (CR, DX: no Image Position) has ``projection``
+    set: each slice is one image, in Instance Number order, not stacked in space;
+    ``spacing[0]`` is 0; values are as displayed, brighter is higher (MONOCHROME1
+    images are inverted onto that scale); the row and column directions come from
+    Patient Orientation, and ``origin`` is (0, 0, 0).
     """
 
     modality: str
@@ -105,6 +111,7 @@ class Series:
     column_direction: tuple[float, float, float]
     # ImagePositionPatient of the first slice, in mm.
     origin: tuple[float, float, float]
+    projection: bool = False
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -114,21 +121,25 @@ class Series:
 
 @dataclass(frozen=True)
 class Measurement:
-    """A numeric measurement of a segment (TID 1500 measurement)."""
+    """A numeric measurement (TID 1500 measurement): of a segment, of one image
+    (``image_index``, the slice of the volume it is about), or of the series (neither)."""
 
-    segment_number: int
+    segment_number: int | None
     name: Code
     value: float
     unit: Code
+    image_index: int | None = None
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A qualitative finding about a segment, or about the series (``segment_number`` None)."""
+    """A qualitative finding about a segment, about one image (``image_index``, the
+    slice of the volume it is about), or about the series (neither)."""
 
     name: Code
     value: Code
     segment_number: int | None = None
+    image_index: int | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from infergate.series_facts import SeriesFacts
 
-Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
+Orientation = Literal["axial", "coronal", "sagittal", "oblique", "projection"]
 Priority = Literal["urgent", "normal"]
 
 

@@ -17,6 +17,8 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
+from infergate.dicom.projection import is_projection
+
 # A direction cosine at least this large names the plane; below it the plane is oblique.
 _PLANE_COSINE = 0.8
 # Gaps between slice positions that differ from their median by more than this
@@ -31,7 +33,7 @@ class SeriesFacts:
     body_part: str
     series_description: str
     image_type: tuple[str, ...]
-    orientation: str  # axial, coronal, sagittal, oblique, or unknown
+    orientation: str  # axial, coronal, sagittal, oblique, projection (CR, DX), or unknown
     slices: int
     slice_thickness_mm: float | None
     regular_spacing: bool
@@ -68,7 +70,10 @@ def series_facts(
 
 
 def orientation_of(ds: Dataset) -> str:
-    """The anatomical plane of an image from its row and column direction cosines."""
+    """The anatomical plane of an image from its row and column direction cosines;
+    ``projection`` for a projection radiograph, which lies in no plane of the patient."""
+    if is_projection(ds):
+        return "projection"
     iop = ds.get("ImageOrientationPatient")
     if iop is None or len(iop) != 6:
         return "unknown"

@@ -91,6 +91,12 @@ def bleed_model() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def cxr_model() -> ModuleType:
+    """The cxr_quality Triton model's module, to test its checks."""
+    return _model_module("cxr_quality")
+
+
+@pytest.fixture(scope="session")
 def bleed_head(tmp_path_factory: pytest.TempPathFactory) -> HeadPhantom:
     """A synthetic head CT with a right parietal and a left frontal hyperdensity."""
     return write_head_ct(tmp_path_factory.mktemp("bleed-head"), (RIGHT_PARIETAL, LEFT_FRONTAL))

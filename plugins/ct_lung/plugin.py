@@ -95,7 +95,7 @@ class CtLungPlugin:
             numbers.append(segment)
             measurements.append(Measurement(segment, VOLUME, round(volume_ml, 1), MILLILITER))
         numbers.sort()
-        measurements.sort(key=lambda m: m.segment_number)
+        measurements.sort(key=lambda m: m.segment_number or 0)
         evaluations: tuple[Evaluation, ...] = ()
         if not numbers:
             evaluations = (Evaluation(LUNG, ABSENT),)

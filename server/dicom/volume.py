@@ -15,6 +15,10 @@ the stack (a gap over ``volume.max_gap_ratio`` times the series' spacing) are
 always refused: resampling would invent them. Whatever the plugin's label map says
 about the grid is mapped back onto the acquired slices (``source_label_frames``),
 so results overlay the images the radiologist sees.
+
+Projection images (CR, DX: see ``projection``) are no volume: each image becomes
+one slice of the plugin's array, in Instance Number order, with its values as
+displayed and its geometry from Patient Orientation.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from infergate.config import VolumeSettings
+from infergate.dicom.projection import displayed, is_projection, patient_orientation, pixel_spacing
 from infergate.errors import VolumeError
 from infergate.plugin_api import Series
 from infergate.series_facts import irregular_gaps
@@ -58,7 +63,8 @@ class LoadedSeries:
 
     ``headers`` (pixel data dropped) are the slices used, ordered along the normal,
     with their ``placements``; ``excluded`` says which instances were left out and why;
-    ``resampled`` says how the grid differs from the acquisition, if it does.
+    ``resampled`` says how the grid differs from the acquisition, if it does;
+    ``assumed`` what was taken for granted where the headers say nothing.
     """
 
     series: Series
@@ -66,6 +72,16 @@ class LoadedSeries:
     placements: tuple[Placement, ...]
     excluded: tuple[str, ...] = ()
     resampled: str | None = None
+    assumed: tuple[str, ...] = ()
+
+    def acquired_at(self, index: int) -> tuple[int, ...]:
+        """The acquired slices (indices into ``headers``) that lie at slice ``index`` of
+        the plugin's volume: the slice itself unless the volume was resampled."""
+        if not 0 <= index < self.series.volume.shape[0]:
+            raise VolumeError(
+                f"image {index} is outside the volume of {self.series.volume.shape[0]} slices"
+            )
+        return tuple(i for i, p in enumerate(self.placements) if round(p.index) == index)
 
     def source_label_frames(self, label_map: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         """``label_map`` (the volume's shape) as one frame per acquired slice, in the
@@ -93,8 +109,10 @@ class _Slice:
     path: Path
     header: Dataset
     pixels: npt.NDArray[np.float32]
+    # Zero for a projection image, which has no place in a volume.
     orientation: npt.NDArray[np.float64]
     position: npt.NDArray[np.float64]
+    projection: bool
 
 
 def _vector(ds: Dataset, keyword: str, length: int, path: Path) -> npt.NDArray[np.float64]:
@@ -111,8 +129,12 @@ def _read(path: Path) -> _Slice:
         raise VolumeError(f"instance {path.name} cannot be read: {exc}") from exc
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise VolumeError(f"instance {path.name} is multi-frame, which is not supported yet")
-    orientation = _vector(ds, "ImageOrientationPatient", 6, path)
-    position = _vector(ds, "ImagePositionPatient", 3, path)
+    projection = is_projection(ds)
+    if projection:
+        orientation, position = np.zeros(6), np.zeros(3)
+    else:
+        orientation = _vector(ds, "ImageOrientationPatient", 6, path)
+        position = _vector(ds, "ImagePositionPatient", 3, path)
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as exc:  # pixel handlers raise many types
@@ -123,8 +145,10 @@ def _read(path: Path) -> _Slice:
         pixels *= slope
     if intercept != 0.0:
         pixels += intercept
+    if projection:
+        pixels = displayed(pixels, ds)
     del ds.PixelData
-    return _Slice(path, ds, pixels, orientation, position)
+    return _Slice(path, ds, pixels, orientation, position, projection)
 
 
 def _is_localizer(ds: Dataset) -> bool:
@@ -166,6 +190,8 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
     if not paths:
         raise VolumeError("series has no instances")
     slices, excluded = _select([_read(p) for p in paths])
+    if slices[0].projection:
+        return _projections(slices, excluded)
     orientation = slices[0].orientation
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
@@ -247,6 +273,32 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
         placements=placements,
         excluded=excluded,
         resampled="; ".join(changes) or None,
+    )
+
+
+def _projections(slices: list[_Slice], excluded: tuple[str, ...]) -> LoadedSeries:
+    """Projection images as a stack of separate images, in Instance Number order."""
+    slices.sort(
+        key=lambda s: (int(s.header.get("InstanceNumber") or 0), str(s.header.SOPInstanceUID))
+    )
+    first = slices[0]
+    row_spacing, column_spacing = pixel_spacing(first.header, first.path.name)
+    row_dir, col_dir, assumed = patient_orientation(first.header, first.path.name)
+    series = Series(
+        modality=str(first.header.get("Modality", "")),
+        volume=np.stack([s.pixels for s in slices]),
+        spacing=(0.0, row_spacing, column_spacing),
+        row_direction=row_dir,
+        column_direction=col_dir,
+        origin=(0.0, 0.0, 0.0),
+        projection=True,
+    )
+    return LoadedSeries(
+        series=series,
+        headers=tuple(s.header for s in slices),
+        placements=tuple(Placement(float(i)) for i in range(len(slices))),
+        excluded=excluded,
+        assumed=(assumed,) if assumed else (),
     )
 
 

@@ -55,11 +55,12 @@ def run_job(
 
     loaded = load_series(store.instance_paths(job.series_uid), settings.volume)
     lap("volume_s")
-    if loaded.excluded or loaded.resampled:
+    if loaded.excluded or loaded.resampled or loaded.assumed:
         log.info(
             "inference.volume.adjusted",
             excluded=list(loaded.excluded),
             resampled=loaded.resampled,
+            assumed=list(loaded.assumed),
             slices=len(loaded.headers),
             grid_slices=loaded.series.volume.shape[0],
         )

@@ -1,14 +1,15 @@
 """A TID 1500 measurement report (Comprehensive 3D SR) through highdicom's constructors.
 
 Each measured segment becomes a volumetric measurement group that references the
-SEG segment and the source images it covers; qualitative findings about the whole
-series become a measurement group of their own. All source images and the SEG are
+SEG segment and the source images it covers; findings about one image (a
+radiograph's quality) become a measurement group that references that image, and
+findings about the whole series a measurement group of their own. All source images and the SEG are
 recorded as evidence.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -82,14 +83,58 @@ def _segment_groups(
     return groups
 
 
+def _unsegmented_group(
+    findings: Findings,
+    spec: PluginSpec,
+    identity: ResultIdentity,
+    image_index: int | None,
+    images: Sequence[Dataset],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """The findings about one image (``image_index``) or, when it is None, about the
+    whole series; None when there are none."""
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
+        for e in findings.evaluations
+        if e.segment_number is None and e.image_index == image_index
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=coded(m.name),
+            value=m.value,
+            unit=coded(m.unit),
+            algorithm_id=_algorithm_id(spec),
+        )
+        for m in findings.measurements
+        if m.segment_number is None and m.image_index == image_index
+    ]
+    if not evaluations and not measurements:
+        return None
+    if image_index is None:
+        uid, label, sources = identity.uid("series-findings"), f"{spec.name} findings", None
+    else:
+        uid = identity.uid(f"image-{image_index}-findings")
+        label = f"{spec.name} findings, image {image_index + 1}"
+        sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in images]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label),
+        algorithm_id=_algorithm_id(spec),
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations or None,
+        source_images=sources,
+    )
+
+
 def build_report(
     source: Sequence[Dataset],
     seg: Dataset | None,
     findings: Findings,
     spec: PluginSpec,
     identity: ResultIdentity,
+    *,
+    images: Mapping[int, Sequence[Dataset]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for one job; ``seg`` is the job's SEG when it produced one."""
+    """The SR for one job; ``seg`` is the job's SEG when it produced one; ``images``
+    gives, for each image a finding is about, the source instances it shows."""
     device = identity.device
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
@@ -98,20 +143,13 @@ def build_report(
     try:
         if seg is not None:
             groups.extend(_segment_groups(source, seg, findings, spec, identity))
-        series_level = [e for e in findings.evaluations if e.segment_number is None]
-        if series_level:
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=identity.uid("series-findings"), identifier=f"{spec.name} findings"
-                    ),
-                    algorithm_id=_algorithm_id(spec),
-                    qualitative_evaluations=[
-                        hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
-                        for e in series_level
-                    ],
-                )
-            )
+        for image_index, shown in sorted((images or {}).items()):
+            group = _unsegmented_group(findings, spec, identity, image_index, shown)
+            if group is not None:
+                groups.append(group)
+        series_group = _unsegmented_group(findings, spec, identity, None, ())
+        if series_group is not None:
+            groups.append(series_group)
         if not groups:
             raise ResultEncodingError(f"plugin {spec.name} reported nothing to put in an SR")
         observer = hd.sr.ObserverContext(
@@ -130,7 +168,7 @@ def build_report(
             imaging_measurements=groups,
         )
         evidence = [*source, seg] if seg is not None else list(source)
-        return hd.sr.Comprehensive3DSR(
+        report_object = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
             series_instance_uid=identity.uid("sr-series"),
@@ -147,3 +185,23 @@ def build_report(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultEncodingError(f"SR for plugin {spec.name} cannot be built: {exc}") from exc
+    _identify_private_schemes(report_object, findings)
+    return report_object
+
+
+def _identify_private_schemes(report: Dataset, findings: Findings) -> None:
+    """Name each private coding scheme (designator 99...) the findings use in the
+    Coding Scheme Identification Sequence, so a reader can tell whose codes they are."""
+    codes = [c for e in findings.evaluations for c in (e.name, e.value)]
+    codes += [c for m in findings.measurements for c in (m.name, m.unit)]
+    private = sorted({c.scheme for c in codes if c.scheme.startswith("99")})
+    if not private:
+        return
+    identifications = []
+    for scheme in private:
+        item = Dataset()
+        item.CodingSchemeDesignator = scheme
+        item.CodingSchemeName = f"{scheme} (private codes of Infergate plugins)"[:64]
+        item.CodingSchemeResponsibleOrganization = "Infergate"
+        identifications.append(item)
+    report.CodingSchemeIdentificationSequence = identifications

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 
 from infergate.dicom.spool import fsync_dir
 from infergate.dicom.volume import LoadedSeries
-from infergate.errors import ResultEncodingError
+from infergate.errors import ResultEncodingError, VolumeError
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity
 from infergate.results.seg import build_segmentation
@@ -80,7 +80,17 @@ def encode(
     if findings.label_map is not None and findings.segment_numbers:
         seg = build_segmentation(source, findings, spec, identity)
         results.append(EncodedResult("seg", seg))
-    report = build_report(source, seg, findings, spec, identity)
+    about_images = {
+        item.image_index
+        for items in (findings.evaluations, findings.measurements)
+        for item in items
+        if item.image_index is not None and item.segment_number is None
+    }
+    try:
+        images = {i: [source[k] for k in loaded.acquired_at(i)] for i in sorted(about_images)}
+    except VolumeError as exc:
+        raise ResultEncodingError(f"plugin {spec.name} reported on {exc}") from exc
+    report = build_report(source, seg, findings, spec, identity, images=images)
     results.append(EncodedResult("sr", report))
     return results
 

@@ -1,5 +1,5 @@
-"""What a plugin author (and Infergate's own tests) need: synthetic series builders and
-the conformance check every plugin must pass."""
+"""What a plugin author (and Infergate's own tests) need: synthetic series builders (chest
+and head CT, chest radiograph) and the conformance check every plugin must pass."""
 
 from infergate.testing.conformance import check_plugin, synthetic_series
 from infergate.testing.head_phantom import (
@@ -10,16 +10,19 @@ from infergate.testing.head_phantom import (
     write_head_ct,
 )
 from infergate.testing.phantoms import ChestPhantom, PhantomIdentity, write_chest_ct
+from infergate.testing.radiograph_phantom import ChestRadiograph, write_chest_radiograph
 
 __all__ = [
     "LEFT_FRONTAL",
     "RIGHT_PARIETAL",
     "ChestPhantom",
+    "ChestRadiograph",
     "HeadPhantom",
     "Hyperdensity",
     "PhantomIdentity",
     "check_plugin",
     "synthetic_series",
     "write_chest_ct",
+    "write_chest_radiograph",
     "write_head_ct",
 ]

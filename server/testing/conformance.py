@@ -5,7 +5,8 @@ each modality the plugin accepts and compares what comes back with the declared
 inputs (names, dtypes, ranks, fixed sizes); then calls ``postprocess`` with outputs
 shaped as declared (all zeros, and filled with each declared segment number in
 turn) and checks the findings against the spec: label map shape and dtype,
-segments declared, measurements and evaluations about segments that exist. It
+segments declared, measurements and evaluations about segments and images that
+exist. It
 also checks that neither function changes the series it is given.
 
     from infergate.testing import check_plugin
@@ -20,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.utils import triton_to_np_dtype
 
+from infergate.dicom.projection import PROJECTION_MODALITIES
 from infergate.errors import PluginError
 from infergate.plugin_api import Findings, Plugin, PluginSpec, Series, TensorSpec
 from infergate.plugins import validate
@@ -28,7 +30,24 @@ _SHAPE = (8, 32, 32)  # slices, rows, columns of the synthetic series
 
 
 def synthetic_series(modality: str, shape: tuple[int, int, int] = _SHAPE) -> Series:
-    """A small series of ``modality``: air around a body-like block (CT values in HU)."""
+    """A small series of ``modality``: air around a body-like block (CT values in HU).
+
+    For a projection modality (CR, DX, ...) one image, as displayed: a bright block
+    on a dark background.
+    """
+    if modality.upper() in PROJECTION_MODALITIES:
+        _, rows, columns = shape
+        image = np.full((1, rows, columns), 0.05, dtype=np.float32)
+        image[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 0.6
+        return Series(
+            modality=modality,
+            volume=image,
+            spacing=(0.0, 0.5, 0.5),
+            row_direction=(1.0, 0.0, 0.0),
+            column_direction=(0.0, 0.0, -1.0),
+            origin=(0.0, 0.0, 0.0),
+            projection=True,
+        )
     volume = np.full(shape, -1000.0, dtype=np.float32)
     _, rows, columns = shape
     volume[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 40.0
@@ -142,14 +161,16 @@ def _check_postprocess(
                 f"label map holds {sorted(present)} but findings list {findings.segment_numbers}"
             )
     listed = set(findings.segment_numbers)
-    for measurement in findings.measurements:
-        if measurement.segment_number not in listed:
-            problems.append(
-                f"a measurement is about segment {measurement.segment_number}, not listed"
-            )
-    for evaluation in findings.evaluations:
-        if evaluation.segment_number is not None and evaluation.segment_number not in listed:
-            problems.append(
-                f"an evaluation is about segment {evaluation.segment_number}, not listed"
-            )
+    images = series.volume.shape[0]
+    for kind, items in (
+        ("measurement", findings.measurements),
+        ("evaluation", findings.evaluations),
+    ):
+        for item in items:
+            if item.segment_number is not None and item.segment_number not in listed:
+                problems.append(f"a {kind} is about segment {item.segment_number}, not listed")
+            if item.image_index is not None and not 0 <= item.image_index < images:
+                problems.append(
+                    f"a {kind} is about image {item.image_index}; the series has {images}"
+                )
     return problems

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from infergate.testing import ChestPhantom, HeadPhantom
+from infergate.testing import ChestPhantom, HeadPhantom, write_chest_radiograph
 from peers import (
     InfergateProcess,
     Orthanc,
@@ -166,7 +166,7 @@ def test_real_head_ct_reports_no_lungs(
     assert done["ct_lung"]["lungs_found"] == 0
     assert done["ct_head_bleed"]["candidates"] == 0
     routed = infergate.wait_event("routing.series.routed", timeout=5)[0]
-    priorities = {d["plugin"]: d["priority"] for d in routed["decisions"]}
+    priorities = {d["plugin"]: d["priority"] for d in routed["decisions"] if d["matched"]}
     assert priorities == {"ct_head_bleed": "urgent", "ct_lung": "normal"}
     # The real file's own patient module must not leak either (highdicom warns about
     # its single-component name, quoting it).
@@ -227,6 +227,59 @@ def test_head_ct_with_a_bleed_gets_urgent_seg_and_sr(
     assert second["Volume"] == pytest.approx(left_ml, rel=0.1)
     assert second["Laterality"] == "Left"
     _assert_no_phi(infergate, bleed_head.identity)
+
+
+def test_chest_radiograph_gets_a_quality_sr_only(
+    infergate: InfergateProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """A rotated DX stored as MONOCHROME1 but inverted, and a good CR of the same study:
+    each gets its own verdicts in an SR (no SEG), routed by the plugin's default rule."""
+    bad = write_chest_radiograph(
+        tmp_path / "bad", photometric="MONOCHROME1", stored_inverted=True, rotation=0.2
+    )
+    good = write_chest_radiograph(tmp_path / "good", modality="CR", seed=4)
+    ds = pydicom.dcmread(good.path)
+    ds.StudyInstanceUID = bad.study_uid
+    ds.save_as(good.path)
+    infergate.start()
+    storescu(infergate.port, [bad.path, good.path])
+    sent = infergate.wait_event("export.sent", timeout=120, count=2)
+    assert all(event["kinds"] == ["sr"] for event in sent)
+    routed = infergate.events()
+    assert {e["plugin"] for e in routed if e["event"] == "inference.job.findings"} == {
+        "cxr_quality"
+    }
+
+    reports = _fetch(orthanc, bad.study_uid, "SR", tmp_path)
+    assert len(reports) == 2
+    assert _fetch(orthanc, bad.study_uid, "SEG", tmp_path) == []
+    verdicts: dict[str, dict[str, object]] = {}
+    for path in reports:
+        assert dciodvfy_errors(path) == []
+        for item in walk_content(pydicom.dcmread(path).ContentSequence):
+            if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
+                continue
+            group: dict[str, object] = {}
+            for child in item.ContentSequence:
+                name = child.ConceptNameCodeSequence[0].CodeMeaning
+                if child.ValueType == "IMAGE":
+                    group["image"] = child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                if child.ValueType == "CODE":
+                    group[name] = child.ConceptCodeSequence[0].CodeMeaning
+                if child.ValueType == "NUM":
+                    group[name] = float(child.MeasuredValueSequence[0].NumericValue)
+            if "image" in group:
+                verdicts[str(group["image"])] = group
+    flagged, passed = verdicts[bad.sop_instance_uid], verdicts[good.sop_instance_uid]
+    assert flagged["Grayscale inverted against Photometric"] == "Present"
+    assert flagged["Positioning"] == "Present"
+    assert flagged["Mediastinal offset (rotation index)"] == pytest.approx(0.2, abs=0.02)
+    assert flagged["Exposure clipped in lung fields"] == "Absent"
+    assert flagged["Image Quality"] == "Usable - Does not meet the quality control standard"
+    assert passed["Grayscale inverted against Photometric"] == "Absent"
+    assert passed["Positioning"] == "Absent"
+    assert passed["Image Quality"] == "Usable - Meets the quality control standard"
+    _assert_no_phi(infergate, bad.identity)
 
 
 @pytest.mark.parametrize("kill_after", ["acknowledged", "inference_started"])

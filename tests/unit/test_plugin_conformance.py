@@ -54,6 +54,9 @@ class _Broken:
         if self.flaw == "measurement":
             unit = ct_lung.spec.segments[0].type
             return replace(findings, measurements=(Measurement(9, unit, 1.0, unit),))
+        if self.flaw == "image":
+            unit = ct_lung.spec.segments[0].type
+            return replace(findings, measurements=(Measurement(None, unit, 1.0, unit, 8),))
         return findings
 
 
@@ -66,6 +69,7 @@ class _Broken:
         ("segment", "findings name segments [7]"),
         ("shape", "label map is uint8 (8, 10, 32)"),
         ("measurement", "a measurement is about segment 9"),
+        ("image", "a measurement is about image 8; the series has 8"),
     ],
 )
 def test_a_broken_plugin_is_caught(flaw: str, expected: str) -> None:

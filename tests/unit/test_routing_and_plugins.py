@@ -34,10 +34,10 @@ class _Plugin:
 
 def test_in_repo_plugins_are_found_through_entry_points() -> None:
     loaded = {p.spec.name: p for p in discover()}
-    assert sorted(loaded) == ["ct_head_bleed", "ct_lung"]
+    assert sorted(loaded) == ["ct_head_bleed", "ct_lung", "cxr_quality"]
     assert loaded["ct_lung"].plugin is ct_lung
-    assert "infergate_plugins.ct_lung:plugin" in loaded["ct_lung"].source
-    assert "infergate_plugins.ct_head_bleed:plugin" in loaded["ct_head_bleed"].source
+    for name, found in loaded.items():
+        assert f"infergate_plugins.{name}:plugin" in found.source
 
 
 def test_a_triage_plugin_runs_urgent_on_head_cts_only() -> None:
