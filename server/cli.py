@@ -19,6 +19,7 @@ from infergate.dicom.spool import Spool
 from infergate.dicom.tls import server_context
 from infergate.errors import ConfigError, InfergateError
 from infergate.inference.embedded import EmbeddedTriton
+from infergate.inference.shared_memory import remove_stale_regions
 from infergate.inference.triton import TritonClient
 from infergate.logs import configure_logging, get_logger
 from infergate.pipeline import Pipeline
@@ -41,7 +42,13 @@ def triton_for(settings: Settings) -> Iterator[TritonClient]:
     if settings.triton.mode == "embedded":
         embedded = EmbeddedTriton(settings.triton, settings.storage.var_dir / "triton")
         embedded.start()
-    client = TritonClient(settings.triton.grpc_url, settings.triton.request_timeout_s)
+    if settings.triton.use_shared_memory:
+        remove_stale_regions()
+    client = TritonClient(
+        settings.triton.grpc_url,
+        settings.triton.request_timeout_s,
+        shared_memory=settings.triton.use_shared_memory,
+    )
     try:
         if not client.is_ready():
             raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")

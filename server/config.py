@@ -276,12 +276,23 @@ class TritonSettings(_Section):
     retry_delay_s: float = Field(default=2.0, ge=0)
     max_retry_delay_s: float = Field(default=60.0, ge=0)
     startup_timeout_s: float = Field(default=120.0, gt=0)
+    # Inputs through system shared memory: auto when Triton is on this host (embedded,
+    # or a loopback URL); on for a remote URL that shares this host's /dev/shm anyway.
+    # A Triton that cannot map the region is used over plain gRPC from then on.
+    shared_memory: Literal["auto", "on", "off"] = "auto"
 
     @property
     def grpc_url(self) -> str:
         if self.mode == "embedded":
             return f"127.0.0.1:{self.grpc_port}"
         return self.url
+
+    @property
+    def use_shared_memory(self) -> bool:
+        if self.shared_memory != "auto":
+            return self.shared_memory == "on"
+        host = self.grpc_url.rsplit(":", 1)[0].strip("[]").lower()
+        return host in {"127.0.0.1", "localhost", "::1"}
 
 
 class DeviceSettings(_Section):

@@ -78,6 +78,11 @@ class TritonUnavailableError(InferenceError):
     """Triton could not be reached or is not ready."""
 
 
+class SharedMemoryUnavailableError(InferenceError):
+    """System shared memory cannot be used with this Triton (another host, a container
+    without the host's /dev/shm, /dev/shm too small); requests fall back to gRPC."""
+
+
 class InferenceTimeoutError(InferenceError):
     """Triton gave no answer within the plugin's deadline: the job fails, it is not retried."""
 

@@ -1,7 +1,8 @@
 """A small typed adapter over tritonclient's gRPC client.
 
 Every tritonclient error becomes an :class:`InferenceError` here; nothing else in
-Infergate imports tritonclient.
+Infergate imports tritonclient (but ``shared_memory``, its helper). Inputs go through
+system shared memory when Triton is on this host, else inside the gRPC message.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from infergate.errors import (
     InferenceError,
     InferenceTimeoutError,
     ModelMismatchError,
+    SharedMemoryUnavailableError,
     TritonUnavailableError,
 )
+from infergate.inference.shared_memory import shared_memory_inputs
+from infergate.logs import get_logger
 from infergate.plugin_api import PluginSpec, TensorSpec
+
+log = get_logger(__name__)
 
 # Large volumes travel in one message; tritonclient's default cap would refuse them.
 _MAX_MESSAGE_BYTES = 2**31 - 1
@@ -44,9 +50,11 @@ class ModelMetadata:
 class TritonClient:
     """Readiness, metadata and inference against one Triton server over gRPC."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, shared_memory: bool = False) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        # Inputs through system shared memory (Triton on this host), until it fails once.
+        self.shared_memory = shared_memory
         self._client = grpcclient.InferenceServerClient(
             url=url,
             channel_args=[
@@ -131,11 +139,28 @@ class TritonClient:
         :class:`InferenceError` on any other failure.
         """
         deadline = self.timeout_s if timeout_s is None else timeout_s
+        if self.shared_memory:
+            try:
+                with shared_memory_inputs(self._client, inputs, deadline) as request_inputs:
+                    return self._infer(model, request_inputs, outputs, version, deadline)
+            except SharedMemoryUnavailableError as exc:
+                log.warning("inference.shared_memory.unavailable", url=self.url, reason=str(exc))
+                self.shared_memory = False
         request_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             request_inputs.append(tensor)
+        return self._infer(model, request_inputs, outputs, version, deadline)
+
+    def _infer(
+        self,
+        model: str,
+        request_inputs: list[grpcclient.InferInput],
+        outputs: tuple[str, ...],
+        version: str,
+        deadline: float,
+    ) -> dict[str, npt.NDArray[np.generic]]:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         try:
             result = self._client.infer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.utils.shared_memory as shm
 import yaml
+from structlog.testing import capture_logs
 
 from infergate.config import TritonSettings
 from infergate.dicom.volume import load_series
@@ -41,7 +44,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonClient]:
     settings = _triton_settings(REPO / "model_repository")
     server = EmbeddedTriton(settings, tmp_path_factory.mktemp("triton"))
     server.start()
-    client = TritonClient(settings.grpc_url, settings.request_timeout_s)
+    # As `infergate serve` has it with the embedded Triton: inputs through shared memory.
+    client = TritonClient(settings.grpc_url, settings.request_timeout_s, shared_memory=True)
     yield client
     client.close()
     server.stop()
@@ -100,6 +104,53 @@ def test_model_errors_and_timeouts_become_inference_errors(triton: TritonClient)
             )
     finally:
         impatient.close()
+
+
+def _our_regions() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"infergate_{os.getpid()}_*")}
+
+
+def test_shared_memory_and_grpc_give_the_same_answer_and_leave_nothing(
+    triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    inputs = plugin.preprocess(load_series(list(small_phantom.paths)).series)
+    before = _our_regions()
+    shared = triton.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
+    assert triton.shared_memory  # it did not fall back
+    plain = TritonClient(triton.url, timeout_s=60)
+    try:
+        grpc = plain.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
+        # Nothing stays registered with Triton, or in /dev/shm, after a request.
+        assert plain._client.get_system_shared_memory_status(as_json=True) == {}
+    finally:
+        plain.close()
+    np.testing.assert_array_equal(shared["LUNG_LABELS"], grpc["LUNG_LABELS"])
+    assert _our_regions() == before
+
+
+def test_a_region_that_cannot_be_made_falls_back_to_grpc(
+    triton: TritonClient, small_phantom: ChestPhantom, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/shm full (a container's 64 MB default): the request goes over gRPC, and so
+    do the next ones, said once in the log."""
+    client = TritonClient(triton.url, timeout_s=60, shared_memory=True)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise shm.SharedMemoryException("unable to initialize the size")
+
+    monkeypatch.setattr(shm, "create_shared_memory_region", full)
+    inputs = plugin.preprocess(load_series(list(small_phantom.paths)).series)
+    try:
+        with capture_logs() as logs:
+            labels = client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))["LUNG_LABELS"]
+            client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
+    finally:
+        client.close()
+    assert labels.shape == inputs["CT_HU"].shape
+    assert not client.shared_memory
+    fallbacks = [e for e in logs if e["event"] == "inference.shared_memory.unavailable"]
+    assert len(fallbacks) == 1
+    assert "unable to initialize the size" in fallbacks[0]["reason"]
 
 
 def _check(tmp_path: Path, repository: Path) -> subprocess.CompletedProcess[str]:
