@@ -153,6 +153,8 @@ class InfergateProcess:
     config: dict[str, Any]
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    # Added to the environment (e.g. PYTHONPATH for a plugin installed elsewhere).
+    extra_env: dict[str, str] | None = None
 
     @property
     def port(self) -> int:
@@ -172,7 +174,7 @@ class InfergateProcess:
             [sys.executable, "-m", "infergate.cli", "serve", "--config", str(config_path)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=PEER_ENV,
+            env={**PEER_ENV, **(self.extra_env or {})},
             cwd=self.workdir,
         )
         if wait_ready:

@@ -16,6 +16,9 @@ always refused: resampling would invent them. Whatever the plugin's label map sa
 about the grid is mapped back onto the acquired slices (``source_label_frames``),
 so results overlay the images the radiologist sees.
 
+A multi-frame Enhanced image is read frame by frame (``slices``); its frames are
+the slices, ordered along the normal like any others, whatever their frame order.
+
 Projection images (CR, DX: see ``projection``) are no volume: each image becomes
 one slice of the plugin's array, in Instance Number order, with its values as
 displayed and its geometry from Patient Orientation.
@@ -29,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from infergate.config import VolumeSettings
-from infergate.dicom.projection import displayed, is_projection, patient_orientation, pixel_spacing
+from infergate.dicom.projection import patient_orientation, pixel_spacing
+from infergate.dicom.slices import Slice, read_slices, vector
 from infergate.errors import VolumeError
 from infergate.plugin_api import Series
 from infergate.series_facts import irregular_gaps
@@ -73,6 +76,13 @@ class LoadedSeries:
     excluded: tuple[str, ...] = ()
     resampled: str | None = None
     assumed: tuple[str, ...] = ()
+    # The frame number of each header's slice in its multi-frame instance; empty (or
+    # None) for single-frame instances.
+    frames: tuple[int | None, ...] = ()
+
+    @property
+    def frame_numbers(self) -> tuple[int | None, ...]:
+        return self.frames or (None,) * len(self.headers)
 
     def acquired_at(self, index: int) -> tuple[int, ...]:
         """The acquired slices (indices into ``headers``) that lie at slice ``index`` of
@@ -104,58 +114,11 @@ class LoadedSeries:
         return frames
 
 
-@dataclass
-class _Slice:
-    path: Path
-    header: Dataset
-    pixels: npt.NDArray[np.float32]
-    # Zero for a projection image, which has no place in a volume.
-    orientation: npt.NDArray[np.float64]
-    position: npt.NDArray[np.float64]
-    projection: bool
-
-
-def _vector(ds: Dataset, keyword: str, length: int, path: Path) -> npt.NDArray[np.float64]:
-    value = ds.get(keyword)
-    if value is None or len(value) != length:
-        raise VolumeError(f"instance {path.name} has no usable {keyword}")
-    return np.array([float(v) for v in value], dtype=np.float64)
-
-
-def _read(path: Path) -> _Slice:
-    try:
-        ds = pydicom.dcmread(path)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise VolumeError(f"instance {path.name} cannot be read: {exc}") from exc
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError(f"instance {path.name} is multi-frame, which is not supported yet")
-    projection = is_projection(ds)
-    if projection:
-        orientation, position = np.zeros(6), np.zeros(3)
-    else:
-        orientation = _vector(ds, "ImageOrientationPatient", 6, path)
-        position = _vector(ds, "ImagePositionPatient", 3, path)
-    try:
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as exc:  # pixel handlers raise many types
-        raise VolumeError(f"instance {path.name}: pixel data cannot be decoded: {exc}") from exc
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope != 1.0:
-        pixels *= slope
-    if intercept != 0.0:
-        pixels += intercept
-    if projection:
-        pixels = displayed(pixels, ds)
-    del ds.PixelData
-    return _Slice(path, ds, pixels, orientation, position, projection)
-
-
 def _is_localizer(ds: Dataset) -> bool:
     return "LOCALIZER" in {str(v).upper() for v in (ds.get("ImageType") or ())}
 
 
-def _select(slices: list[_Slice]) -> tuple[list[_Slice], tuple[str, ...]]:
+def _select(slices: list[Slice]) -> tuple[list[Slice], tuple[str, ...]]:
     """The slices that make the volume: no localizer, and the orientation and size most
     of the series has. The rest are left out, each reason with its count."""
     reasons: Counter[str] = Counter()
@@ -164,7 +127,7 @@ def _select(slices: list[_Slice]) -> tuple[list[_Slice], tuple[str, ...]]:
     if not kept:
         raise VolumeError("series holds only localizers")
 
-    def key(s: _Slice) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def key(s: Slice) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return tuple(np.round(s.orientation / _SAME_ORIENTATION).astype(int)), s.pixels.shape
 
     counts = Counter(key(s) for s in kept)
@@ -189,9 +152,10 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
     policy = settings or VolumeSettings()
     if not paths:
         raise VolumeError("series has no instances")
-    slices, excluded = _select([_read(p) for p in paths])
+    slices, excluded = _select([s for p in paths for s in read_slices(p)])
     if slices[0].projection:
         return _projections(slices, excluded)
+    _one_multiframe_at_most(slices)
     orientation = slices[0].orientation
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
@@ -201,8 +165,8 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
     if len(gaps) and float(gaps.min()) < _SAME_POSITION_MM:
         raise VolumeError("two or more slices share a position along the slice normal")
     first = slices[0].header
-    row_spacing, column_spacing = (
-        float(v) for v in _vector(first, "PixelSpacing", 2, slices[0].path)
+    row_spacing, column_spacing = slices[0].pixel_spacing or tuple(
+        float(v) for v in vector(first, "PixelSpacing", 2, f"instance {slices[0].path.name}")
     )
     spacing = float(np.median(gaps)) if len(gaps) else float(first.get("SliceThickness", 1) or 1)
     irregular = irregular_gaps(gaps)
@@ -273,10 +237,23 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
         placements=placements,
         excluded=excluded,
         resampled="; ".join(changes) or None,
+        frames=tuple(s.frame for s in slices),
     )
 
 
-def _projections(slices: list[_Slice], excluded: tuple[str, ...]) -> LoadedSeries:
+def _one_multiframe_at_most(slices: list[Slice]) -> None:
+    """A series made of a multi-frame instance is that instance alone (what a SEG can
+    reference: one multi-frame source, or single-frame ones)."""
+    multiframe = {str(s.header.SOPInstanceUID) for s in slices if s.frame is not None}
+    if multiframe and (len(multiframe) > 1 or any(s.frame is None for s in slices)):
+        raise VolumeError(
+            f"series has {len(multiframe)} multi-frame instance(s) among"
+            f" {len({str(s.header.SOPInstanceUID) for s in slices})}: one multi-frame"
+            " instance per series is supported"
+        )
+
+
+def _projections(slices: list[Slice], excluded: tuple[str, ...]) -> LoadedSeries:
     """Projection images as a stack of separate images, in Instance Number order."""
     slices.sort(
         key=lambda s: (int(s.header.get("InstanceNumber") or 0), str(s.header.SOPInstanceUID))

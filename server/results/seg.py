@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
 
 from infergate.errors import ResultEncodingError
 from infergate.plugin_api import Findings, PluginSpec
@@ -16,6 +13,7 @@ from infergate.results.identity import (
     coded,
     contributing_equipment,
 )
+from infergate.results.sources import SourceSlices
 
 
 def seg_segment_numbers(findings: Findings) -> dict[int, int]:
@@ -24,12 +22,14 @@ def seg_segment_numbers(findings: Findings) -> dict[int, int]:
 
 
 def build_segmentation(
-    source: Sequence[Dataset],
+    source: SourceSlices,
     findings: Findings,
     spec: PluginSpec,
     identity: ResultIdentity,
 ) -> hd.seg.Segmentation:
-    """A SEG in the source study referencing ``source`` (headers in volume order)."""
+    """A SEG in the source study referencing ``source`` (the acquired slices, in the
+    label map's order): its single-frame instances, or its one multi-frame instance
+    with the label map in that instance's frame order."""
     if findings.label_map is None or not findings.segment_numbers:
         raise ResultEncodingError(f"plugin {spec.name} found no segment to encode")
     numbering = seg_segment_numbers(findings)
@@ -37,6 +37,10 @@ def build_segmentation(
     for plugin_number, seg_number in numbering.items():
         lookup[plugin_number] = seg_number
     label_map = lookup[findings.label_map]
+    if source.multiframe:
+        source_images, label_map = source.instances, source.in_source_order(label_map)
+    else:
+        source_images = list(source.headers)
     descriptions = []
     for plugin_number, seg_number in numbering.items():
         segment = spec.segment(plugin_number)
@@ -55,7 +59,7 @@ def build_segmentation(
     device = identity.device
     try:
         return hd.seg.Segmentation(
-            source_images=list(source),
+            source_images=source_images,
             pixel_array=label_map,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,

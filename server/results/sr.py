@@ -20,6 +20,7 @@ from infergate.errors import ResultEncodingError
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity, coded, contributing_equipment
 from infergate.results.seg import seg_segment_numbers
+from infergate.results.sources import SourceSlices
 
 
 def _algorithm_id(spec: PluginSpec) -> hd.sr.AlgorithmIdentification:
@@ -27,7 +28,7 @@ def _algorithm_id(spec: PluginSpec) -> hd.sr.AlgorithmIdentification:
 
 
 def _segment_groups(
-    source: Sequence[Dataset],
+    source: SourceSlices,
     seg: Dataset,
     findings: Findings,
     spec: PluginSpec,
@@ -40,10 +41,10 @@ def _segment_groups(
     for plugin_number in sorted(numbering):
         segment = spec.segment(plugin_number)
         in_slice = (findings.label_map == plugin_number).any(axis=(1, 2))
-        present = np.nonzero(in_slice)[0]
+        present = [int(index) for index in np.nonzero(in_slice)[0]]
         covered = [
-            hd.sr.SourceImageForSegmentation.from_source_image(source[int(index)])
-            for index in present
+            hd.sr.SourceImageForSegmentation.from_source_image(ds, referenced_frame_numbers=frames)
+            for ds, frames in source.references(present)
         ]
         measurements = [
             hd.sr.Measurement(
@@ -88,7 +89,7 @@ def _unsegmented_group(
     spec: PluginSpec,
     identity: ResultIdentity,
     image_index: int | None,
-    images: Sequence[Dataset],
+    shown: Sequence[tuple[Dataset, list[int] | None]],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """The findings about one image (``image_index``) or, when it is None, about the
     whole series; None when there are none."""
@@ -114,7 +115,12 @@ def _unsegmented_group(
     else:
         uid = identity.uid(f"image-{image_index}-findings")
         label = f"{spec.name} findings, image {image_index + 1}"
-        sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in images]
+        sources = [
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                ds, referenced_frame_numbers=frames
+            )
+            for ds, frames in shown
+        ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label),
         algorithm_id=_algorithm_id(spec),
@@ -125,16 +131,16 @@ def _unsegmented_group(
 
 
 def build_report(
-    source: Sequence[Dataset],
+    source: SourceSlices,
     seg: Dataset | None,
     findings: Findings,
     spec: PluginSpec,
     identity: ResultIdentity,
     *,
-    images: Mapping[int, Sequence[Dataset]] | None = None,
+    images: Mapping[int, Sequence[int]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job; ``seg`` is the job's SEG when it produced one; ``images``
-    gives, for each image a finding is about, the source instances it shows."""
+    gives, for each image a finding is about, the acquired slices it shows."""
     device = identity.device
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
@@ -143,7 +149,8 @@ def build_report(
     try:
         if seg is not None:
             groups.extend(_segment_groups(source, seg, findings, spec, identity))
-        for image_index, shown in sorted((images or {}).items()):
+        for image_index, slices in sorted((images or {}).items()):
+            shown = source.references(slices)
             group = _unsegmented_group(findings, spec, identity, image_index, shown)
             if group is not None:
                 groups.append(group)
@@ -167,7 +174,7 @@ def build_report(
             procedure_reported=coded(spec.procedure),
             imaging_measurements=groups,
         )
-        evidence = [*source, seg] if seg is not None else list(source)
+        evidence = [*source.instances, seg] if seg is not None else source.instances
         report_object = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,

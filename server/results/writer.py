@@ -14,6 +14,7 @@ from infergate.errors import ResultEncodingError, VolumeError
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity
 from infergate.results.seg import build_segmentation
+from infergate.results.sources import SourceSlices
 from infergate.results.sr import build_report
 
 
@@ -72,7 +73,7 @@ def encode(
 ) -> list[EncodedResult]:
     """The job's result objects: a SEG when there are segments, and always an SR."""
     results: list[EncodedResult] = []
-    source = conformant_source(loaded.headers)
+    source = SourceSlices(conformant_source(loaded.headers), loaded.frame_numbers)
     if findings.label_map is not None:
         # Results describe the acquired slices, whatever grid the plugin saw.
         findings = replace(findings, label_map=loaded.source_label_frames(findings.label_map))
@@ -87,7 +88,7 @@ def encode(
         if item.image_index is not None and item.segment_number is None
     }
     try:
-        images = {i: [source[k] for k in loaded.acquired_at(i)] for i in sorted(about_images)}
+        images = {i: loaded.acquired_at(i) for i in sorted(about_images)}
     except VolumeError as exc:
         raise ResultEncodingError(f"plugin {spec.name} reported on {exc}") from exc
     report = build_report(source, seg, findings, spec, identity, images=images)

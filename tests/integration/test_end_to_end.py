@@ -15,6 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from infergate.testing import ChestPhantom, HeadPhantom, write_chest_radiograph
+from infergate.testing.multiframe import write_multiframe_ct
 from peers import (
     InfergateProcess,
     Orthanc,
@@ -227,6 +228,36 @@ def test_head_ct_with_a_bleed_gets_urgent_seg_and_sr(
     assert second["Volume"] == pytest.approx(left_ml, rel=0.1)
     assert second["Laterality"] == "Left"
     _assert_no_phi(infergate, bleed_head.identity)
+
+
+def test_multiframe_ct_gets_seg_and_sr_on_its_frames(
+    infergate: InfergateProcess, orthanc: Orthanc, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    """The phantom as one multi-frame instance, frames shuffled: the same lung volumes as
+    the single-frame series, and a SEG whose frames derive from the source's frames."""
+    source = write_multiframe_ct(list(small_phantom.paths), tmp_path / "mf" / "ct.dcm")
+    infergate.config["plugins"] = {"enabled": ["ct_lung"]}
+    infergate.start()
+    # storescu proposes a fixed list of SOP classes unless told to propose what it sends.
+    storescu(infergate.port, [source], options=("--required",))
+    (sent,) = infergate.wait_event("export.sent", timeout=120)
+    assert sent["kinds"] == ["seg", "sr"]
+    source_uid = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    (seg_path,) = _fetch(orthanc, small_phantom.study_uid, "SEG", tmp_path)
+    (sr_path,) = _fetch(orthanc, small_phantom.study_uid, "SR", tmp_path)
+    assert dciodvfy_errors(seg_path) == []
+    assert dciodvfy_errors(sr_path) == []
+    seg = pydicom.dcmread(seg_path)
+    frames = {
+        int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for item in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert frames <= set(range(1, 41))
+    (series,) = seg.ReferencedSeriesSequence
+    assert [r.ReferencedSOPInstanceUID for r in series.ReferencedInstanceSequence] == [source_uid]
+    volumes = _sr_volumes(pydicom.dcmread(sr_path))
+    assert volumes["Right lung"] == pytest.approx(small_phantom.right_lung_ml, rel=0.03)
+    assert volumes["Left lung"] == pytest.approx(small_phantom.left_lung_ml, rel=0.03)
 
 
 def test_chest_radiograph_gets_a_quality_sr_only(
