@@ -48,6 +48,7 @@ def triton_for(settings: Settings) -> Iterator[TritonClient]:
         settings.triton.grpc_url,
         settings.triton.request_timeout_s,
         shared_memory=settings.triton.use_shared_memory,
+        max_in_flight=settings.triton.max_requests_in_flight,
     )
     try:
         if not client.is_ready():

@@ -280,6 +280,8 @@ class TritonSettings(_Section):
     # or a loopback URL); on for a remote URL that shares this host's /dev/shm anyway.
     # A Triton that cannot map the region is used over plain gRPC from then on.
     shared_memory: Literal["auto", "on", "off"] = "auto"
+    # Over gRPC, a plugin that declares slice_chunk has this many requests in flight.
+    max_requests_in_flight: int = Field(default=8, ge=1, le=64)
 
     @property
     def grpc_url(self) -> str:

@@ -80,6 +80,10 @@ class PluginSpec:
     # How long one inference may take before the job fails (a hung model); None:
     # triton.request_timeout_s.
     deadline_s: float | None = None
+    # The model computes each slice (first axis) without the others: over plain gRPC
+    # the volume may go as chunks of this many slices, several requests in flight,
+    # the outputs joined along their first axis. None: always one request.
+    slice_chunk: int | None = None
 
     def segment(self, number: int) -> SegmentSpec:
         for seg in self.segments:

@@ -65,6 +65,10 @@ def validate(plugin: object, source: str) -> Plugin:
     numbers = [s.number for s in spec.segments]
     if len(set(numbers)) != len(numbers) or any(not 0 < n < 256 for n in numbers):
         raise PluginError(f"plugin {spec.name}: segment numbers must be unique and in 1..255")
+    if spec.slice_chunk is not None and spec.slice_chunk < 1:
+        raise PluginError(f"plugin {spec.name}: slice_chunk must be at least 1 slice")
+    if spec.deadline_s is not None and spec.deadline_s <= 0:
+        raise PluginError(f"plugin {spec.name}: deadline_s must be positive")
     return plugin
 
 

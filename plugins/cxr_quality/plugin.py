@@ -69,6 +69,8 @@ SPEC = PluginSpec(
         TensorSpec("CLIPPED_FRACTION", "FP32", (-1,)),
     ),
     procedure=Code("399208008", "SCT", "Plain chest X-ray"),
+    # Each image is checked alone: over gRPC, a series of images goes one per request.
+    slice_chunk=1,
 )
 
 

@@ -70,8 +70,9 @@ def run_job(
         spec.model_name,
         inputs,
         tuple(t.name for t in spec.outputs),
-        spec.model_version,
+        version=spec.model_version,
         timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
+        slice_chunk=spec.slice_chunk,
     )
     lap("inference_s")
     findings = _plugin_step(

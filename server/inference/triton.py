@@ -7,8 +7,11 @@ system shared memory when Triton is on this host, else inside the gRPC message.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +25,7 @@ from infergate.errors import (
     SharedMemoryUnavailableError,
     TritonUnavailableError,
 )
+from infergate.inference.chunks import join_slices, split_slices
 from infergate.inference.shared_memory import shared_memory_inputs
 from infergate.logs import get_logger
 from infergate.plugin_api import PluginSpec, TensorSpec
@@ -50,9 +54,12 @@ class ModelMetadata:
 class TritonClient:
     """Readiness, metadata and inference against one Triton server over gRPC."""
 
-    def __init__(self, url: str, timeout_s: float, shared_memory: bool = False) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, shared_memory: bool = False, max_in_flight: int = 8
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.max_in_flight = max_in_flight
         # Inputs through system shared memory (Triton on this host), until it fails once.
         self.shared_memory = shared_memory
         self._client = grpcclient.InferenceServerClient(
@@ -129,10 +136,16 @@ class TritonClient:
         model: str,
         inputs: Mapping[str, npt.NDArray[np.generic]],
         outputs: tuple[str, ...],
+        *,
         version: str = "",
         timeout_s: float | None = None,
+        slice_chunk: int | None = None,
     ) -> dict[str, npt.NDArray[np.generic]]:
-        """Run one inference request within ``timeout_s`` (default: the client's).
+        """Run the model on ``inputs`` within ``timeout_s`` (default: the client's).
+
+        Through shared memory, one request. Over gRPC, one request, or, when
+        ``slice_chunk`` says the model takes slices alone, chunks of that many slices
+        with up to ``max_in_flight`` requests at once (``chunks``).
 
         Raises :class:`TritonUnavailableError` when Triton cannot be reached (worth
         retrying), :class:`InferenceTimeoutError` past the deadline, and
@@ -146,12 +159,13 @@ class TritonClient:
             except SharedMemoryUnavailableError as exc:
                 log.warning("inference.shared_memory.unavailable", url=self.url, reason=str(exc))
                 self.shared_memory = False
-        request_inputs = []
-        for name, array in inputs.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
-            request_inputs.append(tensor)
-        return self._infer(model, request_inputs, outputs, version, deadline)
+        if slice_chunk is not None:
+            parts = split_slices(inputs, slice_chunk)
+            if len(parts) > 1:
+                return join_slices(
+                    self._infer_in_flight(model, parts, outputs, version, deadline), outputs
+                )
+        return self._infer(model, _grpc_inputs(inputs), outputs, version, deadline)
 
     def _infer(
         self,
@@ -171,22 +185,105 @@ class TritonClient:
                 client_timeout=deadline,
             )
         except InferenceServerException as exc:
-            status = exc.status() or ""
-            message = f"Triton model '{model}' failed: {exc.message()}"
-            if "DEADLINE" in status:
+            raise _translated(exc, model, deadline) from exc
+        return _output_arrays(result, model, outputs)
+
+    def _infer_in_flight(
+        self,
+        model: str,
+        parts: list[dict[str, npt.NDArray[np.generic]]],
+        outputs: tuple[str, ...],
+        version: str,
+        deadline: float,
+    ) -> list[dict[str, npt.NDArray[np.generic]]]:
+        """Each of ``parts`` as its own asynchronous request, ``max_in_flight`` at a time;
+        their outputs in order, or the first failure once none is in flight."""
+        results: list[dict[str, npt.NDArray[np.generic]] | None] = [None] * len(parts)
+        failures: list[InferenceServerException | InferenceError] = []
+        slots = threading.Semaphore(self.max_in_flight)
+        finished = threading.Semaphore(0)
+        end = time.monotonic() + deadline
+
+        def done(
+            index: int, result: grpcclient.InferResult, error: InferenceServerException | None
+        ) -> None:
+            try:
+                if error is not None:
+                    failures.append(error)
+                else:
+                    results[index] = _output_arrays(result, model, outputs)
+            except InferenceError as exc:
+                failures.append(exc)
+            finally:
+                slots.release()
+                finished.release()
+
+        def wait(semaphore: threading.Semaphore) -> None:
+            if not semaphore.acquire(timeout=max(end - time.monotonic(), 0.0)):
                 raise InferenceTimeoutError(
                     f"Triton model '{model}' gave no answer within its deadline of {deadline:g} s"
-                ) from exc
-            if "UNAVAILABLE" in status:
-                raise TritonUnavailableError(message) from exc
-            raise InferenceError(message) from exc
-        arrays: dict[str, npt.NDArray[np.generic]] = {}
-        for name in outputs:
-            array = result.as_numpy(name)
-            if array is None:
-                raise InferenceError(f"Triton model '{model}' returned no output '{name}'")
-            arrays[name] = array
-        return arrays
+                )
+
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        sent = 0
+        try:
+            for index, part in enumerate(parts):
+                wait(slots)
+                if failures:
+                    slots.release()
+                    break
+                self._client.async_infer(
+                    model,
+                    _grpc_inputs(part),
+                    partial(done, index),
+                    model_version=version,
+                    outputs=requested,
+                    client_timeout=max(end - time.monotonic(), 0.001),
+                )
+                sent += 1
+        except InferenceServerException as exc:
+            failures.append(exc)
+        for _ in range(sent):
+            wait(finished)
+        if failures:
+            first = failures[0]
+            if isinstance(first, InferenceError):
+                raise first
+            raise _translated(first, model, deadline) from first
+        return [r for r in results if r is not None]
+
+
+def _grpc_inputs(inputs: Mapping[str, npt.NDArray[np.generic]]) -> list[grpcclient.InferInput]:
+    request_inputs = []
+    for name, array in inputs.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        request_inputs.append(tensor)
+    return request_inputs
+
+
+def _output_arrays(
+    result: grpcclient.InferResult, model: str, outputs: tuple[str, ...]
+) -> dict[str, npt.NDArray[np.generic]]:
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
+    for name in outputs:
+        array = result.as_numpy(name)
+        if array is None:
+            raise InferenceError(f"Triton model '{model}' returned no output '{name}'")
+        arrays[name] = array
+    return arrays
+
+
+def _translated(exc: InferenceServerException, model: str, deadline: float) -> InferenceError:
+    status = exc.status() or ""
+    message = f"Triton model '{model}' failed: {exc.message()}"
+    if "DEADLINE" in status:
+        return InferenceTimeoutError(
+            f"Triton model '{model}' gave no answer within its deadline of {deadline:g} s"
+        )
+    if "UNAVAILABLE" in status:
+        return TritonUnavailableError(message)
+    return InferenceError(message)
 
 
 def _compare(

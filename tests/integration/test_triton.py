@@ -23,6 +23,7 @@ from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
 from infergate.plugin_api import TensorSpec
 from infergate.testing import ChestPhantom
+from infergate.testing.radiograph_phantom import chest_radiograph_image
 from infergate_plugins.ct_lung import plugin
 from peers import PEER_ENV, REPO, free_port
 
@@ -151,6 +152,36 @@ def test_a_region_that_cannot_be_made_falls_back_to_grpc(
     fallbacks = [e for e in logs if e["event"] == "inference.shared_memory.unavailable"]
     assert len(fallbacks) == 1
     assert "unable to initialize the size" in fallbacks[0]["reason"]
+
+
+def _requests_served(client: TritonClient, model: str) -> int:
+    stats = client._client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
+def test_chunks_in_flight_give_the_answer_of_one_request(triton: TritonClient) -> None:
+    """cxr_quality takes images alone: over gRPC, five images go as five requests, two
+    in flight, and the answer is that of one request; through shared memory, one."""
+    rotations = (0.0, 0.2, -0.15, 0.1, 0.3)
+    images = np.stack(
+        [chest_radiograph_image(rotation=r, seed=i)[0] for i, r in enumerate(rotations)]
+    ).astype(np.float32)
+    names = ("INVERSION_SCORE", "ROTATION_INDEX", "CLIPPED_FRACTION")
+    plain = TritonClient(triton.url, timeout_s=60, max_in_flight=2)
+    try:
+        whole = plain.infer("cxr_quality", {"IMAGE": images}, names)
+        before = _requests_served(plain, "cxr_quality")
+        chunked = plain.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
+        assert _requests_served(plain, "cxr_quality") == before + 5
+        triton.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
+        assert _requests_served(plain, "cxr_quality") == before + 6
+        with pytest.raises(InferenceError, match="Triton model 'absent_model' failed"):
+            plain.infer("absent_model", {"IMAGE": images}, names, slice_chunk=2)
+    finally:
+        plain.close()
+    for name in names:
+        np.testing.assert_array_equal(chunked[name], whole[name])
+    assert np.abs(chunked["ROTATION_INDEX"]) == pytest.approx(np.abs(rotations), abs=0.02)
 
 
 def _check(tmp_path: Path, repository: Path) -> subprocess.CompletedProcess[str]:

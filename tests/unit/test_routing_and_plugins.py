@@ -94,6 +94,10 @@ def test_validation_refuses_broken_plugins() -> None:
     doubled = ct_lung.spec.segments + ct_lung.spec.segments[:1]
     with pytest.raises(PluginError, match="unique"):
         validate(_Plugin(replace(ct_lung.spec, segments=doubled)), "test")
+    with pytest.raises(PluginError, match="slice_chunk must be at least 1"):
+        validate(_Plugin(replace(ct_lung.spec, slice_chunk=0)), "test")
+    with pytest.raises(PluginError, match="deadline_s must be positive"):
+        validate(_Plugin(replace(ct_lung.spec, deadline_s=0.0)), "test")
     for name in ("(forward)", "CT Lung", "", "9lives"):
         with pytest.raises(PluginError, match="must be lowercase letters"):
             validate(_Plugin(replace(ct_lung.spec, name=name)), "test")
