@@ -17,7 +17,7 @@ from infergate.config import Settings, load_settings
 from infergate.dicom.listener_pool import ListenerPool
 from infergate.dicom.spool import Spool
 from infergate.dicom.tls import server_context
-from infergate.errors import ConfigError, InfergateError
+from infergate.errors import ConfigError, InfergateError, ModelMismatchError
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
 from infergate.inference.triton import TritonClient
@@ -61,14 +61,24 @@ def triton_for(settings: Settings) -> Iterator[TritonClient]:
 
 
 def check_plugins(client: TritonClient, plugins: list[LoadedPlugin]) -> None:
+    """Check every plugin against its live model; every mismatch is named before the
+    :class:`ModelMismatchError` that stops startup."""
+    problems = []
     for loaded in plugins:
-        client.check_plugin(loaded.spec)
+        try:
+            client.check_plugin(loaded.spec)
+        except ModelMismatchError as exc:
+            log.error("check.plugin.failed", plugin=loaded.spec.name, reason=str(exc))
+            problems.append(str(exc))
+            continue
         log.info(
             "check.plugin.ok",
             plugin=loaded.spec.name,
             version=loaded.spec.version,
             model=loaded.spec.model_name,
         )
+    if problems:
+        raise ModelMismatchError("; ".join(problems))
 
 
 def serve(settings: Settings) -> int:

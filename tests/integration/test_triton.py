@@ -220,7 +220,9 @@ def test_check_fails_when_the_model_is_missing(tmp_path: Path) -> None:
     empty.mkdir()
     result = _check(tmp_path, empty)
     assert result.returncode == 1
-    assert "no ready model 'ct_head_bleed'" in result.stderr
+    # Every plugin's missing model is named, not only the first.
+    for model in ("ct_head_bleed", "ct_lung_seg", "cxr_quality"):
+        assert f"no ready model '{model}'" in result.stderr
     assert "not in its model repository" in result.stderr
 
 
