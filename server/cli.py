@@ -36,8 +36,9 @@ log = get_logger("infergate.cli")
 
 
 @contextlib.contextmanager
-def triton_for(settings: Settings) -> Iterator[TritonClient]:
-    """A client for the configured Triton; starts and stops the embedded one."""
+def triton_for(settings: Settings) -> Iterator[tuple[TritonClient, EmbeddedTriton | None]]:
+    """A client for the configured Triton, and the embedded one when Infergate runs it
+    (started here, stopped on leaving)."""
     embedded = None
     if settings.triton.mode == "embedded":
         embedded = EmbeddedTriton(settings.triton, settings.storage.var_dir / "triton")
@@ -53,7 +54,7 @@ def triton_for(settings: Settings) -> Iterator[TritonClient]:
     try:
         if not client.is_ready():
             raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")
-        yield client
+        yield client, embedded
     finally:
         client.close()
         if embedded is not None:
@@ -102,7 +103,7 @@ def serve(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
-    with triton_for(settings) as client:
+    with triton_for(settings) as (client, embedded):
         check_plugins(client, plugins)
         pipeline = Pipeline(settings, store, plugins, client)
         pipeline.recover()
@@ -120,6 +121,8 @@ def serve(settings: Settings) -> int:
         # The main thread only waits and watches; the signal handler only sets `stop`.
         while not stop.wait(1.0):
             listeners.watch()
+            if embedded is not None:
+                embedded.watch()
             if not worker.is_alive():
                 log.error("serve.worker.died")
                 stop.set()
@@ -137,7 +140,7 @@ def check(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     if not plugins:
         log.warning("check.no_plugins")
-    with triton_for(settings) as client:
+    with triton_for(settings) as (client, _):
         check_plugins(client, plugins)
     log.info("check.ok", plugins=len(plugins))
     return 0

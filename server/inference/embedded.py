@@ -66,6 +66,10 @@ class EmbeddedTriton:
         self._work_dir = work_dir.resolve()
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = work_dir / "tritonserver.log"
+        self._stopped = False
+        self._restart_delay_s = 0.0
+        self._next_restart = 0.0
+        self.restarts = 0
 
     def start(self) -> None:
         package = _pytriton_root()
@@ -137,7 +141,39 @@ class EmbeddedTriton:
             return "(no log)"
         return " | ".join(text.strip().splitlines()[-lines:])
 
+    def watch(self) -> None:
+        """Start tritonserver again if it died. Its jobs meanwhile find it unavailable
+        and wait to be retried (``triton.unavailable_attempts``); a restart that fails
+        is tried again after a delay that doubles up to ``triton.max_retry_delay_s``."""
+        process = self._process
+        if self._stopped or (process is not None and process.poll() is None):
+            return
+        now = time.monotonic()
+        if now < self._next_restart:
+            return
+        if process is not None:
+            log.error(
+                "triton.embedded.died", returncode=process.returncode, log_tail=self._log_tail()
+            )
+            self._process = None
+        try:
+            self.start()
+        except TritonUnavailableError as exc:
+            self._restart_delay_s = min(
+                max(2 * self._restart_delay_s, self._settings.retry_delay_s, 1.0),
+                max(self._settings.max_retry_delay_s, 1.0),
+            )
+            self._next_restart = time.monotonic() + self._restart_delay_s
+            log.error(
+                "triton.embedded.restart_failed", reason=str(exc), retry_in_s=self._restart_delay_s
+            )
+            return
+        self._restart_delay_s = 0.0
+        self.restarts += 1
+        log.warning("triton.embedded.restarted", restarts=self.restarts)
+
     def stop(self) -> None:
+        self._stopped = True
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
