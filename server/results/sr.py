@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from infergate.errors import ResultEncodingError
-from infergate.plugin_api import Findings, PluginSpec
+from infergate.plugin_api import Evaluation, Findings, Measurement, PluginSpec
 from infergate.results.identity import ResultIdentity, coded, contributing_equipment
 from infergate.results.seg import seg_segment_numbers
 from infergate.results.sources import SourceSlices
@@ -25,6 +25,32 @@ from infergate.results.sources import SourceSlices
 
 def _algorithm_id(spec: PluginSpec) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=spec.name, version=spec.version)
+
+
+def _about(
+    findings: Findings, spec: PluginSpec, *, segment: int | None, image: int | None = None
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The measurements and qualitative evaluations of ``findings`` about ``segment``,
+    or, when it is None, about ``image`` (None: the whole series), as TID 1500 content."""
+
+    def wanted(item: Measurement | Evaluation) -> bool:
+        if segment is not None:
+            return item.segment_number == segment
+        return item.segment_number is None and item.image_index == image
+
+    measurements = [
+        hd.sr.Measurement(
+            name=coded(m.name), value=m.value, unit=coded(m.unit), algorithm_id=_algorithm_id(spec)
+        )
+        for m in findings.measurements
+        if wanted(m)
+    ]
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
+        for e in findings.evaluations
+        if wanted(e)
+    ]
+    return measurements, evaluations
 
 
 def _segment_groups(
@@ -46,21 +72,7 @@ def _segment_groups(
             hd.sr.SourceImageForSegmentation.from_source_image(ds, referenced_frame_numbers=frames)
             for ds, frames in source.references(present)
         ]
-        measurements = [
-            hd.sr.Measurement(
-                name=coded(m.name),
-                value=m.value,
-                unit=coded(m.unit),
-                algorithm_id=_algorithm_id(spec),
-            )
-            for m in findings.measurements
-            if m.segment_number == plugin_number
-        ]
-        evaluations = [
-            hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
-            for e in findings.evaluations
-            if e.segment_number == plugin_number
-        ]
+        measurements, evaluations = _about(findings, spec, segment=plugin_number)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -93,21 +105,7 @@ def _unsegmented_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """The findings about one image (``image_index``) or, when it is None, about the
     whole series; None when there are none."""
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=coded(e.name), value=coded(e.value))
-        for e in findings.evaluations
-        if e.segment_number is None and e.image_index == image_index
-    ]
-    measurements = [
-        hd.sr.Measurement(
-            name=coded(m.name),
-            value=m.value,
-            unit=coded(m.unit),
-            algorithm_id=_algorithm_id(spec),
-        )
-        for m in findings.measurements
-        if m.segment_number is None and m.image_index == image_index
-    ]
+    measurements, evaluations = _about(findings, spec, segment=None, image=image_index)
     if not evaluations and not measurements:
         return None
     if image_index is None:

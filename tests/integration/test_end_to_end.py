@@ -66,6 +66,28 @@ def _sr_volumes(sr: Dataset) -> dict[str, float]:
     return volumes
 
 
+def _sr_groups(sr: Dataset) -> list[dict[str, object]]:
+    """Each container of an SR as {concept name meaning: value}: text, number, code
+    meaning, and the referenced instance of an image item under "image"."""
+    groups = []
+    for item in walk_content(sr.ContentSequence):
+        if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
+            continue
+        group: dict[str, object] = {}
+        for child in item.ContentSequence:
+            name = child.ConceptNameCodeSequence[0].CodeMeaning
+            if child.ValueType == "TEXT":
+                group[name] = child.TextValue
+            if child.ValueType == "NUM":
+                group[name] = float(child.MeasuredValueSequence[0].NumericValue)
+            if child.ValueType == "CODE":
+                group[name] = child.ConceptCodeSequence[0].CodeMeaning
+            if child.ValueType == "IMAGE":
+                group["image"] = child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        groups.append(group)
+    return groups
+
+
 def _assert_no_phi(server: InfergateProcess, identity: Any) -> None:
     text = server.log_text()
     for value in (
@@ -206,21 +228,11 @@ def test_head_ct_with_a_bleed_gets_urgent_seg_and_sr(
     }
     assert referenced <= set(bleed_head.sop_instance_uids)
     # Each candidate's group in the SR: its volume (within 10% of what was inserted) and side.
-    groups: dict[str, dict[str, object]] = {}
-    for item in walk_content(pydicom.dcmread(sr_path).ContentSequence):
-        if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
-            continue
-        group: dict[str, object] = {}
-        for child in item.ContentSequence:
-            name = child.ConceptNameCodeSequence[0].CodeMeaning
-            if child.ValueType == "TEXT":
-                group[name] = child.TextValue
-            if child.ValueType == "NUM":
-                group[name] = float(child.MeasuredValueSequence[0].NumericValue)
-            if child.ValueType == "CODE":
-                group[name] = child.ConceptCodeSequence[0].CodeMeaning
-        if "Volume" in group:
-            groups[str(group["Tracking Identifier"])] = group
+    groups = {
+        str(group["Tracking Identifier"]): group
+        for group in _sr_groups(pydicom.dcmread(sr_path))
+        if "Volume" in group
+    }
     right_ml, left_ml = bleed_head.hyperdensity_ml
     first, second = groups["Hyperdense candidate 1"], groups["Hyperdense candidate 2"]
     assert first["Volume"] == pytest.approx(right_ml, rel=0.1)
@@ -287,18 +299,7 @@ def test_chest_radiograph_gets_a_quality_sr_only(
     verdicts: dict[str, dict[str, object]] = {}
     for path in reports:
         assert dciodvfy_errors(path) == []
-        for item in walk_content(pydicom.dcmread(path).ContentSequence):
-            if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
-                continue
-            group: dict[str, object] = {}
-            for child in item.ContentSequence:
-                name = child.ConceptNameCodeSequence[0].CodeMeaning
-                if child.ValueType == "IMAGE":
-                    group["image"] = child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                if child.ValueType == "CODE":
-                    group[name] = child.ConceptCodeSequence[0].CodeMeaning
-                if child.ValueType == "NUM":
-                    group[name] = float(child.MeasuredValueSequence[0].NumericValue)
+        for group in _sr_groups(pydicom.dcmread(path)):
             if "image" in group:
                 verdicts[str(group["image"])] = group
     flagged, passed = verdicts[bad.sop_instance_uid], verdicts[good.sop_instance_uid]
