@@ -73,16 +73,12 @@ class LoadedSeries:
     series: Series
     headers: tuple[Dataset, ...]
     placements: tuple[Placement, ...]
+    # The frame number of each header's slice in its multi-frame instance; None for a
+    # single-frame instance.
+    frames: tuple[int | None, ...]
     excluded: tuple[str, ...] = ()
     resampled: str | None = None
     assumed: tuple[str, ...] = ()
-    # The frame number of each header's slice in its multi-frame instance; empty (or
-    # None) for single-frame instances.
-    frames: tuple[int | None, ...] = ()
-
-    @property
-    def frame_numbers(self) -> tuple[int | None, ...]:
-        return self.frames or (None,) * len(self.headers)
 
     def acquired_at(self, index: int) -> tuple[int, ...]:
         """The acquired slices (indices into ``headers``) that lie at slice ``index`` of
@@ -274,6 +270,7 @@ def _projections(slices: list[Slice], excluded: tuple[str, ...]) -> LoadedSeries
         series=series,
         headers=tuple(s.header for s in slices),
         placements=tuple(Placement(float(i)) for i in range(len(slices))),
+        frames=tuple(s.frame for s in slices),
         excluded=excluded,
         assumed=(assumed,) if assumed else (),
     )

@@ -73,7 +73,7 @@ def encode(
 ) -> list[EncodedResult]:
     """The job's result objects: a SEG when there are segments, and always an SR."""
     results: list[EncodedResult] = []
-    source = SourceSlices(conformant_source(loaded.headers), loaded.frame_numbers)
+    source = SourceSlices(conformant_source(loaded.headers), loaded.frames)
     if findings.label_map is not None:
         # Results describe the acquired slices, whatever grid the plugin saw.
         findings = replace(findings, label_map=loaded.source_label_frames(findings.label_map))
