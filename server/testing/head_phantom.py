@@ -17,6 +17,7 @@ from infergate.testing.phantoms import (
     AIR_HU,
     PhantomIdentity,
     SeriesLabels,
+    axial_grid,
     ellipsoid,
     write_axial_series,
 )
@@ -76,11 +77,9 @@ def write_head_ct(
     ident = identity or PhantomIdentity()
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    half_fov = size * pixel_spacing / 2.0
-    coords = (np.arange(size) + 0.5) * pixel_spacing - half_fov
     z_top = 75.0
     z_positions = z_top - np.arange(slices) * slice_spacing
-    grid = np.meshgrid(z_positions, coords, coords, indexing="ij")
+    grid = axial_grid(size, pixel_spacing, z_positions)
 
     volume = np.full((slices, size, size), AIR_HU, dtype=np.float64)
     centre = (0.0, 0.0, 0.0)

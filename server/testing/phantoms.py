@@ -67,6 +67,16 @@ def ellipsoid(
     return inside
 
 
+def axial_grid(
+    size: int, pixel_spacing: float, z_positions: npt.NDArray[np.float64]
+) -> list[npt.NDArray[np.float64]]:
+    """The (z, y, x) patient coordinates in mm of every voxel of an axial stack of
+    ``size`` x ``size`` slices at ``z_positions``, centred on the patient's axis."""
+    half_fov = size * pixel_spacing / 2.0
+    coords = (np.arange(size) + 0.5) * pixel_spacing - half_fov
+    return list(np.meshgrid(z_positions, coords, coords, indexing="ij"))
+
+
 def write_chest_ct(
     directory: Path,
     *,
@@ -81,12 +91,10 @@ def write_chest_ct(
     ident = identity or PhantomIdentity()
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
-    half_fov = size * pixel_spacing / 2.0
-    coords = (np.arange(size) + 0.5) * pixel_spacing - half_fov
     # Patient coordinates (LPS): x to the patient's left, y posterior, z head-ward.
     z_top = (slices - 1) * slice_spacing / 2.0
     z_positions = z_top - np.arange(slices) * slice_spacing
-    grid = np.meshgrid(z_positions, coords, coords, indexing="ij")
+    grid = axial_grid(size, pixel_spacing, z_positions)
     _, y, x = grid
 
     volume = np.full((slices, size, size), AIR_HU, dtype=np.int16)
