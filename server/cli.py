@@ -18,11 +18,11 @@ from infergate.dicom.listener_pool import ListenerPool
 from infergate.dicom.spool import Spool
 from infergate.dicom.tls import server_context
 from infergate.errors import ConfigError, InfergateError, ModelMismatchError
+from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
 from infergate.inference.triton import TritonClient
 from infergate.logs import configure_logging, get_logger
-from infergate.pipeline import Pipeline
 from infergate.plugins import (
     LoadedPlugin,
     check_plugin_names,
@@ -31,6 +31,8 @@ from infergate.plugins import (
 )
 from infergate.route_explain import explain
 from infergate.store import Store
+from infergate.work.loops import StageLoop
+from infergate.work.scheduler import JobScheduler
 
 log = get_logger("infergate.cli")
 
@@ -84,6 +86,7 @@ def check_plugins(client: TritonClient, plugins: list[LoadedPlugin]) -> None:
 
 def serve(settings: Settings) -> int:
     stop = threading.Event()
+    failed = False
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("serve.signal", signal=signal.Signals(signum).name)
@@ -105,10 +108,20 @@ def serve(settings: Settings) -> int:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
     with triton_for(settings) as (client, embedded):
         check_plugins(client, plugins)
-        pipeline = Pipeline(settings, store, plugins, client)
-        pipeline.recover()
-        worker = threading.Thread(target=pipeline.run, args=(stop,), name="pipeline", daemon=True)
-        worker.start()
+        requeued, dead = store.recover(time.time(), settings.work.max_interruptions)
+        if requeued:
+            log.warning("work.recovered", jobs_requeued=requeued)
+        for job_id in dead:
+            log.error("work.job.dead_letter", job_id=job_id, reason=store.job(job_id).error)
+        scheduler = JobScheduler(settings, store, plugins, client)
+        exporter = ExportWorker(settings, store)
+        interval = settings.assembly.poll_interval_s
+        stages = [
+            StageLoop("inference", scheduler.step, interval, stop),
+            StageLoop("export", exporter.step, interval, stop),
+        ]
+        for stage in stages:
+            stage.start()
         listeners = ListenerPool(settings, store)
         listeners.start()
         log.info(
@@ -117,20 +130,29 @@ def serve(settings: Settings) -> int:
             ae_title=settings.ingest.ae_title,
             port=settings.ingest.port,
             listener_processes=settings.ingest.listener_processes,
+            inference_slots=settings.work.slots,
         )
         # The main thread only waits and watches; the signal handler only sets `stop`.
         while not stop.wait(1.0):
             listeners.watch()
             if embedded is not None:
                 embedded.watch()
-            if not worker.is_alive():
-                log.error("serve.worker.died")
-                stop.set()
+            for stage in stages:
+                if not stage.is_alive():
+                    failure = stage.failure or "its thread ended"
+                    log.error("serve.stage.died", stage=stage.name, reason=failure)
+                    failed = True
+                    stop.set()
         listeners.stop()
-        worker.join(timeout=60)
+        for stage in stages:
+            stage.join(timeout_s=10)
+        scheduler.release_running(wait_s=settings.ingest.network_timeout_s)
+        exporter.shutdown(wait_s=settings.export.timeout_s)
     store.close()
-    log.info("serve.stopped")
-    return 0
+    log.info("serve.stopped", failed=failed)
+    # A stage that could no longer work is a failure: a supervisor (systemd's
+    # Restart=on-failure, Kubernetes) must see it and start the gateway again.
+    return 1 if failed else 0
 
 
 def check(settings: Settings) -> int:

@@ -319,12 +319,75 @@ class ResultsSettings(_Section):
 
 
 class ExportSettings(_Section):
-    """Delivery of results."""
+    """Delivery of results: the outbox (``infergate.export``)."""
 
     destination: Destination | None = None
-    attempts: int = Field(default=5, ge=1)
+    # A transient failure (the destination down, refusing for now, out of resources)
+    # is tried again after retry_delay_s, doubled each time up to max_retry_delay_s,
+    # until retry_horizon_s after the first attempt; then it is a dead letter.
     retry_delay_s: float = Field(default=5.0, ge=0)
+    max_retry_delay_s: float = Field(default=600.0, ge=0)
+    retry_horizon_s: float = Field(default=86400.0, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    # Associations open at once to one destination.
+    max_associations: int = Field(default=2, ge=1, le=32)
+
+
+class WorkSettings(_Section):
+    """How much work runs at once (``infergate.work``)."""
+
+    # Inference jobs in flight; "auto" is one more than the cores.
+    inference_slots: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"
+    # Slots only urgent jobs may take, so an urgent series starts at once while normal
+    # jobs run (fewer than inference_slots).
+    urgent_reserved_slots: int = Field(default=1, ge=0)
+    # Jobs of one plugin in flight at once; "auto" is half the slots normal jobs may
+    # take (at least one), so one model cannot take every slot.
+    per_plugin_slots: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"
+    # A job still running this long after it started (volume, plugin steps, Triton,
+    # encoding) fails with that reason and frees its slot.
+    job_deadline_s: float = Field(default=1800.0, gt=0)
+    # A job whose run was cut short by a process death this many times is a dead
+    # letter instead of being run again (a job that kills the process).
+    max_interruptions: int = Field(default=3, ge=1)
+    # Jobs in flight together may need at most this much memory ("auto": 60% of this
+    # machine's); a job is judged to need memory_per_input_byte times its instances'
+    # bytes. A job over the budget runs alone; one over the machine's memory fails.
+    memory_budget_bytes: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+    memory_per_input_byte: float = Field(default=12.0, gt=0)
+
+    @model_validator(mode="after")
+    def _room_for_normal_jobs(self) -> WorkSettings:
+        if self.inference_slots != "auto" and self.urgent_reserved_slots >= self.inference_slots:
+            raise ValueError("urgent_reserved_slots must be fewer than inference_slots")
+        return self
+
+    @property
+    def slots(self) -> int:
+        if self.inference_slots == "auto":
+            return max(2, (os.cpu_count() or 1) + 1, self.urgent_reserved_slots + 1)
+        return self.inference_slots
+
+    @property
+    def normal_slots(self) -> int:
+        return self.slots - self.urgent_reserved_slots
+
+    @property
+    def plugin_slots(self) -> int:
+        if self.per_plugin_slots == "auto":
+            return max(1, (self.normal_slots + 1) // 2)
+        return self.per_plugin_slots
+
+    @property
+    def memory_budget(self) -> int:
+        if self.memory_budget_bytes == "auto":
+            return int(machine_memory_bytes() * 0.6)
+        return self.memory_budget_bytes
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class PluginSettings(_Section):
@@ -356,6 +419,7 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()
+    work: WorkSettings = WorkSettings()
     logging: LoggingSettings = LoggingSettings()
 
     def destination_for(self, called_ae: str) -> Destination | None:

@@ -91,6 +91,16 @@ class ModelMismatchError(InferenceError):
     """A Triton model is missing or does not match the plugin's spec."""
 
 
+class JobStepError(InfergateError):
+    """A step of a job raised something no one expected (a header that is not what its
+    VR says, a bug): the job fails, naming the step, the exception and where it was
+    raised, but not its message, which may quote the data."""
+
+
+class JobDeadlineError(InfergateError):
+    """A job ran past ``work.job_deadline_s`` and was failed."""
+
+
 class ResultEncodingError(InfergateError):
     """A result object could not be built as valid DICOM."""
 

@@ -12,12 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infergate.plugins import LoadedPlugin
-from infergate.routing_rules import Condition, Priority, Rule, evaluate
+from infergate.routing_rules import Condition, Rule, evaluate
 from infergate.series_facts import SeriesFacts
-
-# The job that forwards a series no plugin runs on (routing.unmatched); not a plugin
-# name, which is a lowercase identifier.
-FORWARD_JOB = "(forward)"
+from infergate.work.states import Priority
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The state store: instances, series, jobs and results, in SQLite.
+"""The state store: instances, series and jobs, in SQLite.
 
 The connection, schema and durability settings are in ``store_db``, the association
-audit trail in ``store_associations``. Each public method is one transaction.
+audit trail in ``store_associations``, the outbox (results and their deliveries) in
+``store_outbox``. Each public method is one transaction.
 """
 
 from __future__ import annotations
@@ -12,33 +13,48 @@ from pathlib import Path
 from typing import Any
 
 from infergate.errors import StoreError
-from infergate.routing_rules import Priority
 from infergate.store_associations import AssociationRecords
+from infergate.store_db import set_state
+from infergate.store_outbox import OutboxRecords
 from infergate.store_rows import (
     Arrival,
     ArrivalOutcome,
     AssociationAudit,
+    DeliveryItem,
+    DeliveryRow,
     InstanceRecord,
     JobRow,
     NewJob,
     ResultRow,
     SeriesRow,
+    UnplannedResult,
+)
+from infergate.work.states import (
+    PRIORITY_OF_RANK,
+    PRIORITY_RANK,
+    DeliveryState,
+    JobKind,
+    JobState,
+    SeriesState,
 )
 
 __all__ = [
     "Arrival",
     "ArrivalOutcome",
     "AssociationAudit",
+    "DeliveryItem",
+    "DeliveryRow",
     "InstanceRecord",
     "JobRow",
     "NewJob",
     "ResultRow",
     "SeriesRow",
     "Store",
+    "UnplannedResult",
 ]
 
 
-class Store(AssociationRecords):
+class Store(AssociationRecords, OutboxRecords):
     """Typed access to the state database. Safe to share between threads."""
 
     # -- ingest -----------------------------------------------------------------
@@ -80,8 +96,9 @@ class Store(AssociationRecords):
                     SELECT 1 FROM instances i
                     WHERE i.series_uid = s.series_uid AND i.association_id = a.association_id
                 ))
-            FROM series s WHERE s.state = 'receiving' ORDER BY s.last_received_at
-            """
+            FROM series s WHERE s.state = ? ORDER BY s.last_received_at
+            """,
+            (SeriesState.RECEIVING.value,),
         )
         return [SeriesRow(*row) for row in rows]
 
@@ -93,23 +110,30 @@ class Store(AssociationRecords):
         """
         with self._transaction() as db:
             cur = db.execute(
-                "UPDATE series SET state = 'complete'"
-                " WHERE series_uid = ? AND state = 'receiving'"
-                " AND last_received_at = ? AND generation = ?",
-                (series.series_uid, series.last_received_at, series.generation),
+                "UPDATE series SET state = ?"
+                " WHERE series_uid = ? AND state = ? AND last_received_at = ? AND generation = ?",
+                (
+                    SeriesState.COMPLETE.value,
+                    series.series_uid,
+                    SeriesState.RECEIVING.value,
+                    series.last_received_at,
+                    series.generation,
+                ),
             )
             if cur.rowcount == 0:
                 return False
             db.executemany(
-                "INSERT INTO jobs (job_id, series_uid, study_uid, generation, plugin, state,"
-                " created_at, updated_at, priority) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                "INSERT INTO jobs (job_id, series_uid, study_uid, generation, kind, plugin, state,"
+                " created_at, updated_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         job.job_id,
                         series.series_uid,
                         series.study_uid,
                         series.generation,
+                        job.kind.value,
                         job.plugin,
+                        JobState.QUEUED.value,
                         now,
                         now,
                         PRIORITY_RANK[job.priority],
@@ -131,60 +155,111 @@ class Store(AssociationRecords):
     def instance_paths(self, series_uid: str) -> list[Path]:
         return [path for _, path in self.series_instances(series_uid)]
 
+    def series_bytes(self, series_uid: str) -> int:
+        """What the series' instances take on disk: what a job's memory need is judged by."""
+        rows = self._rows(
+            "SELECT COALESCE(SUM(size), 0) FROM instances WHERE series_uid = ?", (series_uid,)
+        )
+        return int(rows[0][0])
+
     # -- jobs -------------------------------------------------------------------
 
     def runnable_jobs(self, now: float | None = None) -> list[JobRow]:
-        """Pending jobs in the order they run: urgent ones first, then by age; a job
+        """Queued jobs in the order they run: urgent ones first, then by age; a job
         waiting to be retried is not runnable before its time."""
         rows = self._rows(
-            f"SELECT {_JOB_COLUMNS} {_RUNNABLE}",
-            (time.time() if now is None else now,),
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?"  # noqa: S608 - constant
+            " AND (not_before IS NULL OR not_before <= ?) ORDER BY priority, created_at",
+            (JobState.QUEUED.value, time.time() if now is None else now),
         )
         return [_job(row) for row in rows]
 
     def next_job(self, now: float | None = None) -> JobRow | None:
         """The job to run next, if any (the first of ``runnable_jobs``)."""
-        rows = self._rows(
-            f"SELECT {_JOB_COLUMNS} {_RUNNABLE} LIMIT 1",
-            (time.time() if now is None else now,),
+        runnable = self.runnable_jobs(now)
+        return runnable[0] if runnable else None
+
+    def running_jobs(self) -> list[JobRow]:
+        return self._jobs_where("state = ?", (JobState.RUNNING.value,))
+
+    @staticmethod
+    def _set_job_state(
+        db: sqlite3.Connection,
+        job_id: str,
+        old: tuple[JobState, ...],
+        new: JobState,
+        *,
+        assignments: str,
+        parameters: tuple[Any, ...],
+    ) -> bool:
+        changed = set_state(
+            db,
+            "jobs",
+            ("job_id", job_id),
+            old,
+            new,
+            assignments=assignments,
+            parameters=parameters,
         )
-        return _job(rows[0]) if rows else None
+        return changed == 1
 
-    def start_job(self, job_id: str, now: float) -> None:
+    def start_job(self, job_id: str, now: float) -> bool:
+        """Queued → running; False if the job is no longer queued."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, updated_at = ?"
-                " WHERE job_id = ?",
-                (now, job_id),
+            return self._set_job_state(
+                db,
+                job_id,
+                (JobState.QUEUED,),
+                JobState.RUNNING,
+                assignments="attempts = attempts + 1, updated_at = ?, started_at = ?",
+                parameters=(now, now),
             )
 
-    def retry_job(self, job_id: str, error: str, not_before: float, now: float) -> None:
-        """Put a job back in the queue, to run again no sooner than ``not_before``."""
+    def retry_job(self, job_id: str, error: str, not_before: float, now: float) -> bool:
+        """Running → queued, to run again no sooner than ``not_before``."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'pending', error = ?, not_before = ?, updated_at = ?"
-                " WHERE job_id = ?",
-                (error, not_before, now, job_id),
+            return self._set_job_state(
+                db,
+                job_id,
+                (JobState.RUNNING,),
+                JobState.QUEUED,
+                assignments="error = ?, not_before = ?, updated_at = ?",
+                parameters=(error, not_before, now),
             )
 
-    def fail_job(self, job_id: str, error: str, now: float) -> None:
+    def fail_job(self, job_id: str, error: str, now: float) -> bool:
+        """Queued or running → failed, with the reason; False if it had ended already."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'failed', error = ?, updated_at = ? WHERE job_id = ?",
-                (error, now, job_id),
+            return self._set_job_state(
+                db,
+                job_id,
+                (JobState.QUEUED, JobState.RUNNING),
+                JobState.FAILED,
+                assignments="error = ?, updated_at = ?",
+                parameters=(error, now),
             )
 
-    def finish_job(self, job_id: str, results: list[ResultRow], now: float) -> None:
-        """Record a job's result files and mark it done, in one transaction."""
+    def finish_job(self, job_id: str, results: list[ResultRow], now: float) -> bool:
+        """Record a job's result files and mark it done, in one transaction; False (and
+        nothing recorded) if the job is no longer running, e.g. failed at its deadline."""
         with self._transaction() as db:
+            if not self._set_job_state(
+                db,
+                job_id,
+                (JobState.RUNNING,),
+                JobState.DONE,
+                assignments="error = NULL, updated_at = ?",
+                parameters=(now,),
+            ):
+                return False
             db.executemany(
-                "INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, path, state,"
-                " created_at, priority) VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                "INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, path,"
+                " created_at, priority) VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.sop_instance_uid,
                         job_id,
-                        r.kind,
+                        r.kind.value,
                         str(r.path),
                         now,
                         PRIORITY_RANK[r.priority],
@@ -192,13 +267,26 @@ class Store(AssociationRecords):
                     for r in results
                 ],
             )
-            db.execute(
-                "UPDATE jobs SET state = 'done', error = NULL, updated_at = ? WHERE job_id = ?",
-                (now, job_id),
-            )
+            return True
 
-    def recover(self, now: float) -> int:
-        """Put back what a dead process left: returns how many running jobs were requeued.
+    def requeue_jobs(self, job_ids: list[str], now: float) -> None:
+        """Running → queued at an orderly stop, not counted as an interruption."""
+        with self._transaction() as db:
+            for job_id in job_ids:
+                self._set_job_state(
+                    db,
+                    job_id,
+                    (JobState.RUNNING,),
+                    JobState.QUEUED,
+                    assignments="updated_at = ?",
+                    parameters=(now,),
+                )
+
+    def recover(self, now: float, max_interruptions: int) -> tuple[list[str], list[str]]:
+        """Put back what a dead process left: jobs it was running are queued again, or
+        dead-lettered once ``max_interruptions`` runs of theirs were cut short
+        (a job that kills the process must not kill every restart); deliveries it was
+        sending are due again. Returns the ids of the requeued and the dead jobs.
 
         Series still receiving get a fresh quiet period from ``now``: their senders
         could not reach us while we were down, and completing them at once would run
@@ -206,75 +294,67 @@ class Store(AssociationRecords):
         """
         with self._transaction() as db:
             db.execute(
-                "UPDATE series SET last_received_at = ?"
-                " WHERE state = 'receiving' AND last_received_at < ?",
-                (now, now),
+                "UPDATE series SET last_received_at = ? WHERE state = ? AND last_received_at < ?",
+                (now, SeriesState.RECEIVING.value, now),
             )
-            cur = db.execute(
-                "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'running'",
-                (now,),
+            interrupted = db.execute(
+                "SELECT job_id, interruptions FROM jobs WHERE state = ?",
+                (JobState.RUNNING.value,),
+            ).fetchall()
+            requeued, dead = [], []
+            for job_id, interruptions in interrupted:
+                count = interruptions + 1
+                if count >= max_interruptions:
+                    reason = (
+                        f"dead letter: its run was interrupted by a process death {count} times"
+                        " (work.max_interruptions); retry it once the cause is mended"
+                    )
+                    self._set_job_state(
+                        db,
+                        job_id,
+                        (JobState.RUNNING,),
+                        JobState.DEAD,
+                        assignments="interruptions = ?, error = ?, updated_at = ?",
+                        parameters=(count, reason, now),
+                    )
+                    dead.append(str(job_id))
+                else:
+                    self._set_job_state(
+                        db,
+                        job_id,
+                        (JobState.RUNNING,),
+                        JobState.QUEUED,
+                        assignments="interruptions = ?, updated_at = ?",
+                        parameters=(count, now),
+                    )
+                    requeued.append(str(job_id))
+            set_state(
+                db,
+                "deliveries",
+                None,
+                (DeliveryState.SENDING,),
+                DeliveryState.PENDING,
+                assignments="updated_at = ?",
+                parameters=(now,),
             )
-            return cur.rowcount
+            return requeued, dead
 
     def job(self, job_id: str) -> JobRow:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?",  # noqa: S608 - constant
-                (job_id,),
-            ).fetchone()
-        if row is None:
-            raise StoreError(f"no job {job_id} in the state store")
-        return _job(row)
-
-    def jobs(self) -> list[JobRow]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at"  # noqa: S608 - constant
-            ).fetchall()
-        return [_job(row) for row in rows]
-
-    # -- export -----------------------------------------------------------------
-
-    def called_ae_of_job(self, job_id: str) -> str:
-        """The called AE title the job's series was sent to (its first instance's)."""
-        rows = self._rows(
-            "SELECT s.called_ae FROM jobs j JOIN series s ON s.series_uid = j.series_uid"
-            " WHERE j.job_id = ?",
-            (job_id,),
-        )
+        rows = self._jobs_where("job_id = ?", (job_id,))
         if not rows:
             raise StoreError(f"no job {job_id} in the state store")
-        return str(rows[0][0])
+        return rows[0]
 
-    def pending_results(self) -> list[ResultRow]:
-        """Results not yet delivered, urgent ones first, then oldest first."""
+    def jobs(self) -> list[JobRow]:
+        return self._jobs_where("1 = 1", ())
+
+    def _jobs_where(self, condition: str, parameters: tuple[Any, ...]) -> list[JobRow]:
         rows = self._rows(
-            f"SELECT {_RESULT_COLUMNS} FROM results"  # noqa: S608 - constant
-            " WHERE state = 'pending' ORDER BY priority, created_at, kind"
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {condition}"  # noqa: S608 - constant
+            " ORDER BY created_at",
+            parameters,
         )
-        return [_result(row) for row in rows]
-
-    def mark_results_sent(self, uids: list[str], now: float) -> None:
-        with self._transaction() as db:
-            db.executemany(
-                "UPDATE results SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                " error = NULL WHERE sop_instance_uid = ?",
-                [(now, uid) for uid in uids],
-            )
-
-    def mark_results_attempted(self, uids: list[str], error: str, give_up: bool) -> None:
-        with self._transaction() as db:
-            db.executemany(
-                "UPDATE results SET attempts = attempts + 1, error = ?, state = ?"
-                " WHERE sop_instance_uid = ?",
-                [(error, "failed" if give_up else "pending", uid) for uid in uids],
-            )
-
-    def results(self) -> list[ResultRow]:
-        rows = self._rows(
-            f"SELECT {_RESULT_COLUMNS} FROM results ORDER BY created_at"  # noqa: S608 - constant
-        )
-        return [_result(row) for row in rows]
+        return [_job(row) for row in rows]
 
 
 def _record_instance(
@@ -312,14 +392,14 @@ def _record_instance(
     )
     db.execute(
         """
-        INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'receiving', 0, NULL)
+        INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, 0, NULL)
         ON CONFLICT (series_uid) DO UPDATE SET
             last_received_at = excluded.last_received_at,
             instance_count = instance_count + 1,
-            generation = generation + (state = 'complete'),
-            first_received_at = CASE WHEN state = 'complete'
+            generation = generation + (state = ?9),
+            first_received_at = CASE WHEN state = ?9
                 THEN excluded.first_received_at ELSE first_received_at END,
-            state = 'receiving'
+            state = ?8
         """,
         (
             rec.series_uid,
@@ -329,6 +409,8 @@ def _record_instance(
             rec.called_ae,
             at,
             at,
+            SeriesState.RECEIVING.value,
+            SeriesState.COMPLETE.value,
         ),
     )
     if known is not None:
@@ -336,25 +418,24 @@ def _record_instance(
     return ArrivalOutcome(Arrival.NEW)
 
 
-_JOB_COLUMNS = "job_id, series_uid, study_uid, plugin, state, attempts, error, priority"
-_RUNNABLE = (
-    "FROM jobs WHERE state = 'pending' AND (not_before IS NULL OR not_before <= ?)"
-    " ORDER BY priority, created_at"
+_JOB_COLUMNS = (
+    "job_id, series_uid, study_uid, kind, plugin, state, attempts, error, priority,"
+    " interruptions, started_at"
 )
-PRIORITY_RANK: dict[Priority, int] = {"urgent": 0, "normal": 1}
-_PRIORITY_NAME: dict[int, Priority] = {rank: name for name, rank in PRIORITY_RANK.items()}
 
 
 def _job(row: tuple[Any, ...]) -> JobRow:
-    job_id, series_uid, study_uid, plugin, state, attempts, error, rank = row
+    job_id, series_uid, study_uid, kind, plugin, state, attempts, error, rank, cut, at = row
     return JobRow(
-        job_id, series_uid, study_uid, plugin, state, attempts, error, _PRIORITY_NAME[rank]
+        job_id,
+        series_uid,
+        study_uid,
+        JobKind(kind),
+        plugin,
+        JobState(state),
+        attempts,
+        error,
+        PRIORITY_OF_RANK[rank],
+        cut,
+        at,
     )
-
-
-_RESULT_COLUMNS = "sop_instance_uid, job_id, kind, path, state, attempts, priority"
-
-
-def _result(row: tuple[Any, ...]) -> ResultRow:
-    uid, job_id, kind, path, state, attempts, rank = row
-    return ResultRow(uid, job_id, kind, Path(path), state, attempts, _PRIORITY_NAME[rank])

@@ -18,6 +18,75 @@ from pathlib import Path
 from typing import Any
 
 from infergate.errors import StoreError
+from infergate.work.states import State, allowed
+
+# Jobs, results and deliveries as of version 6 (the work model): their states are the
+# values of the enums in infergate.work.states.
+_WORK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('inference', 'forward')),
+    plugin TEXT NOT NULL,  -- '' for a forward job
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- runs cut short by a process death; at work.max_interruptions the job is dead
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    priority INTEGER NOT NULL DEFAULT 1,
+    not_before REAL,
+    UNIQUE (series_uid, generation, kind, plugin)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, created_at);
+CREATE TABLE IF NOT EXISTS results (
+    sop_instance_uid TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    kind TEXT NOT NULL CHECK (kind IN ('seg', 'sr', 'forwarded')),
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 1,
+    -- set once the outbox has put it into a delivery (or kept it: no destination)
+    planned_at REAL,
+    kept_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    destination_ae TEXT NOT NULL,
+    destination_host TEXT NOT NULL,
+    destination_port INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'sending', 'retry_wait', 'delivered', 'dead')),
+    priority INTEGER NOT NULL DEFAULT 1,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL,
+    outcome TEXT,  -- the class of the last attempt's outcome
+    reason TEXT,
+    finished_at REAL
+);
+-- One open delivery per study and destination: what becomes ready joins it.
+CREATE UNIQUE INDEX IF NOT EXISTS deliveries_open ON deliveries(
+    study_uid, destination_ae, destination_host, destination_port, calling_ae
+) WHERE state IN ('pending', 'retry_wait');
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, priority, next_attempt_at);
+CREATE TABLE IF NOT EXISTS delivery_items (
+    delivery_id TEXT NOT NULL REFERENCES deliveries(delivery_id),
+    sop_instance_uid TEXT NOT NULL REFERENCES results(sop_instance_uid),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    status INTEGER,  -- the destination's C-STORE status, when it answered one
+    reason TEXT,
+    PRIMARY KEY (delivery_id, sop_instance_uid)
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -45,21 +114,6 @@ CREATE TABLE IF NOT EXISTS series (
     generation INTEGER NOT NULL DEFAULT 0,
     released_at REAL
 );
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    generation INTEGER NOT NULL,
-    plugin TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 1,
-    not_before REAL,
-    UNIQUE (series_uid, generation, plugin)
-);
 CREATE TABLE IF NOT EXISTS associations (
     association_id TEXT PRIMARY KEY,
     peer_address TEXT NOT NULL,
@@ -77,18 +131,6 @@ CREATE TABLE IF NOT EXISTS associations (
     failures INTEGER NOT NULL DEFAULT 0,
     process_id INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS results (
-    sop_instance_uid TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL REFERENCES jobs(job_id),
-    kind TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    created_at REAL NOT NULL,
-    sent_at REAL,
-    priority INTEGER NOT NULL DEFAULT 1
-);
 """
 
 # The open associations, counted on every association request by every listener process.
@@ -96,7 +138,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 5
+_VERSION = 6
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -119,7 +161,71 @@ def _migrate(db: sqlite3.Connection) -> None:
     # Version 3 finds, for a series, the associations that sent it.
     db.execute("DROP INDEX IF EXISTS instances_by_series")
     db.execute("CREATE INDEX instances_by_series ON instances(series_uid, association_id)")
+    if "kind" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
+        _to_work_model(db)
     db.execute(f"PRAGMA user_version = {_VERSION}")
+
+
+def _execute_script(db: sqlite3.Connection, script: str) -> None:
+    """Each statement of ``script`` inside the transaction open on ``db``
+    (``executescript`` would commit it first)."""
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _to_work_model(db: sqlite3.Connection) -> None:
+    """Version 6: jobs get a kind and the work model's states; results lose their own
+    delivery state to the outbox, which plans every result not yet sent (those that
+    gave up under the old five tries included) into a delivery of its own."""
+    db.execute("ALTER TABLE jobs RENAME TO jobs_v5")
+    db.execute("ALTER TABLE results RENAME TO results_v5")
+    _execute_script(db, _WORK_SCHEMA)
+    db.execute(
+        "INSERT INTO jobs (job_id, series_uid, study_uid, generation, kind, plugin, state,"
+        " attempts, error, created_at, updated_at, priority, not_before)"
+        " SELECT job_id, series_uid, study_uid, generation,"
+        " CASE plugin WHEN '(forward)' THEN 'forward' ELSE 'inference' END,"
+        " CASE plugin WHEN '(forward)' THEN '' ELSE plugin END,"
+        " CASE state WHEN 'pending' THEN 'queued' ELSE state END,"
+        " attempts, error, created_at, updated_at, priority, not_before FROM jobs_v5"
+    )
+    db.execute(
+        "INSERT INTO results (sop_instance_uid, job_id, kind, path, created_at, priority,"
+        " planned_at) SELECT sop_instance_uid, job_id, kind, path, created_at, priority,"
+        " CASE state WHEN 'sent' THEN sent_at END FROM results_v5"
+    )
+    db.execute("DROP TABLE results_v5")
+    db.execute("DROP TABLE jobs_v5")
+
+
+def set_state(
+    db: sqlite3.Connection,
+    table: str,
+    key: tuple[str, str] | None,
+    old: tuple[State, ...],
+    new: State,
+    *,
+    assignments: str = "",
+    parameters: tuple[Any, ...] = (),
+) -> int:
+    """Move the row ``key`` (column, value) of ``table`` (every row, when None) from
+    one of the states ``old`` to ``new``, setting ``assignments`` too; returns how many
+    rows changed (none when the row is in another state now).
+
+    Raises :class:`StoreError` for a transition the table does not list: a bug.
+    """
+    for source in old:
+        if not allowed(source, new):
+            raise StoreError(f"{table}: {source.value} -> {new.value} is not a transition")
+    extra = f", {assignments}" if assignments else ""
+    where = "" if key is None else f"{key[0]} = ? AND "
+    cur = db.execute(
+        f"UPDATE {table} SET state = ?{extra}"  # noqa: S608 - constant fragments
+        f" WHERE {where}state IN ({', '.join('?' * len(old))})",
+        (new.value, *parameters, *(() if key is None else (key[1],)), *(s.value for s in old)),
+    )
+    return cur.rowcount
 
 
 class Database:
@@ -135,11 +241,19 @@ class Database:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)  # idempotent
+            if not self._has_old_jobs_table():
+                self._db.executescript(_WORK_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
         with self._transaction() as db:  # one process migrates; the others then see it done
             _migrate(db)
             db.execute(_OPEN_ASSOCIATIONS_INDEX)
+
+    def _has_old_jobs_table(self) -> bool:
+        """A jobs table from before the work model (version 6), which ``_migrate``
+        converts; a new or current database gets the work tables at once."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        return bool(columns) and "kind" not in columns
 
     def close(self) -> None:
         with self._lock:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+
+from infergate.config import Destination
+from infergate.work.states import (
+    DeliveryState,
+    JobKind,
+    JobState,
+    Priority,
+    ResultKind,
+    ResultState,
+)
 
 
 @dataclass(frozen=True)
@@ -63,23 +72,73 @@ class JobRow:
     job_id: str
     series_uid: str
     study_uid: str
-    plugin: str
-    state: str
+    kind: JobKind
+    plugin: str  # '' for a forward job
+    state: JobState
     attempts: int
     error: str | None
-    priority: str = "normal"  # urgent jobs run before normal ones
+    priority: Priority = "normal"  # urgent jobs run before normal ones
+    interruptions: int = 0  # runs cut short by a process death
+    started_at: float | None = None  # of the current or last run
 
 
 @dataclass(frozen=True)
 class ResultRow:
+    """A result object written to disk, to be delivered by the outbox."""
+
     sop_instance_uid: str
     job_id: str
-    kind: str
+    kind: ResultKind
     path: Path
-    state: str
-    attempts: int
     # Urgent results (a finding that cannot wait) are sent first, with C-STORE priority HIGH.
-    priority: Literal["urgent", "normal"] = "normal"
+    priority: Priority = "normal"
+
+
+@dataclass(frozen=True)
+class UnplannedResult:
+    """A result the outbox has not yet put into a delivery, with what picks its
+    destination: the called AE title its series was sent to and its job's kind."""
+
+    result: ResultRow
+    study_uid: str
+    called_ae: str
+    job_kind: JobKind
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One study's results on their way to one destination."""
+
+    delivery_id: str
+    study_uid: str
+    destination: Destination
+    calling_ae: str
+    state: DeliveryState
+    priority: Priority
+    attempts: int
+    created_at: float
+    first_attempt_at: float | None
+    next_attempt_at: float
+    outcome: str | None  # the class of the last attempt's outcome
+    reason: str | None
+
+    @property
+    def destination_key(self) -> str:
+        d = self.destination
+        return f"{d.ae_title}@{d.host}:{d.port}"
+
+
+@dataclass(frozen=True)
+class DeliveryItem:
+    """One object of a delivery, with its own outcome there."""
+
+    sop_instance_uid: str
+    kind: ResultKind
+    path: Path
+    priority: Priority
+    state: ResultState
+    status: int | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,5 +165,6 @@ class AssociationAudit:
 @dataclass(frozen=True)
 class NewJob:
     job_id: str
-    plugin: str
-    priority: Literal["urgent", "normal"] = "normal"
+    kind: JobKind
+    plugin: str = ""  # the plugin of an inference job
+    priority: Priority = "normal"

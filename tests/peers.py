@@ -211,7 +211,12 @@ class InfergateProcess:
         name: str,
         timeout: float,
         count: int = 1,
-        fail_on: tuple[str, ...] = ("inference.job.failed", "export.failed", "export.retrying"),
+        fail_on: tuple[str, ...] = (
+            "inference.job.failed",
+            "export.dead_letter",
+            "export.retrying",
+            "work.stage.failed",
+        ),
     ) -> list[dict[str, Any]]:
         """Wait for ``count`` events named ``name``; an event in ``fail_on`` fails at once."""
 
@@ -240,6 +245,15 @@ class InfergateProcess:
                 os.kill(pid, signal.SIGKILL)
         self.process = None
 
+    def kill_gateway_only(self) -> None:
+        """SIGKILL the gateway alone, as the OOM killer does: its children (the
+        embedded tritonserver, listener processes) are left to end by themselves."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.process = None
+
     def stop(self) -> None:
         if self.process is None:
             return
@@ -260,6 +274,16 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         pending.extend(child_pids(current))
     return tree
+
+
+def process_name(pid: int) -> str | None:
+    """The command name of a live process (not a zombie), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, state = stat.split("(", 1)[1].rsplit(")", 1)
+    return None if state.split()[0] == "Z" else name
 
 
 def child_pids(pid: int) -> list[int]:

@@ -20,9 +20,10 @@ from pydicom.errors import InvalidDicomError
 from infergate.config import AssemblySettings, Settings
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
-from infergate.routing import FORWARD_JOB, route
+from infergate.routing import route
 from infergate.series_facts import SeriesFacts, read_series_facts
 from infergate.store import NewJob, SeriesRow, Store
+from infergate.work.states import JobKind
 
 log = get_logger(__name__)
 
@@ -107,14 +108,14 @@ def _complete(
         None if enabled is None else frozenset(enabled),
     )
     jobs = [
-        NewJob(job_id=uuid.uuid4().hex, plugin=d.plugin, priority=d.priority)
+        NewJob(uuid.uuid4().hex, JobKind.INFERENCE, plugin=d.plugin, priority=d.priority)
         for d in decisions
         if d.matched
     ]
     unmatched = settings.routing.unmatched
     if not jobs and unmatched.action == "forward":
         # A job like any other, so a crash between completion and delivery loses nothing.
-        jobs = [NewJob(job_id=uuid.uuid4().hex, plugin=FORWARD_JOB)]
+        jobs = [NewJob(uuid.uuid4().hex, JobKind.FORWARD)]
     with structlog.contextvars.bound_contextvars(
         series_uid=series.series_uid, study_uid=series.study_uid
     ):
@@ -130,7 +131,8 @@ def _complete(
         )
         log.info(
             "routing.series.routed",
-            plugins=[job.plugin for job in jobs],
+            plugins=[job.plugin for job in jobs if job.kind is JobKind.INFERENCE],
+            forward=any(job.kind is JobKind.FORWARD for job in jobs),
             decisions=[
                 {
                     "plugin": d.plugin,

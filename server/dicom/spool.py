@@ -1,7 +1,7 @@
 """The durable spool: received instances as files, named by generated ids.
 
-A file is written under ``tmp/`` (by pynetdicom itself, as the dataset arrives),
-fsynced, renamed into ``instances/`` and the directory fsynced, so a file under
+A file is written under ``tmp/`` by the listener as the dataset arrives
+(``incoming``), fsynced, renamed into ``instances/`` and the directory fsynced, so a file under
 ``instances/`` is always whole. Nothing in a file name comes from DICOM data.
 """
 
@@ -12,15 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from infergate.durable import fsync_dir
 from infergate.errors import SpoolError, SpoolFullError
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:

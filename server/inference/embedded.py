@@ -9,15 +9,20 @@ environment, so numpy and scipy come from Infergate's own dependencies.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from infergate.config import TritonSettings
 from infergate.errors import TritonUnavailableError
+from infergate.inference.port_holders import port_holders, processes_running
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 
@@ -57,6 +62,45 @@ def prepare_backends(target: Path) -> Path:
     return target
 
 
+_LOOPBACK = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For ``Popen(preexec_fn=...)``: the child gets SIGKILL when the thread that
+    started it dies, so that a gateway killed with SIGKILL (the OOM killer) leaves no
+    orphaned tritonserver holding its ports. Watchdog restarts run on the main thread."""
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before the fork
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os._exit(1)
+
+    return arm
+
+
+def _stop_process(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for a parent that is not us to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 class EmbeddedTriton:
     """The ``tritonserver`` process; ``start()`` returns when it is ready."""
 
@@ -90,8 +134,12 @@ class EmbeddedTriton:
             str(binary),
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
+            # Loopback only: Triton's endpoints have no authentication.
+            f"--grpc-address={_LOOPBACK}",
             f"--grpc-port={self._settings.grpc_port}",
+            f"--http-address={_LOOPBACK}",
             f"--http-port={self._settings.http_port}",
+            f"--metrics-address={_LOOPBACK}",
             f"--metrics-port={self._settings.metrics_port}",
             "--allow-http=true",
             "--exit-on-error=false",
@@ -99,9 +147,16 @@ class EmbeddedTriton:
             "--log-verbose=0",
         ]
         self._work_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_stale(backends)
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=self._work_dir
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self._work_dir,
+                # Only prctl and getppid run in the child, nothing that takes a lock.
+                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
             )
         log.info(
             "triton.embedded.starting",
@@ -111,6 +166,38 @@ class EmbeddedTriton:
             log_file=str(self.log_path),
         )
         self._wait_ready()
+
+    def _clear_stale(self, backends: Path) -> None:
+        """Stop a ``tritonserver`` an earlier run of ours left on our ports (it was
+        started with our backend directory); refuse to start over anything else."""
+        ports = {
+            "grpc_port": self._settings.grpc_port,
+            "http_port": self._settings.http_port,
+            "metrics_port": self._settings.metrics_port,
+        }
+        ours = f"--backend-directory={backends}"
+        for key, port in ports.items():
+            for holder in port_holders(port):
+                if holder.name != "tritonserver" or ours not in holder.command_line:
+                    raise TritonUnavailableError(
+                        f"port {port} (triton.{key}) is held by process {holder.pid}"
+                        f" ({holder.name}); stop it or choose another port"
+                    )
+                log.warning(
+                    "triton.embedded.stale_stopped",
+                    pid=holder.pid,
+                    port=port,
+                    reason="a tritonserver left by an earlier run of this gateway",
+                )
+                _stop_process(holder.pid)
+        stub = backends / "python" / "triton_python_backend_stub"
+        for pid in processes_running(stub):
+            log.warning(
+                "triton.embedded.stale_stopped",
+                pid=pid,
+                reason="a Python-backend stub left by a tritonserver of an earlier run",
+            )
+            _stop_process(pid)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self._settings.startup_timeout_s

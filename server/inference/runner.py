@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from infergate.config import Settings
 from infergate.dicom.volume import load_series
-from infergate.errors import PluginError
+from infergate.errors import InfergateError, JobStepError, PluginError
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
@@ -32,7 +34,35 @@ def _plugin_step(plugin: str, step: str, call: Callable[[], T]) -> T:
     try:
         return call()
     except Exception as exc:  # plugin code may raise anything; it fails its own job
-        raise PluginError(f"plugin {plugin} failed in {step}: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(f"plugin {plugin} failed in {step}: {unexpected(exc)}") from exc
+
+
+def unexpected(exc: BaseException) -> str:
+    """An exception no one raised on purpose, for the log and the job record: its type
+    and the place it was raised, not its message, which may quote header values."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    parts = Path(last.filename).parts
+    # From the package down: site-packages/pydicom/valuerep.py, not the whole path.
+    for anchor in ("site-packages", "server", "plugins"):
+        if anchor in parts:
+            parts = parts[parts.index(anchor) + 1 :]
+            break
+    return f"{type(exc).__name__} raised in {'/'.join(parts[-3:])}:{last.lineno} ({last.name})"
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """One of the job's own steps: what it raises on purpose passes; anything else
+    fails the job as :class:`JobStepError`, naming the step."""
+    try:
+        yield
+    except InfergateError:
+        raise
+    except Exception as exc:
+        raise JobStepError(f"{name} failed: {unexpected(exc)}") from exc
 
 
 def run_job(
@@ -53,7 +83,8 @@ def run_job(
         timings[name] = round(now - started, 3)
         started = now
 
-    loaded = load_series(store.instance_paths(job.series_uid), settings.volume)
+    with step("volume building"):
+        loaded = load_series(store.instance_paths(job.series_uid), settings.volume)
     lap("volume_s")
     if loaded.excluded or loaded.resampled or loaded.assumed:
         log.info(
@@ -66,14 +97,15 @@ def run_job(
         )
     inputs = _plugin_step(spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series))
     lap("preprocess_s")
-    outputs = triton.infer(
-        spec.model_name,
-        inputs,
-        tuple(t.name for t in spec.outputs),
-        version=spec.model_version,
-        timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
-        slice_chunk=spec.slice_chunk,
-    )
+    with step("inference"):
+        outputs = triton.infer(
+            spec.model_name,
+            inputs,
+            tuple(t.name for t in spec.outputs),
+            version=spec.model_version,
+            timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
+            slice_chunk=spec.slice_chunk,
+        )
     lap("inference_s")
     findings = _plugin_step(
         spec.name, "postprocess", lambda: plugin.plugin.postprocess(loaded.series, outputs)
@@ -86,21 +118,21 @@ def run_job(
         seg_series_number=settings.results.seg_series_number,
         sr_series_number=settings.results.sr_series_number,
     )
-    encoded = encode(loaded, findings, spec, identity)
+    with step("encoding"):
+        encoded = encode(loaded, findings, spec, identity)
     lap("encode_s")
     directory: Path = settings.storage.results_dir / job.job_id
-    rows = [
-        ResultRow(
-            sop_instance_uid=result.sop_instance_uid,
-            job_id=job.job_id,
-            kind=result.kind,
-            path=write_result(directory, result),
-            state="pending",
-            attempts=0,
-            priority="urgent" if findings.urgent else "normal",
-        )
-        for result in encoded
-    ]
+    with step("writing results"):
+        rows = [
+            ResultRow(
+                sop_instance_uid=result.sop_instance_uid,
+                job_id=job.job_id,
+                kind=result.kind,
+                path=write_result(directory, result),
+                priority="urgent" if findings.urgent else "normal",
+            )
+            for result in encoded
+        ]
     lap("write_s")
     log.info(
         "inference.job.findings",

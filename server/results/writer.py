@@ -8,19 +8,20 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from infergate.dicom.spool import fsync_dir
 from infergate.dicom.volume import LoadedSeries
+from infergate.durable import fsync_dir
 from infergate.errors import ResultEncodingError, VolumeError
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity
 from infergate.results.seg import build_segmentation
 from infergate.results.sources import SourceSlices
 from infergate.results.sr import build_report
+from infergate.work.states import ResultKind
 
 
 @dataclass(frozen=True)
 class EncodedResult:
-    kind: str  # "seg" or "sr"
+    kind: ResultKind  # SEG or SR
     dataset: Dataset
 
     @property
@@ -80,7 +81,7 @@ def encode(
     seg = None
     if findings.label_map is not None and findings.segment_numbers:
         seg = build_segmentation(source, findings, spec, identity)
-        results.append(EncodedResult("seg", seg))
+        results.append(EncodedResult(ResultKind.SEG, seg))
     about_images = {
         item.image_index
         for items in (findings.evaluations, findings.measurements)
@@ -92,15 +93,15 @@ def encode(
     except VolumeError as exc:
         raise ResultEncodingError(f"plugin {spec.name} reported on {exc}") from exc
     report = build_report(source, seg, findings, spec, identity, images=images)
-    results.append(EncodedResult("sr", report))
+    results.append(EncodedResult(ResultKind.SR, report))
     return results
 
 
 def write_result(directory: Path, result: EncodedResult) -> Path:
     """Write ``result`` to ``directory`` durably; its name comes from its kind, not DICOM data."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{result.kind}.dcm"
-    partial = directory / f".{result.kind}.dcm.partial"
+    final = directory / f"{result.kind.value}.dcm"
+    partial = directory / f".{result.kind.value}.dcm.partial"
     try:
         result.dataset.save_as(partial, enforce_file_format=True)
         with partial.open("rb+") as handle:

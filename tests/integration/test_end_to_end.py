@@ -361,10 +361,13 @@ def test_results_wait_for_a_pacs_that_is_down(tmp_path: Path, small_phantom: Che
     try:
         server.start()
         storescu(server.port, list(small_phantom.paths))
-        retry = server.wait_event("export.retrying", timeout=120, fail_on=("export.failed",))[0]
-        assert "refused or did not answer" in retry["reason"]
+        retry = server.wait_event("export.retrying", timeout=120, fail_on=("export.dead_letter",))[
+            0
+        ]
+        assert "gave no A-ASSOCIATE response" in retry["reason"]
+        assert retry["outcome"] == "transient"
         orthanc.start()
-        server.wait_event("export.sent", timeout=120, fail_on=("export.failed",))
+        server.wait_event("export.sent", timeout=120, fail_on=("export.dead_letter",))
     finally:
         server.stop()
         orthanc.stop()

@@ -7,14 +7,14 @@ from pathlib import Path
 import pydicom
 import pytest
 import structlog
+from workers import run_until_idle
 
 from infergate.config import Settings, load_settings
 from infergate.errors import ConfigError
 from infergate.inference.triton import TritonClient
-from infergate.pipeline import Pipeline
 from infergate.plugins import discover
-from infergate.routing import FORWARD_JOB
 from infergate.store import InstanceRecord, Store
+from infergate.work.states import JobKind, JobState, ResultState
 from peers import Orthanc
 
 pytestmark = pytest.mark.integration
@@ -47,7 +47,7 @@ def _receive(store: Store, paths: list[Path]) -> tuple[str, list[str]]:
     return study, uids
 
 
-def _pipeline(store: Store, unmatched: dict[str, object]) -> tuple[Pipeline, TritonClient]:
+def _run(store: Store, unmatched: dict[str, object]) -> None:
     # ct_lung is installed but a rule keeps it to chests: the head CT matches nothing.
     rule = {"name": "chest", "plugins": ["ct_lung"], "when": {"body_part": ["CHEST"]}}
     settings = Settings.model_validate(
@@ -58,7 +58,10 @@ def _pipeline(store: Store, unmatched: dict[str, object]) -> tuple[Pipeline, Tri
     )
     client = TritonClient("127.0.0.1:1", timeout_s=1)  # never called: nothing is inferred
     plugins = [p for p in discover() if p.spec.name == "ct_lung"]
-    return Pipeline(settings, store, plugins, client), client
+    try:
+        run_until_idle(settings, store, plugins, client)
+    finally:
+        client.close()
 
 
 def test_an_unmatched_series_is_forwarded_as_received(
@@ -67,17 +70,15 @@ def test_an_unmatched_series_is_forwarded_as_received(
     store = Store(tmp_path / "s.db")
     study, uids = _receive(store, head_ct)
     destination = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
-    pipeline, client = _pipeline(store, {"action": "forward", "destination": destination})
     with structlog.testing.capture_logs() as logs:
-        pipeline.step()
-    client.close()
+        _run(store, {"action": "forward", "destination": destination})
 
     (unmatched,) = [e for e in logs if e["event"] == "routing.series.unmatched"]
     assert unmatched["action"] == "forward"
     assert unmatched["destination"] == orthanc.ae_title
     (job,) = store.jobs()
-    assert (job.plugin, job.state) == (FORWARD_JOB, "done")
-    assert {r.state for r in store.results()} == {"sent"}
+    assert (job.kind, job.plugin, job.state) == (JobKind.FORWARD, "", JobState.DONE)
+    assert set(store.result_states().values()) == {ResultState.DELIVERED}
     (sent,) = [e for e in logs if e["event"] == "export.sent"]
     assert sent["destination"] == orthanc.ae_title
     assert sorted(sent["sop_instance_uids"]) == sorted(uids)
@@ -98,10 +99,8 @@ def test_an_unmatched_series_is_ignored_by_default_and_logged(
 ) -> None:
     store = Store(tmp_path / "s.db")
     _receive(store, head_ct)
-    pipeline, client = _pipeline(store, {})
     with structlog.testing.capture_logs() as logs:
-        pipeline.step()
-    client.close()
+        _run(store, {})
     (unmatched,) = [e for e in logs if e["event"] == "routing.series.unmatched"]
     assert (unmatched["action"], unmatched["destination"]) == ("ignore", None)
     assert store.jobs() == []

@@ -19,6 +19,7 @@ from infergate.plugin_api import PRESENT, Code, Evaluation, Findings
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
 from infergate.testing import check_plugin, write_chest_radiograph
+from infergate.work.states import ResultKind
 from infergate_plugins.cxr_quality import plugin
 from infergate_plugins.cxr_quality.plugin import (
     EXPOSURE_CLIPPING,
@@ -134,7 +135,7 @@ def test_each_image_gets_its_own_findings_and_an_sr_that_references_it(
         sr_series_number=9002,
     )
     (sr,) = encode(loaded, findings, plugin.spec, identity)
-    assert sr.kind == "sr"
+    assert sr.kind is ResultKind.SR
     path = write_result(tmp_path / "out", sr)
     assert dciodvfy_errors(path) == []
     report = pydicom.dcmread(path)

@@ -17,6 +17,7 @@ from infergate.plugin_api import MILLILITER, VOLUME, Findings, Measurement
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import DEIDENTIFICATION_UNSTATED, encode, write_result
 from infergate.testing import ChestPhantom
+from infergate.work.states import ResultKind
 from infergate_plugins.ct_lung import plugin
 from infergate_plugins.ct_lung.plugin import LEFT_LUNG, RIGHT_LUNG
 from peers import dciodvfy_errors, walk_content
@@ -58,7 +59,7 @@ def test_seg_and_sr_are_valid_and_reference_the_source(
 ) -> None:
     loaded = load_series(list(small_phantom.paths))
     results = encode(loaded, _findings(loaded, (1, 2)), plugin.spec, _identity())
-    assert [r.kind for r in results] == ["seg", "sr"]
+    assert [r.kind for r in results] == [ResultKind.SEG, ResultKind.SR]
     seg, sr = (_round_trip(r.dataset) for r in results)
 
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == small_phantom.study_uid
@@ -117,7 +118,7 @@ def test_findings_without_segments_give_an_sr_alone(small_phantom: ChestPhantom)
     empty = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
     findings = plugin.postprocess(loaded.series, {"LUNG_LABELS": empty})
     results = encode(loaded, findings, plugin.spec, _identity())
-    assert [r.kind for r in results] == ["sr"]
+    assert [r.kind for r in results] == [ResultKind.SR]
     _round_trip(results[0].dataset)
 
 

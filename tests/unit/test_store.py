@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from infergate.store import Arrival, InstanceRecord, NewJob, ResultRow, Store
+from infergate.work.states import JobKind, JobState, ResultKind
 
 
 def _record(
@@ -49,9 +50,7 @@ def test_duplicate_instance_is_not_recorded_twice(store: Store) -> None:
 
 
 def test_changed_instance_keeps_the_first_by_default(store: Store) -> None:
-    store.record_instance(_record("1.1"), now=10.0)
-    (series,) = store.receiving_series()
-    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    _one_job(store)
     changed = store.record_instance(_record("1.1", path="/spool/b.dcm", sha256="bb"), now=30.0)
     assert changed.arrival is Arrival.CHANGED_KEPT
     assert store.instance_paths("1.2.3") == [Path("/spool/a.dcm")]
@@ -59,9 +58,7 @@ def test_changed_instance_keeps_the_first_by_default(store: Store) -> None:
 
 
 def test_changed_instance_can_replace_and_reprocess(store: Store) -> None:
-    store.record_instance(_record("1.1"), now=10.0)
-    (series,) = store.receiving_series()
-    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    _one_job(store)
     changed = store.record_instance(
         _record("1.1", path="/spool/b.dcm", sha256="bb"), replace_changed=True, now=30.0
     )
@@ -93,13 +90,13 @@ def test_series_completes_with_its_jobs_in_one_step(store: Store) -> None:
     store.record_instance(_record("1.2"), now=11.0)
     (series,) = store.receiving_series()
     assert series.last_received_at == 11.0
-    assert store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    assert store.complete_series(series, [NewJob("job1", JobKind.INFERENCE, "ct_lung")], now=20.0)
     assert store.receiving_series() == []
     (job,) = store.runnable_jobs()
     assert (job.job_id, job.plugin, job.state, job.study_uid) == (
         "job1",
         "ct_lung",
-        "pending",
+        JobState.QUEUED,
         "1.2",
     )
 
@@ -108,59 +105,93 @@ def test_completion_loses_to_a_late_instance(store: Store) -> None:
     store.record_instance(_record("1.1"), now=10.0)
     (stale,) = store.receiving_series()
     store.record_instance(_record("1.2"), now=12.0)
-    assert not store.complete_series(stale, [NewJob("job1", "ct_lung")], now=20.0)
+    assert not store.complete_series(
+        stale, [NewJob("job1", JobKind.INFERENCE, "ct_lung")], now=20.0
+    )
     assert store.runnable_jobs() == []
 
 
 def test_new_instance_reopens_a_complete_series_as_a_new_generation(store: Store) -> None:
-    store.record_instance(_record("1.1"), now=10.0)
-    (series,) = store.receiving_series()
-    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    _one_job(store)
     store.record_instance(_record("1.2"), now=30.0)
     (reopened,) = store.receiving_series()
     assert reopened.generation == 1
     assert reopened.instance_count == 2
-    assert store.complete_series(reopened, [NewJob("job2", "ct_lung")], now=40.0)
+    assert store.complete_series(reopened, [NewJob("job2", JobKind.INFERENCE, "ct_lung")], now=40.0)
     assert [j.job_id for j in store.runnable_jobs()] == ["job1", "job2"]
 
 
-def test_job_and_result_lifecycle_and_recovery(store: Store) -> None:
+def _one_job(store: Store) -> None:
+    """Job ``job1`` of a series of one instance, queued at 20.0."""
     store.record_instance(_record("1.1"), now=10.0)
     (series,) = store.receiving_series()
-    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
-    store.start_job("job1", now=21.0)
+    store.complete_series(series, [NewJob("job1", JobKind.INFERENCE, "ct_lung")], now=20.0)
+
+
+def test_job_lifecycle_and_recovery(store: Store) -> None:
+    _one_job(store)
+    assert store.start_job("job1", now=21.0)
+    assert not store.start_job("job1", now=21.5)  # running already: the table refuses
     assert store.runnable_jobs() == []
-    assert store.recover(now=22.0) == 1  # a crash left it running
+    assert store.recover(now=22.0, max_interruptions=3) == (["job1"], [])  # a crash
     (job,) = store.runnable_jobs()
-    assert job.attempts == 1
+    assert (job.attempts, job.interruptions) == (1, 1)
     store.start_job("job1", now=23.0)
     results = [
-        ResultRow("9.1", "job1", "seg", Path("/r/seg.dcm"), "pending", 0),
-        ResultRow("9.2", "job1", "sr", Path("/r/sr.dcm"), "pending", 0),
+        ResultRow("9.1", "job1", ResultKind.SEG, Path("/r/seg.dcm")),
+        ResultRow("9.2", "job1", ResultKind.SR, Path("/r/sr.dcm")),
     ]
-    store.finish_job("job1", results, now=24.0)
-    assert store.job("job1").state == "done"
-    assert [r.kind for r in store.pending_results()] == ["seg", "sr"]
-    store.mark_results_attempted(["9.1", "9.2"], "refused", give_up=False)
-    assert len(store.pending_results()) == 2
-    store.mark_results_sent(["9.1", "9.2"], now=25.0)
-    assert store.pending_results() == []
-    assert {r.state for r in store.results()} == {"sent"}
+    assert store.finish_job("job1", results, now=24.0)
+    assert store.job("job1").state is JobState.DONE
+    assert [u.result.kind for u in store.unplanned_results()] == [ResultKind.SEG, ResultKind.SR]
+    # Done is final for the worker: a late fail (a deadline) changes nothing.
+    assert not store.fail_job("job1", "too late", now=25.0)
+    assert store.job("job1").state is JobState.DONE
+
+
+def test_a_job_failed_at_its_deadline_cannot_be_finished_after(store: Store) -> None:
+    _one_job(store)
+    store.start_job("job1", now=21.0)
+    assert store.fail_job("job1", "ran past its deadline", now=30.0)
+    result = ResultRow("9.1", "job1", ResultKind.SR, Path("/r/sr.dcm"))
+    assert not store.finish_job("job1", [result], now=31.0)
+    assert store.results() == []
+    assert store.job("job1").state is JobState.FAILED
+
+
+def test_a_job_interrupted_max_interruptions_times_is_a_dead_letter(store: Store) -> None:
+    _one_job(store)
+    store.start_job("job1", now=21.0)
+    assert store.recover(now=22.0, max_interruptions=2) == (["job1"], [])
+    store.start_job("job1", now=23.0)
+    assert store.recover(now=24.0, max_interruptions=2) == ([], ["job1"])
+    job = store.job("job1")
+    assert (job.state, job.interruptions) == (JobState.DEAD, 2)
+    assert job.error is not None
+    assert "interrupted by a process death 2 times" in job.error
+    assert store.runnable_jobs() == []
+
+
+def test_an_orderly_stop_requeues_without_counting_an_interruption(store: Store) -> None:
+    _one_job(store)
+    store.start_job("job1", now=21.0)
+    store.requeue_jobs(["job1"], now=22.0)
+    assert store.recover(now=23.0, max_interruptions=1) == ([], [])
+    (job,) = store.runnable_jobs()
+    assert (job.state, job.interruptions) == (JobState.QUEUED, 0)
 
 
 def test_failed_job_keeps_its_reason(store: Store) -> None:
-    store.record_instance(_record("1.1"), now=10.0)
-    (series,) = store.receiving_series()
-    store.complete_series(series, [NewJob("job1", "ct_lung")], now=20.0)
+    _one_job(store)
     store.fail_job("job1", "model failed", now=21.0)
     job = store.job("job1")
-    assert (job.state, job.error) == ("failed", "model failed")
+    assert (job.state, job.error) == (JobState.FAILED, "model failed")
     assert store.runnable_jobs() == []
 
 
 def test_restart_gives_receiving_series_a_fresh_quiet_period(store: Store) -> None:
     store.record_instance(_record("1.1"), now=10.0)
-    store.recover(now=500.0)
+    store.recover(now=500.0, max_interruptions=3)
     (series,) = store.receiving_series()
     assert series.last_received_at == 500.0
 
@@ -172,9 +203,9 @@ def _complete(store: Store, series: str, jobs: list[NewJob], now: float) -> None
 
 
 def test_urgent_jobs_run_before_older_normal_ones(store: Store) -> None:
-    _complete(store, "9.1", [NewJob("normal1", "ct_lung")], now=10.0)
-    _complete(store, "9.2", [NewJob("normal2", "ct_lung", "normal")], now=20.0)
-    _complete(store, "9.3", [NewJob("urgent", "ct_lung", "urgent")], now=30.0)
+    _complete(store, "9.1", [NewJob("normal1", JobKind.INFERENCE, "ct_lung")], now=10.0)
+    _complete(store, "9.2", [NewJob("normal2", JobKind.INFERENCE, "ct_lung", "normal")], now=20.0)
+    _complete(store, "9.3", [NewJob("urgent", JobKind.INFERENCE, "ct_lung", "urgent")], now=30.0)
     assert [j.job_id for j in store.runnable_jobs()] == ["urgent", "normal1", "normal2"]
     next_job = store.next_job()
     assert next_job is not None
@@ -186,17 +217,51 @@ def test_urgent_jobs_run_before_older_normal_ones(store: Store) -> None:
     assert (next_job.job_id, next_job.priority) == ("normal1", "normal")
 
 
-def test_jobs_of_a_version_3_database_become_normal(tmp_path: Path) -> None:
-    path = tmp_path / "v3.db"
+# The jobs and results tables of version 5, the last before the work model.
+_V5_TABLES = """
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL,
+    generation INTEGER NOT NULL, plugin TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, priority INTEGER NOT NULL DEFAULT 1, not_before REAL,
+    UNIQUE (series_uid, generation, plugin)
+);
+CREATE TABLE results (
+    sop_instance_uid TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    kind TEXT NOT NULL, path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, created_at REAL NOT NULL,
+    sent_at REAL, priority INTEGER NOT NULL DEFAULT 1
+);
+INSERT INTO jobs VALUES ('j1', 's', 'st', 0, 'ct_lung', 'pending', 0, NULL, 1, 1, 0, NULL);
+INSERT INTO jobs VALUES ('j2', 's', 'st', 0, '(forward)', 'done', 1, NULL, 1, 1, 1, NULL);
+INSERT INTO results VALUES ('9.1', 'j2', 'forwarded', '/a', 'sent', 1, NULL, 1, 2, 1);
+INSERT INTO results VALUES ('9.2', 'j2', 'forwarded', '/b', 'failed', 5, 'x', 1, NULL, 1);
+"""
+
+
+def test_a_version_5_database_moves_to_the_work_model(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
     Store(path).close()
     old = sqlite3.connect(path)
-    old.execute("ALTER TABLE jobs DROP COLUMN priority")
+    old.execute("DROP TABLE delivery_items")
+    old.execute("DROP TABLE deliveries")
+    old.execute("DROP TABLE results")
+    old.execute("DROP TABLE jobs")
+    old.executescript(_V5_TABLES)
     old.execute(
-        "INSERT INTO jobs (job_id, series_uid, study_uid, generation, plugin, state,"
-        " created_at, updated_at) VALUES ('j', 's', 'st', 0, 'ct_lung', 'pending', 1, 1)"
+        "INSERT INTO series VALUES ('s', 'st', 'CT', 'A', 'INFERGATE', 1, 1, 1, 'complete', 0,"
+        " NULL)"
     )
-    old.execute("PRAGMA user_version = 3")
+    old.execute("PRAGMA user_version = 5")
     old.commit()
     old.close()
     store = Store(path)
-    assert [(j.job_id, j.priority) for j in store.runnable_jobs()] == [("j", "normal")]
+    jobs = {j.job_id: (j.kind, j.plugin, j.state, j.priority) for j in store.jobs()}
+    assert jobs == {
+        "j1": (JobKind.INFERENCE, "ct_lung", JobState.QUEUED, "urgent"),
+        "j2": (JobKind.FORWARD, "", JobState.DONE, "normal"),
+    }
+    # What was sent stays sent; what the old five tries gave up on gets a delivery now.
+    assert [u.result.sop_instance_uid for u in store.unplanned_results()] == ["9.2"]

@@ -1,0 +1,225 @@
+"""The outbox: plans results into deliveries, sends each in one association, and
+applies the outcome class of what the destination answered.
+
+Every step is a plain function over the store; the export worker (``export.worker``)
+calls them on its own threads, one pool per destination, so a PACS that is slow,
+silent or down delays only its own deliveries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import replace
+
+import structlog
+
+from infergate.config import Destination, Settings
+from infergate.export.outcomes import AttemptOutcome, OutcomeClass
+from infergate.export.scu import send_objects
+from infergate.logs import get_logger
+from infergate.store import DeliveryItem, DeliveryRow, ResultRow, Store
+from infergate.work.states import DeliveryState, JobKind, ResultState
+
+log = get_logger(__name__)
+
+
+def destination_of(settings: Settings, called_ae: str, kind: JobKind) -> Destination | None:
+    """Where a result goes: a forwarded instance to ``routing.unmatched``'s destination;
+    a job's result to its called AE title's, else ``export.destination``."""
+    if kind is JobKind.FORWARD:
+        return settings.routing.unmatched.destination
+    return settings.destination_for(called_ae)
+
+
+def plan(store: Store, settings: Settings, now: float) -> list[str]:
+    """Put every result not yet planned into the open delivery of its study and
+    destination (or keep it on disk, with the reason, when it has no destination);
+    returns the deliveries that got something."""
+    groups: dict[tuple[str, Destination, str], list[ResultRow]] = defaultdict(list)
+    for unplanned in store.unplanned_results():
+        called_ae = unplanned.called_ae
+        destination = destination_of(settings, called_ae, unplanned.job_kind)
+        result = unplanned.result
+        if destination is None:
+            reason = (
+                f"no destination for called AE title {called_ae}"
+                " (export.destination, ingest.called_aes); results stay on disk"
+            )
+            store.keep_results([result.sop_instance_uid], reason, now)
+            log.warning(
+                "export.skipped", job_id=result.job_id, reason=reason, paths=[str(result.path)]
+            )
+            continue
+        # Results are sent with the called title as the calling AE title.
+        groups[(unplanned.study_uid, destination, called_ae)].append(result)
+    planned = []
+    for (study_uid, destination, calling_ae), results in groups.items():
+        delivery_id = store.plan_delivery(study_uid, destination, calling_ae, results, now)
+        planned.append(delivery_id)
+        log.info(
+            "export.planned",
+            delivery_id=delivery_id,
+            study_uid=study_uid,
+            destination=destination.ae_title,
+            objects=len(results),
+        )
+    return planned
+
+
+def backoff_s(settings: Settings, attempts: int) -> float:
+    """The wait before attempt ``attempts + 1``: doubling from ``retry_delay_s``, capped."""
+    export = settings.export
+    return float(min(export.retry_delay_s * 2 ** max(attempts - 1, 0), export.max_retry_delay_s))
+
+
+def deliver(store: Store, settings: Settings, delivery: DeliveryRow) -> DeliveryState:
+    """Send what is still pending in a claimed delivery, in one association, and record
+    each object's outcome and the delivery's next state; returns that state."""
+    items = store.delivery_items(delivery.delivery_id, ResultState.PENDING)
+    started = time.perf_counter()
+    urgent = any(item.priority == "urgent" for item in items)
+    with structlog.contextvars.bound_contextvars(
+        delivery_id=delivery.delivery_id, study_uid=delivery.study_uid
+    ):
+        attempt = send_objects(
+            [(item.sop_instance_uid, item.path) for item in items],
+            delivery.destination,
+            delivery.calling_ae,
+            settings.export.timeout_s,
+            urgent=urgent,
+        )
+        return _apply(
+            store, settings, delivery, items, attempt, duration_s=time.perf_counter() - started
+        )
+
+
+def _apply(
+    store: Store,
+    settings: Settings,
+    delivery: DeliveryRow,
+    items: list[DeliveryItem],
+    attempt: AttemptOutcome,
+    *,
+    duration_s: float,
+) -> DeliveryState:
+    now = time.time()
+    by_uid = {item.sop_instance_uid: item for item in items}
+    changed = [
+        replace(by_uid[o.sop_instance_uid], state=answered, status=o.status, reason=o.reason)
+        for o in attempt.objects
+        if (answered := _object_state(o.outcome)) is not None
+    ]
+
+    def remaining() -> list[DeliveryItem]:
+        done = {c.sop_instance_uid for c in changed}
+        return [item for item in items if item.sop_instance_uid not in done]
+
+    if attempt.failure is OutcomeClass.PERMANENT:
+        changed += [replace(i, state=ResultState.DEAD, reason=attempt.reason) for i in remaining()]
+    transient = [o.reason for o in attempt.objects if o.outcome is OutcomeClass.TRANSIENT]
+    reason = attempt.reason or (transient[0] if transient else None)
+    first = delivery.first_attempt_at if delivery.first_attempt_at is not None else now
+    if remaining() and now - first >= settings.export.retry_horizon_s:
+        reason = (
+            f"still failing {now - first:.0f} s after the first attempt"
+            f" (export.retry_horizon_s): {reason}"
+        )
+        changed += [replace(i, state=ResultState.DEAD, reason=reason) for i in remaining()]
+        state, outcome_class = DeliveryState.DEAD, OutcomeClass.TRANSIENT
+    elif remaining():
+        state, outcome_class = DeliveryState.RETRY_WAIT, OutcomeClass.TRANSIENT
+    elif dead := [c for c in changed if c.state is ResultState.DEAD] + store.delivery_items(
+        delivery.delivery_id, ResultState.DEAD
+    ):
+        state, outcome_class = DeliveryState.DEAD, OutcomeClass.PERMANENT
+        reason = "; ".join(sorted({c.reason or "" for c in dead}))
+    else:
+        state = DeliveryState.DELIVERED
+        warned = any(o.outcome is OutcomeClass.WARNING for o in attempt.objects)
+        outcome_class = OutcomeClass.WARNING if warned else OutcomeClass.DELIVERED
+        reason = None
+    delay = backoff_s(settings, delivery.attempts)
+    store.record_attempt(
+        delivery.delivery_id,
+        changed,
+        state=state,
+        outcome=outcome_class.value,
+        reason=reason,
+        next_attempt_at=now + delay if state is DeliveryState.RETRY_WAIT else now,
+        now=now,
+    )
+    _log(
+        delivery,
+        changed=changed,
+        state=state,
+        outcome_class=outcome_class,
+        reason=reason,
+        delay=delay,
+        duration_s=duration_s,
+        attempt=attempt,
+    )
+    return state
+
+
+def _object_state(outcome: OutcomeClass) -> ResultState | None:
+    """An object's state after an answer; None: it stays pending (transient)."""
+    if outcome is OutcomeClass.TRANSIENT:
+        return None
+    return ResultState.DELIVERED if outcome.stored else ResultState.DEAD
+
+
+def _log(
+    delivery: DeliveryRow,
+    *,
+    changed: list[DeliveryItem],
+    state: DeliveryState,
+    outcome_class: OutcomeClass,
+    reason: str | None,
+    delay: float,
+    duration_s: float,
+    attempt: AttemptOutcome,
+) -> None:
+    common = {
+        "destination": delivery.destination.ae_title,
+        "calling_ae": delivery.calling_ae,
+        "attempt": delivery.attempts,
+    }
+    sent = [c for c in changed if c.state is ResultState.DELIVERED]
+    if sent:
+        warnings = {
+            o.sop_instance_uid: o.reason
+            for o in attempt.objects
+            if o.outcome is OutcomeClass.WARNING
+        }
+        log.info(
+            "export.sent",
+            kinds=[c.kind.value for c in sent],
+            priority="urgent" if any(c.priority == "urgent" for c in sent) else "normal",
+            sop_instance_uids=[c.sop_instance_uid for c in sent],
+            warnings=list(warnings.values()),
+            duration_s=round(duration_s, 3),
+            **common,
+        )
+    for item in changed:
+        if item.state is ResultState.DEAD:
+            log.error(
+                "export.object.dead_letter",
+                kind=item.kind.value,
+                sop_instance_uid=item.sop_instance_uid,
+                status=None if item.status is None else f"0x{item.status:04X}",
+                reason=item.reason,
+                **common,
+            )
+    if state is DeliveryState.RETRY_WAIT:
+        log.warning(
+            "export.retrying",
+            outcome=outcome_class.value,
+            reason=reason,
+            retry_in_s=round(delay, 1),
+            **common,
+        )
+    elif state is DeliveryState.DEAD:
+        log.error("export.dead_letter", outcome=outcome_class.value, reason=reason, **common)
+    else:
+        log.info("export.delivered", outcome=outcome_class.value, **common)

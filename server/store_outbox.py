@@ -1,0 +1,297 @@
+"""The outbox in the state store: result objects, and their deliveries to destinations.
+
+A job's results are written and committed with the job (``Store.finish_job``); the
+outbox then plans each into the one open delivery of its study and destination (or
+keeps it on disk when there is no destination). A delivery is sent in one
+association; each object keeps its own outcome there, so an object the destination
+accepted is not sent again, and one it refused for good does not hold up the others.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+from infergate.config import Destination
+from infergate.errors import StoreError
+from infergate.store_db import Database, set_state
+from infergate.store_rows import (
+    DeliveryItem,
+    DeliveryRow,
+    ResultRow,
+    UnplannedResult,
+)
+from infergate.work.states import (
+    PRIORITY_OF_RANK,
+    PRIORITY_RANK,
+    DeliveryState,
+    JobKind,
+    ResultKind,
+    ResultState,
+)
+
+_DELIVERY_COLUMNS = (
+    "delivery_id, study_uid, destination_ae, destination_host, destination_port, calling_ae,"
+    " state, priority, attempts, created_at, first_attempt_at, next_attempt_at, outcome, reason"
+)
+_OPEN = (DeliveryState.PENDING.value, DeliveryState.RETRY_WAIT.value)
+
+
+class OutboxRecords(Database):
+    # -- planning ---------------------------------------------------------------
+
+    def unplanned_results(self) -> list[UnplannedResult]:
+        """Results not yet in a delivery (nor kept), urgent ones first."""
+        rows = self._rows(
+            "SELECT r.sop_instance_uid, r.job_id, r.kind, r.path, r.priority, j.study_uid,"
+            " s.called_ae, j.kind FROM results r JOIN jobs j ON j.job_id = r.job_id"
+            " JOIN series s ON s.series_uid = j.series_uid"
+            " WHERE r.planned_at IS NULL ORDER BY r.priority, r.created_at, r.kind"
+        )
+        return [
+            UnplannedResult(
+                ResultRow(uid, job_id, ResultKind(kind), Path(path), PRIORITY_OF_RANK[rank]),
+                study_uid,
+                called_ae,
+                JobKind(job_kind),
+            )
+            for uid, job_id, kind, path, rank, study_uid, called_ae, job_kind in rows
+        ]
+
+    def plan_delivery(
+        self,
+        study_uid: str,
+        destination: Destination,
+        calling_ae: str,
+        results: list[ResultRow],
+        now: float,
+    ) -> str:
+        """Put ``results`` into the open delivery of ``study_uid`` to ``destination``
+        (creating it, due now), in one transaction; returns its id."""
+        key = (study_uid, destination.ae_title, destination.host, destination.port, calling_ae)
+        rank = min(PRIORITY_RANK[r.priority] for r in results)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT delivery_id FROM deliveries WHERE study_uid = ? AND destination_ae = ?"
+                " AND destination_host = ? AND destination_port = ? AND calling_ae = ?"
+                " AND state IN (?, ?)",
+                (*key, *_OPEN),
+            ).fetchone()
+            if row is None:
+                delivery_id = uuid.uuid4().hex
+                db.execute(
+                    "INSERT INTO deliveries (delivery_id, study_uid, destination_ae,"
+                    " destination_host, destination_port, calling_ae, state, priority,"
+                    " created_at, updated_at, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (delivery_id, *key, DeliveryState.PENDING.value, rank, now, now, now),
+                )
+            else:
+                delivery_id = str(row[0])
+                db.execute(
+                    "UPDATE deliveries SET priority = MIN(priority, ?), updated_at = ?"
+                    " WHERE delivery_id = ?",
+                    (rank, now, delivery_id),
+                )
+            db.executemany(
+                "INSERT OR REPLACE INTO delivery_items (delivery_id, sop_instance_uid, state)"
+                " VALUES (?, ?, ?)",
+                [(delivery_id, r.sop_instance_uid, ResultState.PENDING.value) for r in results],
+            )
+            _mark_planned(db, [r.sop_instance_uid for r in results], now, None)
+        return delivery_id
+
+    def keep_results(self, uids: list[str], reason: str, now: float) -> None:
+        """No destination for these: they stay on disk, and the reason is recorded."""
+        with self._transaction() as db:
+            _mark_planned(db, uids, now, reason)
+
+    # -- sending ----------------------------------------------------------------
+
+    def due_deliveries(self, now: float) -> list[DeliveryRow]:
+        """Deliveries to attempt now: urgent ones first, then the longest waiting."""
+        rows = self._rows(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"  # noqa: S608 - constant
+            " WHERE state IN (?, ?) AND next_attempt_at <= ?"
+            " ORDER BY priority, next_attempt_at, created_at",
+            (*_OPEN, now),
+        )
+        return [_delivery(row) for row in rows]
+
+    def claim_delivery(self, delivery_id: str, now: float) -> bool:
+        """Pending or waiting → sending, counting the attempt; False if another worker
+        took it or it is no longer open."""
+        with self._transaction() as db:
+            return _set_delivery_state(
+                db,
+                delivery_id,
+                (DeliveryState.PENDING, DeliveryState.RETRY_WAIT),
+                DeliveryState.SENDING,
+                assignments="attempts = attempts + 1, updated_at = ?,"
+                " first_attempt_at = COALESCE(first_attempt_at, ?)",
+                parameters=(now, now),
+            )
+
+    def delivery_items(
+        self, delivery_id: str, state: ResultState | None = None
+    ) -> list[DeliveryItem]:
+        """The objects of a delivery (those in ``state`` only, if given), urgent first."""
+        condition = "" if state is None else " AND d.state = ?"
+        rows = self._rows(
+            "SELECT d.sop_instance_uid, r.kind, r.path, r.priority, d.state, d.status, d.reason"  # noqa: S608 - constant
+            " FROM delivery_items d JOIN results r ON r.sop_instance_uid = d.sop_instance_uid"
+            f" WHERE d.delivery_id = ?{condition} ORDER BY r.priority, r.created_at, r.kind",
+            (delivery_id,) if state is None else (delivery_id, state.value),
+        )
+        return [
+            DeliveryItem(
+                uid,
+                ResultKind(kind),
+                Path(path),
+                PRIORITY_OF_RANK[rank],
+                ResultState(item_state),
+                status,
+                reason,
+            )
+            for uid, kind, path, rank, item_state, status, reason in rows
+        ]
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        items: list[DeliveryItem],
+        *,
+        state: DeliveryState,
+        outcome: str,
+        reason: str | None,
+        next_attempt_at: float,
+        now: float,
+    ) -> None:
+        """The outcome of one association: each object's own, then the delivery's new
+        state, in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE delivery_items SET state = ?, status = ?, reason = ?"
+                " WHERE delivery_id = ? AND sop_instance_uid = ? AND state = ?",
+                [
+                    (
+                        item.state.value,
+                        item.status,
+                        item.reason,
+                        delivery_id,
+                        item.sop_instance_uid,
+                        ResultState.PENDING.value,
+                    )
+                    for item in items
+                ],
+            )
+            finished = state in (DeliveryState.DELIVERED, DeliveryState.DEAD)
+            if not _set_delivery_state(
+                db,
+                delivery_id,
+                (DeliveryState.SENDING,),
+                state,
+                assignments="outcome = ?, reason = ?, next_attempt_at = ?, updated_at = ?,"
+                " finished_at = ?",
+                parameters=(outcome, reason, next_attempt_at, now, now if finished else None),
+            ):
+                raise StoreError(f"delivery {delivery_id} was not being sent")
+
+    # -- reading ----------------------------------------------------------------
+
+    def delivery(self, delivery_id: str) -> DeliveryRow:
+        rows = self._deliveries_where("delivery_id = ?", (delivery_id,))
+        if not rows:
+            raise StoreError(f"no delivery {delivery_id} in the state store")
+        return rows[0]
+
+    def deliveries(self, state: DeliveryState | None = None) -> list[DeliveryRow]:
+        if state is None:
+            return self._deliveries_where("1 = 1", ())
+        return self._deliveries_where("state = ?", (state.value,))
+
+    def results(self) -> list[ResultRow]:
+        rows = self._rows(
+            "SELECT sop_instance_uid, job_id, kind, path, priority FROM results"
+            " ORDER BY created_at, kind"
+        )
+        return [
+            ResultRow(uid, job_id, ResultKind(kind), Path(path), PRIORITY_OF_RANK[rank])
+            for uid, job_id, kind, path, rank in rows
+        ]
+
+    def result_states(self) -> dict[str, ResultState]:
+        """Each result's state: its latest delivery item's, kept when it has no
+        destination, pending until planned."""
+        rows = self._rows(
+            "SELECT r.sop_instance_uid, r.planned_at, r.kept_reason, (SELECT d.state FROM"
+            " delivery_items d JOIN deliveries v ON v.delivery_id = d.delivery_id"
+            " WHERE d.sop_instance_uid = r.sop_instance_uid ORDER BY v.created_at DESC LIMIT 1)"
+            " FROM results r"
+        )
+        states: dict[str, ResultState] = {}
+        for uid, planned_at, kept_reason, item_state in rows:
+            if item_state is not None:
+                states[uid] = ResultState(item_state)
+            elif planned_at is not None and kept_reason is not None:
+                states[uid] = ResultState.KEPT
+            else:
+                states[uid] = ResultState.PENDING
+        return states
+
+    def _deliveries_where(self, condition: str, parameters: tuple[Any, ...]) -> list[DeliveryRow]:
+        rows = self._rows(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE {condition}"  # noqa: S608
+            " ORDER BY created_at",
+            parameters,
+        )
+        return [_delivery(row) for row in rows]
+
+
+def _mark_planned(db: sqlite3.Connection, uids: list[str], now: float, kept: str | None) -> None:
+    db.executemany(
+        "UPDATE results SET planned_at = ?, kept_reason = ? WHERE sop_instance_uid = ?",
+        [(now, kept, uid) for uid in uids],
+    )
+
+
+def _set_delivery_state(
+    db: sqlite3.Connection,
+    delivery_id: str,
+    old: tuple[DeliveryState, ...],
+    new: DeliveryState,
+    *,
+    assignments: str,
+    parameters: tuple[Any, ...],
+) -> bool:
+    changed = set_state(
+        db,
+        "deliveries",
+        ("delivery_id", delivery_id),
+        old,
+        new,
+        assignments=assignments,
+        parameters=parameters,
+    )
+    return changed == 1
+
+
+def _delivery(row: tuple[Any, ...]) -> DeliveryRow:
+    delivery_id, study_uid, ae_title, host, port, calling_ae, state, rank, *rest = row
+    attempts, created_at, first_attempt_at, next_attempt_at, outcome, reason = rest
+    return DeliveryRow(
+        delivery_id,
+        study_uid,
+        Destination(ae_title=ae_title, host=host, port=port),
+        calling_ae,
+        DeliveryState(state),
+        PRIORITY_OF_RANK[rank],
+        attempts,
+        created_at,
+        first_attempt_at,
+        next_attempt_at,
+        outcome,
+        reason,
+    )

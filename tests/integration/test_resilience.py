@@ -1,0 +1,234 @@
+"""The gateway keeps working whatever one study or one PACS does, and dies cleanly.
+
+Real peers: ``infergate serve`` with its embedded tritonserver, DCMTK's storescu and
+storescp, Orthanc. What a hospital found: a poisoned header stopped the gateway for
+good; a PACS refusing the SEG stopped it; a kill -9 left tritonserver orphaned.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from infergate.testing import ChestPhantom
+from peers import (
+    PEER_ENV,
+    InfergateProcess,
+    Orthanc,
+    free_port,
+    infergate_config,
+    process_name,
+    process_tree,
+    require_program,
+    storescu,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+# A PACS that stores CT and SR but was never configured for Segmentation.
+_NO_SEG_PROFILE = r"""
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[NoSegmentation]
+PresentationContext1 = VerificationSOPClass\Uncompressed
+PresentationContext2 = CTImageStorage\Uncompressed
+PresentationContext3 = ComprehensiveSRStorage\Uncompressed
+PresentationContext4 = Comprehensive3DSRStorage\Uncompressed
+PresentationContext5 = EnhancedSRStorage\Uncompressed
+[[Profiles]]
+[NoSegmentation]
+PresentationContexts = NoSegmentation
+"""
+
+
+def _poisoned_copy(phantom: ChestPhantom, folder: Path) -> list[Path]:
+    """The phantom with a non-number in Rescale Slope (DS), as a broken modality writes
+    it, under new UIDs so that it is a study of its own."""
+    folder.mkdir()
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    paths = []
+    for index, path in enumerate(phantom.paths):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.RescaleSlope = "7.77"
+        target = folder / f"{index}.dcm"
+        ds.save_as(target)
+        # pydicom will not write a bad DS: the header is before the pixels.
+        target.write_bytes(target.read_bytes().replace(b"7.77", b"abcd", 1))
+        paths.append(target)
+    return paths
+
+
+@pytest.fixture
+def server(tmp_path: Path, orthanc: Orthanc) -> Iterator[InfergateProcess]:
+    process = InfergateProcess(
+        tmp_path / "infergate", infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    )
+    process.workdir.mkdir()
+    yield process
+    process.stop()
+
+
+def test_a_poisoned_instance_fails_its_job_and_the_next_study_gets_its_results(
+    server: InfergateProcess, orthanc: Orthanc, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    server.start()
+    storescu(server.port, _poisoned_copy(small_phantom, tmp_path / "poisoned"))
+    (failed,) = server.wait_event("inference.job.failed", timeout=120, fail_on=())
+    assert failed["reason"].startswith("volume building failed: ValueError raised in")
+    assert "abcd" not in failed["reason"]  # the value is not repeated anywhere
+    storescu(server.port, list(small_phantom.paths))
+    server.wait_event("export.sent", timeout=120, fail_on=("export.dead_letter",))
+    assert server.process is not None
+    assert server.process.poll() is None
+    assert len(orthanc.find_instances(small_phantom.study_uid, "SR")) == 1
+
+
+def test_a_pacs_that_refuses_segmentation_gets_the_sr_and_the_seg_is_a_dead_letter(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    profile = tmp_path / "storescp.cfg"
+    profile.write_text(_NO_SEG_PROFILE)
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    pacs = subprocess.Popen(
+        [
+            require_program("storescp"),
+            "-aet",
+            "NOSEG",
+            "-xf",
+            str(profile),
+            "NoSegmentation",
+            "-od",
+            str(received),
+            str(port),
+        ],
+        env=PEER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    config = infergate_config(tmp_path / "var", None, quiet_s=0.5)
+    config["export"]["destination"] = {"ae_title": "NOSEG", "host": "127.0.0.1", "port": port}
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(small_phantom.paths))
+        (dead,) = server.wait_event("export.object.dead_letter", timeout=120, fail_on=())
+        assert dead["kind"] == "seg"
+        assert "did not accept Segmentation Storage" in dead["reason"]
+        (sent,) = server.wait_event("export.sent", timeout=30, fail_on=())
+        assert sent["kinds"] == ["sr"]
+        (letter,) = server.wait_event("export.dead_letter", timeout=30, fail_on=())
+        assert letter["outcome"] == "permanent"
+        assert server.process is not None
+        assert server.process.poll() is None  # the gateway lives on
+    finally:
+        server.stop()
+        pacs.terminate()
+        pacs.wait(timeout=30)
+    stored = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+    assert [str(ds.Modality) for ds in stored] == ["SR"]
+
+
+def test_a_permanent_reject_is_a_dead_letter_at_once(
+    tmp_path: Path, orthanc: Orthanc, small_phantom: ChestPhantom
+) -> None:
+    config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    config["export"]["destination"]["ae_title"] = "NOT_ORTHANC"  # Orthanc checks it
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(small_phantom.paths))
+        (letter,) = server.wait_event("export.dead_letter", timeout=120, fail_on=())
+    finally:
+        server.stop()
+    assert letter["outcome"] == "permanent"
+    assert "Rejected Permanent" in letter["reason"]
+    assert not [e for e in server.events() if e["event"] == "export.retrying"]
+
+
+def test_a_pacs_down_for_a_while_then_back_gets_everything_exactly_once(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    """Down for several attempts (the backoff shortened from minutes to seconds), then
+    back: each result arrives once, under the UIDs it had from the start."""
+    orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started yet
+    config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    config["export"].update({"retry_delay_s": 0.5, "max_retry_delay_s": 2})
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(small_phantom.paths))
+        server.wait_event("export.retrying", timeout=120, count=4, fail_on=())
+        # A restart while it waits: the next attempt's time is in the store.
+        server.stop()
+        server.start()
+        orthanc.start()
+        server.wait_event("export.delivered", timeout=120, fail_on=("export.dead_letter",))
+    finally:
+        server.stop()
+        uids = {
+            orthanc_id: orthanc.get(f"/instances/{orthanc_id}/simplified-tags")["SOPInstanceUID"]
+            for modality in ("SEG", "SR")
+            for orthanc_id in orthanc.find_instances(small_phantom.study_uid, modality)
+        }
+        orthanc.stop()
+    sent = [e for e in server.events() if e["event"] == "export.sent"]
+    assert len(sent) == 1
+    assert sorted(sent[0]["sop_instance_uids"]) == sorted(uids.values())
+    assert len(uids) == 2
+
+
+def test_a_job_that_keeps_killing_the_gateway_is_a_dead_letter(
+    tmp_path: Path, orthanc: Orthanc, chest_phantom: ChestPhantom
+) -> None:
+    """kill -9 during the same job, max_interruptions times: the next start dead-letters
+    it instead of running it again. The first kill leaves the gateway's tritonserver
+    alone: it must die with its parent and leave its ports free."""
+    config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    config["work"] = {"max_interruptions": 2}
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(chest_phantom.paths))
+        server.wait_event("inference.job.started", timeout=120)
+        assert server.process is not None
+        names = {pid: process_name(pid) for pid in process_tree(server.process.pid)}
+        tritons = [pid for pid, name in names.items() if name == "tritonserver"]
+        # The Python-backend stubs, its children (comm is cut at 15 letters).
+        stubs = [pid for pid, name in names.items() if name == "triton_python_b"]
+        assert tritons, "no embedded tritonserver was found under serve"
+        assert stubs
+        server.kill_gateway_only()
+        wait_until(
+            lambda: all(process_name(pid) is None for pid in tritons),
+            30,
+            "the orphaned tritonserver to die with its parent",
+        )
+        server.start()  # the same Triton ports: they are free again
+        # Stubs outlive a tritonserver killed hard; the next start stops them.
+        assert all(process_name(pid) is None for pid in stubs)
+        server.wait_event("inference.job.started", timeout=120, count=2)
+        server.kill()
+        server.start()
+        (dead,) = server.wait_event("work.job.dead_letter", timeout=60)
+    finally:
+        server.stop()
+    assert "interrupted by a process death 2 times" in dead["reason"]
+    last_run = [e["event"] for e in server.events(server.runs)]
+    assert "inference.job.started" not in last_run
+    assert orthanc.find_instances(chest_phantom.study_uid, "SEG") == []

@@ -1,0 +1,373 @@
+"""The outbox: deliveries per study and destination, the class of each outcome, and
+what each class does, against real C-STORE SCPs (pynetdicom's) on loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import structlog
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SegmentationStorage,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+
+from infergate.config import Settings
+from infergate.export.outbox import deliver, plan
+from infergate.export.outcomes import OutcomeClass, classify_status
+from infergate.export.worker import ExportWorker
+from infergate.store import InstanceRecord, NewJob, ResultRow, Store
+from infergate.testing import ChestPhantom
+from infergate.work.states import DeliveryState, JobKind, Priority, ResultKind, ResultState
+from peers import free_port, wait_until
+
+_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass
+class Pacs:
+    """A pynetdicom Storage SCP that answers each C-STORE with ``answer(n)``."""
+
+    port: int = field(default_factory=free_port)
+    received: list[tuple[str, int]] = field(default_factory=list)
+    answer: Callable[[int], int] = lambda _n: 0x0000
+    sop_classes: tuple[str, ...] = (str(CTImageStorage),)
+    ae_title: str = "PACS"
+    abort_at: int | None = None  # abort the association at this C-STORE (1-based)
+    server: Any = None
+
+    def start(self) -> None:
+        ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = True
+        for sop_class in self.sop_classes:
+            ae.add_supported_context(sop_class, _SYNTAXES)
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def _on_store(self, event: evt.Event) -> int:
+        count = len(self.received) + 1
+        if self.abort_at == count:
+            self.abort_at = None
+            event.assoc.abort()
+            return 0xC000
+        request = event.request
+        assert isinstance(request, C_STORE)
+        self.received.append((str(event.dataset.SOPInstanceUID), int(request.Priority)))
+        return self.answer(count)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def settings(self, **export: Any) -> Settings:
+        destination = {"ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+        return Settings.model_validate(
+            {"export": {"destination": destination, "retry_delay_s": 0, **export}}
+        )
+
+
+@pytest.fixture
+def pacs() -> Iterator[Pacs]:
+    peer = Pacs()
+    peer.start()
+    yield peer
+    peer.stop()
+
+
+def _job_with_results(
+    store: Store,
+    job_id: str,
+    results: list[tuple[ResultKind, Path]],
+    *,
+    priority: Priority = "normal",
+    study_uid: str = "st1",
+    called_ae: str = "INFERGATE",
+    now: float = 1.0,
+) -> list[str]:
+    """A done job of a study whose results are ``results``; returns their UIDs."""
+    series_uid = f"series-{job_id}"
+    store.record_instance(
+        InstanceRecord(
+            f"{series_uid}.1",
+            str(CTImageStorage),
+            series_uid,
+            study_uid,
+            "CT",
+            Path("/spool/x.dcm"),
+            1,
+            "a",
+            "SCANNER",
+            called_ae,
+            series_uid,
+        ),
+        now=now,
+    )
+    (series,) = [s for s in store.receiving_series() if s.series_uid == series_uid]
+    assert store.complete_series(series, [NewJob(job_id, JobKind.INFERENCE, "p")], now=now)
+    store.start_job(job_id, now)
+    rows = [
+        ResultRow(
+            str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID),
+            job_id,
+            kind,
+            path,
+            priority,
+        )
+        for kind, path in results
+    ]
+    assert store.finish_job(job_id, rows, now)
+    return [r.sop_instance_uid for r in rows]
+
+
+def _send_all(store: Store, settings: Settings) -> list[DeliveryState]:
+    """Plan, then attempt every due delivery once, in this thread."""
+    plan(store, settings, time.time())
+    states = []
+    for delivery in store.due_deliveries(now=1e12):  # due or not: the next attempt now
+        assert store.claim_delivery(delivery.delivery_id, now=time.time())
+        states.append(deliver(store, settings, store.delivery(delivery.delivery_id)))
+    return states
+
+
+def _items(store: Store) -> dict[str, tuple[ResultState, int | None, str | None]]:
+    return {
+        item.sop_instance_uid: (item.state, item.status, item.reason)
+        for d in store.deliveries()
+        for item in store.delivery_items(d.delivery_id)
+    }
+
+
+def test_statuses_fall_into_their_classes() -> None:
+    assert classify_status(0x0000) is OutcomeClass.DELIVERED
+    for warning in (0xB000, 0xB006, 0xB007):
+        assert classify_status(warning) is OutcomeClass.WARNING
+    for transient in (0xA700, 0xA7FF, 0x0110, 0x0213):
+        assert classify_status(transient) is OutcomeClass.TRANSIENT
+    for permanent in (0xA900, 0xA9FF, 0xC000, 0xCFFF, 0x0122):
+        assert classify_status(permanent) is OutcomeClass.PERMANENT
+
+
+def test_without_a_destination_results_stay_on_disk_and_the_log_says_so(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    path = small_phantom.paths[0]
+    (uid,) = _job_with_results(store, "job1", [(ResultKind.SR, path)])
+    with structlog.testing.capture_logs() as logs:
+        plan(store, Settings(), 2.0)
+    (skipped,) = [e for e in logs if e["event"] == "export.skipped"]
+    assert skipped["paths"] == [str(path)]
+    assert store.unplanned_results() == []
+    assert store.deliveries() == []
+    assert store.result_states() == {uid: ResultState.KEPT}
+
+
+def test_one_delivery_per_study_and_destination_takes_everything_ready(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    first = _job_with_results(store, "a", [(ResultKind.SEG, small_phantom.paths[0])])
+    second = _job_with_results(store, "b", [(ResultKind.SR, small_phantom.paths[1])])
+    other = _job_with_results(
+        store, "c", [(ResultKind.SR, small_phantom.paths[2])], study_uid="st2"
+    )
+    settings = pacs.settings()
+    plan(store, settings, 2.0)
+    deliveries = store.deliveries()
+    assert sorted(len(store.delivery_items(d.delivery_id)) for d in deliveries) == [1, 2]
+    assert _send_all(store, settings) == [DeliveryState.DELIVERED, DeliveryState.DELIVERED]
+    assert sorted(uid for uid, _ in pacs.received) == sorted(first + second + other)
+
+
+def test_urgent_results_go_first_with_c_store_priority_high(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "normal", [(ResultKind.SEG, small_phantom.paths[0])], now=1.0)
+    _job_with_results(
+        store,
+        "urgent",
+        [(ResultKind.SEG, small_phantom.paths[1])],
+        priority="urgent",
+        study_uid="st2",
+        now=2.0,
+    )
+    with structlog.testing.capture_logs() as logs:
+        _send_all(store, pacs.settings())
+    sent = [(e["sop_instance_uids"][0], e["priority"]) for e in logs if e["event"] == "export.sent"]
+    assert [priority for _, priority in sent] == ["urgent", "normal"]
+    # What the PACS saw: the urgent one first, as HIGH (1); the other MEDIUM (0).
+    assert [priority for _, priority in pacs.received] == [1, 0]
+    assert [uid for uid, _ in pacs.received] == [uid for uid, _ in sent]
+
+
+def test_a_sop_class_the_destination_does_not_accept_is_that_objects_dead_letter(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs, chest_phantom: ChestPhantom
+) -> None:
+    """The PACS takes CT but not Segmentation: the CT object goes, the SEG is refused
+    for good with the reason, and nothing raises."""
+    seg = tmp_path / "seg.dcm"
+    ds = pydicom.dcmread(small_phantom.paths[1])
+    ds.SOPClassUID = SegmentationStorage
+    ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(seg)
+    store = Store(tmp_path / "s.db")
+    ct_uid, seg_uid = _job_with_results(
+        store, "job", [(ResultKind.SR, small_phantom.paths[0]), (ResultKind.SEG, seg)]
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert _send_all(store, pacs.settings()) == [DeliveryState.DEAD]
+    assert [uid for uid, _ in pacs.received] == [ct_uid]
+    items = _items(store)
+    assert items[ct_uid][0] is ResultState.DELIVERED
+    state, status, reason = items[seg_uid]
+    assert (state, status) == (ResultState.DEAD, None)
+    assert reason is not None
+    assert "did not accept Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4)" in reason
+    (dead,) = [e for e in logs if e["event"] == "export.object.dead_letter"]
+    assert dead["sop_instance_uid"] == seg_uid
+
+
+def test_a_transient_status_is_retried_and_a_permanent_one_is_a_dead_letter(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    retried, refused = _job_with_results(
+        store,
+        "job",
+        [(ResultKind.SEG, small_phantom.paths[0]), (ResultKind.SR, small_phantom.paths[1])],
+    )
+    answers = {1: 0xA700, 2: 0xC000, 3: 0x0000}  # out of resources, cannot understand, ok
+    pacs.answer = lambda n: answers[n]
+    settings = pacs.settings()
+    with structlog.testing.capture_logs() as logs:
+        assert _send_all(store, settings) == [DeliveryState.RETRY_WAIT]
+    (retrying,) = [e for e in logs if e["event"] == "export.retrying"]
+    assert retrying["outcome"] == "transient"
+    assert "0xA700 (Refused: Out of Resources)" in retrying["reason"]
+    items = _items(store)
+    assert items[refused][:2] == (ResultState.DEAD, 0xC000)
+    assert items[retried][0] is ResultState.PENDING
+    # The next attempt sends only what is still pending, under the same UID.
+    assert _send_all(store, settings) == [DeliveryState.DEAD]  # one object stays dead
+    assert [uid for uid, _ in pacs.received] == [retried, refused, retried]
+    assert _items(store)[retried][:2] == (ResultState.DELIVERED, 0x0000)
+
+
+def test_a_warning_counts_as_delivered_and_is_recorded(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    (uid,) = _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    pacs.answer = lambda _n: 0xB000
+    assert _send_all(store, pacs.settings()) == [DeliveryState.DELIVERED]
+    assert _items(store)[uid][:2] == (ResultState.DELIVERED, 0xB000)
+    (delivery,) = store.deliveries()
+    assert delivery.outcome == "warning"
+
+
+def test_a_permanent_association_reject_is_a_dead_letter_at_once(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    settings = Settings.model_validate(
+        {"export": {"destination": {"ae_title": "WRONG", "host": "127.0.0.1", "port": pacs.port}}}
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert _send_all(store, settings) == [DeliveryState.DEAD]
+    (dead,) = [e for e in logs if e["event"] == "export.dead_letter"]
+    assert dead["outcome"] == "permanent"
+    assert "Rejected Permanent" in dead["reason"]
+    assert "Called AE title not recognised" in dead["reason"]
+    assert pacs.received == []
+
+
+def test_a_destination_down_waits_with_backoff_then_dead_letters_past_the_horizon(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    down = Pacs()  # never started: nothing listens
+    settings = down.settings(timeout_s=2, retry_delay_s=10, max_retry_delay_s=15)
+    with structlog.testing.capture_logs() as logs:
+        assert _send_all(store, settings) == [DeliveryState.RETRY_WAIT]
+        (delivery,) = store.deliveries()
+        # Not due before its time: it survives a restart in the store, not in memory.
+        assert store.due_deliveries(now=delivery.next_attempt_at - 1) == []
+        assert _send_all(store, settings) == [DeliveryState.RETRY_WAIT]
+    delays = [e["retry_in_s"] for e in logs if e["event"] == "export.retrying"]
+    assert delays == [10, 15]  # doubled, capped at max_retry_delay_s
+    assert delivery.reason is not None
+    assert "gave no A-ASSOCIATE response" in delivery.reason
+    short = down.settings(timeout_s=2, retry_horizon_s=0.001)
+    with structlog.testing.capture_logs() as logs:
+        assert _send_all(store, short) == [DeliveryState.DEAD]
+    (dead,) = [e for e in logs if e["event"] == "export.dead_letter"]
+    assert "(export.retry_horizon_s)" in dead["reason"]
+
+
+def test_an_abort_mid_send_resends_only_what_was_not_acknowledged(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    uids = _job_with_results(
+        store, "job", [(ResultKind.FORWARDED, p) for p in small_phantom.paths[:3]]
+    )
+    pacs.abort_at = 2
+    settings = pacs.settings()
+    assert _send_all(store, settings) == [DeliveryState.RETRY_WAIT]
+    assert _send_all(store, settings) == [DeliveryState.DELIVERED]
+    # Each UID stored exactly once: the first before the abort, the rest after.
+    assert sorted(uid for uid, _ in pacs.received) == sorted(uids)
+
+
+def test_a_silent_destination_delays_only_its_own_deliveries(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    """One PACS accepts the connection and never answers; the other's results arrive
+    while the first association is still waiting."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog; nothing ever reads them
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "stuck", [(ResultKind.SR, small_phantom.paths[0])], called_ae="SILENT")
+    (uid,) = _job_with_results(store, "fine", [(ResultKind.SR, small_phantom.paths[1])])
+    destination = {"ae_title": "SILENT", "host": "127.0.0.1", "port": silent.getsockname()[1]}
+    settings = Settings.model_validate(
+        {
+            "ingest": {"called_aes": [{"ae_title": "SILENT", "destination": destination}]},
+            "export": {
+                "destination": {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port},
+                "timeout_s": 30,
+            },
+        }
+    )
+    worker = ExportWorker(settings, store)
+
+    def delivered() -> bool:
+        worker.step()
+        return bool(store.deliveries(DeliveryState.DELIVERED))
+
+    try:
+        wait_until(delivered, 20, "the other destination's delivery")
+        assert [u for u, _ in pacs.received] == [uid]
+        states = {d.destination.ae_title: d.state for d in store.deliveries()}
+        assert states == {"SILENT": DeliveryState.SENDING, "PACS": DeliveryState.DELIVERED}
+    finally:
+        worker.shutdown(wait_s=0)
+        silent.close()

@@ -1,0 +1,339 @@
+"""The inference worker: ordering, slots kept for urgent work, containment of any
+failure to its own job, deadlines, memory and Triton retries.
+
+The plugins here are real plugin objects (the plugin interface); the ones that block
+or raise stand for a hung model or a plugin with a bug. Jobs run on real series
+written to disk; Triton is a real client against a port where nothing listens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+import structlog
+
+from infergate.config import Settings
+from infergate.inference.triton import TritonClient
+from infergate.plugin_api import Findings, PluginSpec, Series
+from infergate.plugins import LoadedPlugin, discover
+from infergate.store import InstanceRecord, NewJob, Store
+from infergate.testing import ChestPhantom
+from infergate.work.scheduler import JobScheduler
+from infergate.work.states import JobKind, JobState, Priority
+from peers import wait_until
+
+
+@pytest.fixture
+def triton() -> Iterator[TritonClient]:
+    client = TritonClient("127.0.0.1:1", timeout_s=5)  # nothing listens: UNAVAILABLE
+    yield client
+    client.close()
+
+
+def _record_series(store: Store, series_uid: str, paths: Sequence[Path], now: float) -> None:
+    for index, path in enumerate(paths):
+        store.record_instance(
+            InstanceRecord(
+                f"{series_uid}.{index}",
+                "1.2.840.10008.5.1.4.1.1.2",
+                series_uid,
+                "st1",
+                "CT",
+                path,
+                path.stat().st_size if path.exists() else 1,
+                "a",
+                "SCANNER",
+                "INFERGATE",
+                f"{series_uid}.{index}",
+            ),
+            now=now,
+        )
+
+
+def _queue(
+    store: Store,
+    job_id: str,
+    plugin: str,
+    paths: Sequence[Path],
+    *,
+    priority: Priority = "normal",
+    now: float = 1.0,
+) -> None:
+    series_uid = f"series-{job_id}"
+    _record_series(store, series_uid, paths, now)
+    (series,) = [s for s in store.receiving_series() if s.series_uid == series_uid]
+    assert store.complete_series(
+        series, [NewJob(job_id, JobKind.INFERENCE, plugin, priority)], now=now
+    )
+
+
+def _drain(scheduler: JobScheduler, store: Store, timeout: float = 60) -> None:
+    """Run rounds until nothing is queued or running."""
+
+    def idle() -> bool:
+        scheduler.step()
+        return not store.runnable_jobs() and not scheduler.running()
+
+    wait_until(idle, timeout, "the queue to drain", interval=0.05)
+
+
+def _step_until(scheduler: JobScheduler, condition: Callable[[], bool], what: str) -> None:
+    def stepped() -> bool:
+        scheduler.step()
+        return condition()
+
+    wait_until(stepped, 30, what, interval=0.05)
+
+
+def _settings(**work: Any) -> Settings:
+    return Settings.model_validate({"work": work, "assembly": {"quiet_period_s": 1000}})
+
+
+class _Blocking:
+    """ct_lung's spec under another name; preprocess waits until released (a hung step)."""
+
+    def __init__(self, name: str) -> None:
+        lung = next(p for p in discover() if p.spec.name == "ct_lung")
+        self.spec: PluginSpec = dataclasses.replace(lung.spec, name=name)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def preprocess(self, series: Series) -> dict[str, npt.NDArray[np.generic]]:
+        self.started.set()
+        self.release.wait(60)
+        raise RuntimeError("released")
+
+    def postprocess(
+        self, series: Series, outputs: Mapping[str, npt.NDArray[np.generic]]
+    ) -> Findings:
+        raise AssertionError("never reached")
+
+
+class _Raising(_Blocking):
+    """A plugin with a bug: preprocess raises a ValueError quoting a value."""
+
+    def preprocess(self, series: Series) -> dict[str, npt.NDArray[np.generic]]:
+        raise ValueError("SENTINEL^PATIENT is not a number")
+
+
+def test_an_urgent_job_goes_before_the_normal_jobs_still_queued(
+    tmp_path: Path, triton: TritonClient
+) -> None:
+    class Arriving(Store):
+        arrival: str | None = None
+
+        def fail_job(self, job_id: str, error: str, now: float) -> bool:
+            changed = super().fail_job(job_id, error, now)
+            if self.arrival is not None:
+                arrival, self.arrival = self.arrival, None
+                _queue(
+                    self, arrival, arrival, [Path("/spool/missing.dcm")], priority="urgent", now=now
+                )
+            return changed
+
+    store = Arriving(tmp_path / "s.db")
+    for index in range(3):
+        _queue(store, f"n{index}", f"n{index}", [Path("/spool/missing.dcm")], now=index)
+    store.arrival = "u"  # arrives once the first job is done
+    # One slot, none kept: jobs run one at a time. No plugin is installed, so each
+    # job fails at once, naming its plugin (= its id).
+    scheduler = JobScheduler(
+        _settings(inference_slots=1, urgent_reserved_slots=0), store, [], triton
+    )
+    with structlog.testing.capture_logs() as logs:
+        _drain(scheduler, store)
+    order = [e["plugin"] for e in logs if e["event"] == "inference.job.failed"]
+    assert order == ["n0", "u", "n1", "n2"]
+
+
+def test_an_urgent_job_starts_while_normal_jobs_hold_every_normal_slot(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    slow = _Blocking("slow")
+    _queue(store, "normal1", "slow", small_phantom.paths, now=1.0)
+    _queue(store, "normal2", "slow", small_phantom.paths, now=2.0)
+    settings = _settings(inference_slots=2, urgent_reserved_slots=1)
+    scheduler = JobScheduler(settings, store, [LoadedPlugin(slow, "test")], triton)
+    try:
+        scheduler.step()
+        assert slow.started.wait(30)
+        _queue(store, "urgent", "missing", [Path("/spool/missing.dcm")], priority="urgent", now=3.0)
+        with structlog.testing.capture_logs() as logs:
+            _step_until(
+                scheduler,
+                lambda: store.job("urgent").state is JobState.FAILED,
+                "the urgent job to run",
+            )
+        # It ran while the normal job still held its slot, and the second normal job
+        # did not take the slot kept for urgent work.
+        assert store.job("normal1").state is JobState.RUNNING
+        assert store.job("normal2").state is JobState.QUEUED
+        (failed,) = [e for e in logs if e["event"] == "inference.job.failed"]
+        assert failed["plugin"] == "missing"
+    finally:
+        slow.release.set()
+    _drain(scheduler, store)
+
+
+def test_a_plugin_that_raises_fails_its_own_job_and_the_next_one_runs(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    buggy = _Raising("buggy")
+    _queue(store, "bad", "buggy", small_phantom.paths, now=1.0)
+    _queue(store, "next", "other", [Path("/spool/missing.dcm")], now=2.0)
+    scheduler = JobScheduler(_settings(), store, [LoadedPlugin(buggy, "test")], triton)
+    with structlog.testing.capture_logs() as logs:
+        _drain(scheduler, store)
+    bad = store.job("bad")
+    assert bad.state is JobState.FAILED
+    assert bad.error is not None
+    assert bad.error.startswith("plugin buggy failed in preprocess: ValueError raised in")
+    assert "test_scheduler.py" in bad.error
+    # The exception's message quoted a value: it is in neither the record nor the log.
+    assert "SENTINEL" not in bad.error
+    assert "SENTINEL" not in repr(logs)
+    assert store.job("next").state is JobState.FAILED  # it ran, and found no plugin
+
+
+def test_a_poisoned_header_fails_its_job_with_the_step_and_the_place(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    poisoned = []
+    for index, path in enumerate(small_phantom.paths):
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "7.77"
+        target = tmp_path / f"{index}.dcm"
+        ds.save_as(target)
+        # Not a number in a DS element, as a broken modality writes it (pydicom will
+        # not write one): the header comes before the pixels, so the first match is it.
+        target.write_bytes(target.read_bytes().replace(b"7.77", b"abcd", 1))
+        poisoned.append(target)
+    store = Store(tmp_path / "s.db")
+    _queue(store, "poisoned", "ct_lung", poisoned)
+    lung = [p for p in discover() if p.spec.name == "ct_lung"]
+    scheduler = JobScheduler(_settings(), store, lung, triton)
+    _drain(scheduler, store)
+    job = store.job("poisoned")
+    assert job.state is JobState.FAILED
+    assert job.error is not None
+    assert job.error.startswith("volume building failed: ValueError raised in"), job.error
+
+
+def test_a_job_past_its_deadline_fails_frees_its_slot_and_its_late_result_is_dropped(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    hung = _Blocking("hung")
+    _queue(store, "hung", "hung", small_phantom.paths, now=1.0)
+    _queue(store, "after", "other", [Path("/spool/missing.dcm")], now=2.0)
+    settings = _settings(inference_slots=2, urgent_reserved_slots=1, job_deadline_s=0.5)
+    scheduler = JobScheduler(settings, store, [LoadedPlugin(hung, "test")], triton)
+    try:
+        _step_until(
+            scheduler,
+            lambda: store.job("after").state is JobState.FAILED,
+            "the next job to run after the deadline freed the slot",
+        )
+        job = store.job("hung")
+        assert job.state is JobState.FAILED
+        assert job.error == "the job ran past its deadline of 0.5 s (work.job_deadline_s)"
+    finally:
+        hung.release.set()
+    wait_until(lambda: not scheduler.running(), 30, "the hung thread to return")
+    assert store.job("hung").state is JobState.FAILED  # its own outcome came too late
+
+
+def test_a_series_too_large_for_the_machine_fails_with_that_reason(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _queue(store, "huge", "ct_lung", small_phantom.paths)
+    lung = [p for p in discover() if p.spec.name == "ct_lung"]
+    settings = _settings(memory_per_input_byte=1e9)
+    scheduler = JobScheduler(settings, store, lung, triton)
+    _drain(scheduler, store)
+    job = store.job("huge")
+    assert job.state is JobState.FAILED
+    assert job.error is not None
+    assert "more than this machine's" in job.error
+
+
+def test_a_job_over_the_memory_budget_waits_to_run_alone(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    slow = _Blocking("slow")
+    _queue(store, "first", "slow", small_phantom.paths, now=1.0)
+    _queue(store, "big", "other", small_phantom.paths, now=2.0)
+    size = store.series_bytes("series-first")
+    # Room for one of them at a time.
+    settings = _settings(memory_budget_bytes=int(size * 1.5), memory_per_input_byte=1.0)
+    scheduler = JobScheduler(settings, store, [LoadedPlugin(slow, "test")], triton)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            scheduler.step()
+            assert slow.started.wait(30)
+            scheduler.step()
+        assert store.job("big").state is JobState.QUEUED
+        assert any(e["event"] == "inference.job.waiting_for_memory" for e in logs)
+    finally:
+        slow.release.set()
+    _drain(scheduler, store)
+    assert store.job("big").state is JobState.FAILED  # it ran once alone: no such plugin
+
+
+def _lung_job(store: Store, small_phantom: ChestPhantom) -> None:
+    _queue(store, "lung", "ct_lung", small_phantom.paths)
+
+
+def test_triton_unavailable_is_retried_with_backoff_then_fails_the_job(
+    tmp_path: Path, small_phantom: ChestPhantom, triton: TritonClient
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _lung_job(store, small_phantom)
+    settings = Settings.model_validate(
+        {"triton": {"unavailable_attempts": 3, "retry_delay_s": 0, "max_retry_delay_s": 0}}
+    )
+    lung = [p for p in discover() if p.spec.name == "ct_lung"]
+    with structlog.testing.capture_logs() as logs:
+        _drain(JobScheduler(settings, store, lung, triton), store)
+    retrying = [e for e in logs if e["event"] == "inference.job.retrying"]
+    assert [(e["attempt"], e["of"]) for e in retrying] == [(1, 3), (2, 3)]
+    (failed,) = [e for e in logs if e["event"] == "inference.job.failed"]
+    assert failed["error"] == "TritonUnavailableError"
+    assert "(tried 3 times)" in failed["reason"]
+    job = store.job("lung")
+    assert (job.state, job.attempts) == (JobState.FAILED, 3)
+
+
+def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
+    tmp_path: Path, small_phantom: ChestPhantom, triton: TritonClient
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _lung_job(store, small_phantom)
+    settings = Settings.model_validate({"triton": {"retry_delay_s": 30}})
+    lung = [p for p in discover() if p.spec.name == "ct_lung"]
+    with structlog.testing.capture_logs() as logs:
+        _drain(JobScheduler(settings, store, lung, triton), store)
+    (retrying,) = [e for e in logs if e["event"] == "inference.job.retrying"]
+    assert retrying["retry_in_s"] == 30
+    job = store.job("lung")
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.error is not None
+    assert job.error.startswith("Triton model 'ct_lung_seg' failed")
+    # Not runnable before its time, runnable after it.
+    assert store.next_job() is None
+    later = store.next_job(now=time.time() + 31)
+    assert later is not None
+    assert later.job_id == "lung"
