@@ -23,6 +23,7 @@ from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
 from infergate.inference.triton import TritonClient
 from infergate.logs import configure_logging, get_logger
+from infergate.ops.retention import run_retention
 from infergate.plugins import (
     LoadedPlugin,
     check_plugin_names,
@@ -120,6 +121,15 @@ def serve(settings: Settings) -> int:
             StageLoop("inference", scheduler.step, interval, stop),
             StageLoop("export", exporter.step, interval, stop),
         ]
+        if settings.retention.enabled:
+            stages.append(
+                StageLoop(
+                    "retention",
+                    lambda: run_retention(store, settings),
+                    settings.retention.interval_s,
+                    stop,
+                )
+            )
         for stage in stages:
             stage.start()
         listeners = ListenerPool(settings, store)

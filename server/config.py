@@ -390,6 +390,28 @@ def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+class RetentionSettings(_Section):
+    """How long finished studies stay (``infergate.ops.retention``)."""
+
+    enabled: bool = True
+    # A study is removed this long after it finished: every result delivered (or kept,
+    # with no destination), every job ended. Fractions of a day are allowed.
+    keep_days: float = Field(default=7.0, ge=0)
+    # Over this much of the var folder's file system in use, finished studies go
+    # sooner, oldest first, until under low_water_percent.
+    high_water_percent: float = Field(default=90.0, gt=0, le=100)
+    low_water_percent: float = Field(default=80.0, gt=0, le=100)
+    # Rows of the associations audit trail are kept this long.
+    audit_keep_days: float = Field(default=90.0, ge=0)
+    interval_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _low_under_high(self) -> RetentionSettings:
+        if self.low_water_percent > self.high_water_percent:
+            raise ValueError("low_water_percent must not be over high_water_percent")
+        return self
+
+
 class PluginSettings(_Section):
     """Which installed plugins run. ``enabled`` None: every installed one."""
 
@@ -420,6 +442,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()
     work: WorkSettings = WorkSettings()
+    retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
 
     def destination_for(self, called_ae: str) -> Destination | None:

@@ -16,6 +16,7 @@ from infergate.errors import StoreError
 from infergate.store_associations import AssociationRecords
 from infergate.store_db import set_state
 from infergate.store_outbox import OutboxRecords
+from infergate.store_retention import RetentionRecords
 from infergate.store_rows import (
     Arrival,
     ArrivalOutcome,
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 
-class Store(AssociationRecords, OutboxRecords):
+class Store(AssociationRecords, OutboxRecords, RetentionRecords):
     """Typed access to the state database. Safe to share between threads."""
 
     # -- ingest -----------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +147,17 @@ def make_listener(tmp_path: Path) -> Iterator[ListenerFactory]:
 @pytest.fixture
 def listener(make_listener: ListenerFactory) -> Listener:
     return make_listener()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs, so the spool can really run out of space (needs root, as in CI)."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)],
+        check=True,
+        capture_output=True,
+    )
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)

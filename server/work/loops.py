@@ -24,7 +24,7 @@ class StageLoop:
     def __init__(
         self,
         name: str,
-        step: Callable[[], None],
+        step: Callable[[], object],  # what it returns is its own business
         interval_s: float,
         stop: threading.Event,
         max_failures: int = 60,

@@ -6,7 +6,6 @@ import io
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,20 +268,6 @@ def test_uids_that_are_not_uids_are_refused(
     ds.SeriesInstanceUID = bad_uid
     assert _store_modified(listener, ds, tmp_path / "bad-uid.dcm") == 0xC000
     _assert_nothing_stored(listener)
-
-
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A 48 MiB tmpfs, so the spool can really run out of space (needs root, as in CI)."""
-    mount_point = tmp_path / "small-fs"
-    mount_point.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)],
-        check=True,
-        capture_output=True,
-    )
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
 
 
 def test_disk_pressure_answers_a700_then_recovers(

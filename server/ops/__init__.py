@@ -1,0 +1,1 @@
+"""Operations: what keeps the gateway running unattended (retention, for now)."""

@@ -1,0 +1,149 @@
+"""Retention removes what was delivered and keeps what was not, on a real file system
+(a small tmpfs for the high-water mark), with real files and the real store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import structlog
+
+from infergate.config import Settings
+from infergate.ops.retention import run_retention, used_percent
+from infergate.store import AssociationAudit, DeliveryItem, InstanceRecord, NewJob, ResultRow, Store
+from infergate.work.states import DeliveryState, JobKind, ResultKind, ResultState
+
+_DAY = 86400.0
+_MIB = 2**20
+
+
+def _study(
+    store: Store, var: Path, name: str, *, at: float, delivered: bool | None, size: int = 4096
+) -> list[Path]:
+    """A study of one series of two instances and one job with an SR, ``at`` seconds
+    since the epoch; its delivery delivered (True), still waiting (False), or none
+    (None: no destination, the SR kept). Returns its files."""
+    spool = var / "spool" / "instances"
+    spool.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(2):
+        path = spool / f"{name}-{index}.dcm"
+        path.write_bytes(b"\0" * size)
+        paths.append(path)
+        store.record_instance(
+            InstanceRecord(
+                f"{name}.{index}", "1.2", f"series-{name}", f"study-{name}", "CT", path,
+                size, "a", "SCANNER", "INFERGATE", f"{name}.{index}",
+            ),
+            now=at,
+        )  # fmt: skip
+    (series,) = [s for s in store.receiving_series() if s.series_uid == f"series-{name}"]
+    store.complete_series(series, [NewJob(f"job-{name}", JobKind.INFERENCE, "p")], now=at)
+    store.start_job(f"job-{name}", at)
+    sr = var / "results" / f"job-{name}" / "sr.dcm"
+    sr.parent.mkdir(parents=True)
+    sr.write_bytes(b"\0" * 100)
+    result = ResultRow(f"sr-{name}", f"job-{name}", ResultKind.SR, sr)
+    store.finish_job(f"job-{name}", [result], at)
+    if delivered is None:
+        store.keep_results([result.sop_instance_uid], "no destination", at)
+        return [*paths, sr]
+    settings = Settings.model_validate(
+        {"export": {"destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}}
+    )
+    destination = settings.export.destination
+    assert destination is not None
+    delivery_id = store.plan_delivery(f"study-{name}", destination, "INFERGATE", [result], at)
+    if delivered:
+        store.claim_delivery(delivery_id, at)
+        item = DeliveryItem(
+            result.sop_instance_uid, ResultKind.SR, sr, "normal", ResultState.DELIVERED
+        )
+        store.record_attempt(
+            delivery_id, [item], state=DeliveryState.DELIVERED, outcome="delivered",
+            reason=None, next_attempt_at=at, now=at,
+        )  # fmt: skip
+    return [*paths, sr]
+
+
+def _settings(var: Path, **retention: float) -> Settings:
+    return Settings.model_validate({"storage": {"var_dir": str(var)}, "retention": retention})
+
+
+def test_delivered_studies_go_after_keep_days_and_nothing_else_does(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    store = Store(var / "infergate.db")
+    now = time.time()
+    old_delivered = _study(store, var, "old", at=now - 8 * _DAY, delivered=True)
+    old_kept = _study(store, var, "kept", at=now - 8 * _DAY, delivered=None)
+    old_waiting = _study(store, var, "waiting", at=now - 8 * _DAY, delivered=False)
+    recent = _study(store, var, "recent", at=now - 1 * _DAY, delivered=True)
+    with structlog.testing.capture_logs() as logs:
+        summary = run_retention(store, _settings(var, keep_days=7), now=now)
+    assert (summary.studies, summary.files) == (2, 6)
+    removed = {e["study_uid"] for e in logs if e["event"] == "retention.study.removed"}
+    assert removed == {"study-old", "study-kept"}
+    assert not any(p.exists() for p in old_delivered + old_kept)
+    assert not (var / "results" / "job-old").exists()  # the emptied results folder too
+    assert all(p.exists() for p in old_waiting + recent)
+    # Their rows went with them; the others are whole.
+    assert {j.job_id for j in store.jobs()} == {"job-waiting", "job-recent"}
+    assert {s.study_uid for s in store.finished_studies()} == {"study-recent"}
+
+
+def test_a_study_that_receives_again_is_not_finished(tmp_path: Path) -> None:
+    var = tmp_path / "var"
+    store = Store(var / "infergate.db")
+    now = time.time()
+    _study(store, var, "old", at=now - 8 * _DAY, delivered=True)
+    late = var / "late.dcm"
+    late.write_bytes(b"\0")
+    store.record_instance(
+        InstanceRecord(
+            "late", "1.2", "series-old", "study-old", "CT", late, 1, "b", "SCANNER",
+            "INFERGATE", "late",
+        ),
+        now=now,
+    )  # fmt: skip
+    assert run_retention(store, _settings(var, keep_days=7), now=now).studies == 0
+    assert late.exists()
+
+
+def test_over_the_high_water_mark_the_oldest_finished_go_first_and_undelivered_stay(
+    small_filesystem: Path,
+) -> None:
+    """A 48 MiB file system, 36 MiB of it in studies: over a 50% mark, finished studies
+    go oldest first, even before keep_days, until under the 40% low mark; the study
+    whose results are not delivered stays whatever the pressure."""
+    var = small_filesystem / "var"
+    store = Store(var / "infergate.db")
+    now = time.time()
+    size = 3 * _MIB  # two instances each: 6 MiB a study
+    waiting = _study(store, var, "waiting", at=now - 5 * _DAY, delivered=False, size=size)
+    oldest = _study(store, var, "a", at=now - 4 * _DAY, delivered=True, size=size)
+    older = _study(store, var, "b", at=now - 3 * _DAY, delivered=True, size=size)
+    kept = [
+        _study(store, var, name, at=now - days * _DAY, delivered=True, size=size)
+        for name, days in (("c", 2), ("d", 1), ("e", 0.5))
+    ]
+    assert used_percent(var) > 50
+    settings = _settings(var, keep_days=7, high_water_percent=50, low_water_percent=40)
+    with structlog.testing.capture_logs() as logs:
+        run_retention(store, settings, now=now)
+    removed = [e["study_uid"] for e in logs if e["event"] == "retention.study.removed"]
+    assert removed[:2] == ["study-a", "study-b"]  # oldest first
+    assert "study-waiting" not in removed
+    assert used_percent(var) < 40
+    assert all(p.exists() for p in waiting)
+    assert not any(p.exists() for p in oldest + older)
+    assert all(e["reason"] == "spool over its high-water mark" for e in logs if "reason" in e)
+    assert any(p.exists() for study in kept for p in study)  # it stopped under the mark
+
+
+def test_the_audit_trail_is_pruned_after_audit_keep_days(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    now = time.time()
+    for name, ended in (("old", now - 100 * _DAY), ("new", now - _DAY)):
+        audit = AssociationAudit(name, "127.0.0.1", 1, "A", "B", False, "released", None, ended)
+        store.record_association(audit, ended)
+    assert run_retention(store, _settings(tmp_path, audit_keep_days=90), now=now).associations == 1
