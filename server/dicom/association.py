@@ -36,6 +36,8 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from infergate.dicom.admission import (
+    CALLED_AE_NOT_RECOGNISED,
+    CALLING_AE_NOT_RECOGNISED,
     PERMANENT,
     SERVICE_PROVIDER_ACSE,
     SERVICE_USER,
@@ -214,7 +216,11 @@ class InboundAssociation:
     def _run(self) -> tuple[str | None, str | None]:
         """The outcome to record (None for a connection that never asked to associate)."""
         try:
-            pdu_type, body = self.connection.read_pdu(self.acse_timeout_s)
+            # The whole request within acse_timeout_s: a peer that drips it a byte at a
+            # time never lets one read time out.
+            pdu_type, body = self.connection.read_pdu(
+                self.acse_timeout_s, whole_within_s=self.acse_timeout_s
+            )
         except (OSError, AssociationError) as exc:
             self._connection_failed(exc, before_request=True)
             return None, None
@@ -236,6 +242,9 @@ class InboundAssociation:
 
     def _associate(self, body: memoryview) -> bool:
         """Decide and answer the request; True when it was accepted."""
+        blank = _blank_ae_titles(body)
+        if blank is not None:
+            return self._reject(blank)
         request = pynetdicom_pdu.A_ASSOCIATE_RQ()
         try:
             request.decode(pdu(A_ASSOCIATE_RQ, bytes(body)))
@@ -247,9 +256,7 @@ class InboundAssociation:
         self.info.requested = True
         rejection = self.services.admit(self.info, self._protocol_rejection(request))
         if rejection is not None:
-            answer = bytes([0, rejection.result, rejection.source, rejection.diagnostic])
-            self.connection.send(pdu(A_ASSOCIATE_RJ, answer))
-            return False
+            return self._reject(rejection)
         self._admitted = True  # on record as open from here: its end must be recorded too
         self._peer_max_pdu = int(primitive.maximum_length_received or 0)
         roles = {
@@ -272,6 +279,14 @@ class InboundAssociation:
             **({"tls": True, "tls_subject": self.info.tls_subject} if self.info.tls else {}),
         )
         return True
+
+    def _reject(self, refused: Rejection) -> bool:
+        """Audit and answer an A-ASSOCIATE-RJ (admission may swap in its own reason)."""
+        self.info.requested = True
+        rejection = self.services.admit(self.info, refused) or refused
+        answer = bytes([0, rejection.result, rejection.source, rejection.diagnostic])
+        self.connection.send(pdu(A_ASSOCIATE_RJ, answer))
+        return False
 
     @staticmethod
     def _protocol_rejection(request: pynetdicom_pdu.A_ASSOCIATE_RQ) -> Rejection | None:
@@ -370,6 +385,10 @@ class InboundAssociation:
             if control & COMMAND:
                 if pending is not None:
                     raise AssociationError("a command arrived before the previous data set ended")
+                if len(self._command) + len(data) > MAX_COMMAND_SET_BYTES:
+                    raise AssociationError(
+                        f"command set over {MAX_COMMAND_SET_BYTES} bytes without its last fragment"
+                    )
                 self._command += data
                 if control & LAST:
                     command = decode_command(self._command)
@@ -488,6 +507,31 @@ class InboundAssociation:
             return False
         pending.file.discard()
         return True
+
+
+def _blank_ae_titles(body: memoryview) -> Rejection | None:
+    """A request whose called or calling AE title is all spaces (PS3.8 9.3.2: each is
+    16 bytes after the protocol version): rejected for good, naming which, instead of
+    failing to decode."""
+    if len(body) < _AE_TITLES_END:
+        return None
+    called, calling = bytes(body[4:20]), bytes(body[20:36])
+    if not calling.strip(b" \0"):
+        return Rejection(
+            PERMANENT, SERVICE_USER, CALLING_AE_NOT_RECOGNISED, "the calling AE title is blank"
+        )
+    if not called.strip(b" \0"):
+        return Rejection(
+            PERMANENT, SERVICE_USER, CALLED_AE_NOT_RECOGNISED, "the called AE title is blank"
+        )
+    return None
+
+
+# A command set is a few hundred bytes (a C-STORE-RQ with a Move Originator is under
+# 300); fragments that never end would otherwise pile up without limit.
+MAX_COMMAND_SET_BYTES = 16384
+# An A-ASSOCIATE-RQ body: protocol version (2), reserved (2), called (16), calling (16).
+_AE_TITLES_END = 36
 
 
 def bind_log_context(info: AssociationInfo) -> None:

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pydicom._uid_dict import UID_dictionary  # the standard's UID table (Part 6)
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -64,10 +65,25 @@ from infergate.store import Arrival, InstanceRecord, Store
 
 log = get_logger(__name__)
 
+
+def _requested(info: AssociationInfo | None) -> bool:
+    return info is not None and info.requested
+
+
 # Every storage SOP class pynetdicom knows, so a PACS routing a whole study (images,
 # SR, presentation states, key objects) never sees a refused context.
+# Retired storage SOP classes that older modalities still send (the retired Ultrasound
+# Image Storage, Nuclear Medicine Image Storage, ...) are accepted too, from pydicom's
+# dictionary, and stored as received.
 ACCEPTED_STORAGE = tuple(
     cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax
+) + tuple(
+    uid
+    for uid, (name, kind, _, retired, _) in UID_dictionary.items()
+    if kind == "SOP Class"
+    and retired == "Retired"
+    and uid.startswith("1.2.840.10008.5.1.4.")
+    and "Storage" in name
 )
 # The transfer syntaxes scanners and PACS use; instances are stored as received.
 # pynetdicom accepts, of the syntaxes a peer proposes in one presentation context, the
@@ -112,6 +128,9 @@ class StorageSCP:
     _sockets: list[socket.socket] = field(init=False, default_factory=list)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _open: dict[int, AssociationInfo | None] = field(init=False, default_factory=dict)
+    # The peer address of each open connection (by thread), to cap those that have
+    # not yet sent an A-ASSOCIATE-RQ.
+    _addresses: dict[int, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self._events = AssociationEvents(self.settings, self.store, self.spool.root)
@@ -160,12 +179,23 @@ class StorageSCP:
             crowded = (
                 len(self._open) >= _CONNECTIONS_PER_ASSOCIATION * self.settings.max_associations
             )
-        if crowded:
-            log.warning(
-                "ingest.connection.refused",
-                peer_address=address[0],
-                reason="too many open connections",
+            waiting = sum(
+                1
+                for key, where in self._addresses.items()
+                if where == address[0] and not _requested(self._open.get(key))
             )
+        reason = None
+        if crowded:
+            reason = "too many open connections"
+        elif waiting >= self.settings.max_associations_per_address:
+            # Sockets that never associate (no AE title, no peer entry needed) must not
+            # lock legitimate peers out: the per-address limit holds before the request.
+            reason = (
+                f"{waiting} connections from this address have not yet sent an association"
+                " request (ingest.max_associations_per_address)"
+            )
+        if reason is not None:
+            log.warning("ingest.connection.refused", peer_address=address[0], reason=reason)
             connection.close()
             return
         thread = threading.Thread(
@@ -174,6 +204,7 @@ class StorageSCP:
         with self._lock:
             thread.start()
             self._open[thread.ident or 0] = None
+            self._addresses[thread.ident or 0] = address[0]
 
     def _run_connection(
         self, connection: socket.socket, address: tuple[str, int], tls: ssl.SSLContext | None
@@ -207,6 +238,7 @@ class StorageSCP:
         finally:
             with self._lock:
                 self._open.pop(key, None)
+                self._addresses.pop(key, None)
 
     def stop(self) -> None:
         """Stop accepting, and give open associations the network timeout to finish

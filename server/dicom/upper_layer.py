@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -58,25 +59,30 @@ class Connection:
         self.timeout_s = timeout_s
         self._buffer = bytearray(0)
 
-    def read_pdu(self, wait_s: float) -> tuple[int, memoryview]:
+    def read_pdu(
+        self, wait_s: float, *, whole_within_s: float | None = None
+    ) -> tuple[int, memoryview]:
         """The next PDU's type and body (the bytes after its 6-byte header), valid until
         the next call.
 
         The PDU must start within ``wait_s``; once it has, each read of its body must
-        return within the connection's timeout. Raises :class:`PeerClosedError` when the
+        return within the connection's timeout, and with ``whole_within_s`` the whole
+        PDU must have arrived by then (a peer that drips its request a byte at a time
+        never lets a read time out). Raises :class:`PeerClosedError` when the
         connection closes, before or inside a PDU, :class:`PduTooLargeError` past the
         cap, and ``TimeoutError`` (an OSError) when a wait runs out.
         """
+        deadline = None if whole_within_s is None else time.monotonic() + whole_within_s
         self.sock.settimeout(wait_s)
-        header = self._read_exactly(_HEADER.size)
+        header = self._read_exactly(_HEADER.size, deadline)
         pdu_type, length = _HEADER.unpack(header)
         limit = self.limits.for_type(pdu_type)
         if length > limit:
             raise PduTooLargeError(pdu_type, length, limit)
         self.sock.settimeout(self.timeout_s)
-        return pdu_type, self._read_exactly(length)
+        return pdu_type, self._read_exactly(length, deadline)
 
-    def _read_exactly(self, count: int) -> memoryview:
+    def _read_exactly(self, count: int, deadline: float | None = None) -> memoryview:
         # One buffer per connection, grown as needed: a PDU's body is used up before
         # the next one is read, and a fresh zeroed buffer per PDU costs measurably.
         if len(self._buffer) < count:
@@ -84,6 +90,11 @@ class Connection:
         view = memoryview(self._buffer)[:count]
         received = 0
         while received < count:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the PDU did not arrive whole within its deadline")
+                self.sock.settimeout(min(left, self.sock.gettimeout() or left))
             got = self.sock.recv_into(view[received:])
             if got == 0:
                 where = "between PDUs" if received == 0 else "in the middle of a PDU"

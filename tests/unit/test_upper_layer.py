@@ -7,6 +7,7 @@ PS3.8 the listener enforces can be broken one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import struct
@@ -18,7 +19,7 @@ import pydicom
 import structlog
 from listeners import Listener, ListenerFactory
 from pydicom.filereader import read_dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, build_role, pdu, pdu_primitives
 from pynetdicom.dimse_messages import C_FIND_RQ, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
@@ -289,3 +290,116 @@ def test_a_malformed_association_request_is_aborted_and_leaves_nothing_open(
     assert listener.store.associations() == []
     peer.close()
     wait_until(lambda: listener.scp.open_associations() == 0, 5, "connection thread ended")
+
+
+def _request_bytes(calling: str = "TESTSCU") -> bytes:
+    """An A-ASSOCIATE-RQ for CT, encoded by pynetdicom, with ``calling`` written over
+    its calling AE title field (pynetdicom's encoder would refuse a blank one)."""
+    request = pdu_primitives.A_ASSOCIATE()
+    request.application_context_name = DICOM_APPLICATION_CONTEXT
+    request.calling_ae_title = "TESTSCU"
+    request.called_ae_title = "INFERGATE"
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id = 1
+    request.presentation_context_definition_list = [context]
+    maximum = pdu_primitives.MaximumLengthNotification()
+    maximum.maximum_length_received = 16382
+    implementation = pdu_primitives.ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.3.4"
+    request.user_information = [maximum, implementation]
+    encoded = pdu.A_ASSOCIATE_RQ()
+    encoded.from_primitive(request)
+    data = bytearray(encoded.encode())
+    data[26:42] = calling.ljust(16).encode()  # header 6 + version 2 + reserved 2 + called 16
+    return bytes(data)
+
+
+def test_a_blank_calling_ae_title_is_rejected_with_its_reason_and_audited(
+    listener: Listener,
+) -> None:
+    peer = RawPeer(listener.port)
+    peer.sock.sendall(_request_bytes(calling=" " * 16))
+    pdu_type, data = peer.read_pdu()
+    assert pdu_type == 0x03
+    assert tuple(data[7:10]) == (1, 1, 3)  # permanent, service user, calling AE not recognised
+    peer.close()
+    [(outcome, reason)] = _outcomes(listener)
+    assert (outcome, reason) == ("rejected", "the calling AE title is blank")
+
+
+def test_a_request_dripped_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
+    make_listener: ListenerFactory,
+) -> None:
+    """Each byte comes well within the read timeout; the request as a whole does not."""
+    listener = make_listener(acse_timeout_s=1.0, network_timeout_s=10)
+    request = _request_bytes()
+    peer = RawPeer(listener.port)
+    closed_after = None
+    for sent, byte in enumerate(request):
+        try:
+            peer.sock.sendall(bytes([byte]))
+        except OSError:  # reset: the listener closed the connection
+            closed_after = sent
+            break
+        peer.sock.settimeout(0.2)
+        try:
+            if peer.sock.recv(1) == b"":
+                closed_after = sent + 1
+                break
+        except TimeoutError:
+            continue
+    peer.close()
+    assert closed_after is not None, "the listener waited for the whole dripped request"
+    assert closed_after < len(request)
+    assert listener.store.associations() == []  # it never asked: nothing to audit
+
+
+def test_connections_that_never_associate_are_capped_per_address(
+    make_listener: ListenerFactory,
+) -> None:
+    listener = make_listener(max_associations_per_address=3, acse_timeout_s=30)
+    idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(3)]
+    wait_until(lambda: listener.scp.open_associations() == 3, 5, "three idle connections")
+    with structlog.testing.capture_logs() as logs:
+        extra = socket.create_connection(("127.0.0.1", listener.port), timeout=5)
+        assert extra.recv(1) == b""  # closed at once, unread
+    (refused,) = [e for e in logs if e["event"] == "ingest.connection.refused"]
+    assert "have not yet sent an association request" in refused["reason"]
+    extra.close()
+    for sock in idle:
+        sock.close()
+    wait_until(lambda: listener.scp.open_associations() == 0, 10, "idle connections closed")
+    _ct_association(listener.port).release()  # a real peer gets in again
+
+
+def test_command_fragments_that_never_end_abort_the_association(listener: Listener) -> None:
+    peer = RawPeer(listener.port)
+    assert peer.associate([CTImageStorage])[0] == 0x02
+    chunk = b"\0" * 8000
+    pdv = struct.pack(">LB", len(chunk) + 2, 1) + bytes([0x01]) + chunk  # command, not last
+    with contextlib.suppress(OSError):  # the listener may close while we still send
+        for _ in range(4):
+            peer.sock.sendall(struct.pack(">BxL", 0x04, len(pdv)) + pdv)
+    _expect_abort(peer)
+    wait_until(lambda: [o for o, _ in _outcomes(listener)] == ["aborted"], 5, "audited abort")
+    [(_, reason)] = _outcomes(listener)
+    assert reason is not None
+    assert "command set over 16384 bytes" in reason
+
+
+def test_a_retired_storage_sop_class_is_accepted_and_stored_as_received(
+    listener: Listener, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    retired_us = UID("1.2.840.10008.5.1.4.1.1.6")  # Ultrasound Image Storage (Retired)
+    ds = pydicom.dcmread(small_phantom.paths[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = retired_us
+    ds.Modality = "US"
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(retired_us, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="INFERGATE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
+    (stored,) = listener.store.series_instances(str(ds.SeriesInstanceUID))
+    assert pydicom.dcmread(stored[1]).SOPClassUID == retired_us
