@@ -340,6 +340,17 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords):
             )
             return requeued, dead
 
+    def superseded_job(self, job_id: str) -> str | None:
+        """The done job of the same series and plugin in the latest earlier generation:
+        the one whose results this job's supersede."""
+        rows = self._rows(
+            "SELECT p.job_id FROM jobs j JOIN jobs p ON p.series_uid = j.series_uid"
+            " AND p.kind = j.kind AND p.plugin = j.plugin AND p.generation < j.generation"
+            " WHERE j.job_id = ? AND p.state = ? ORDER BY p.generation DESC LIMIT 1",
+            (job_id, JobState.DONE.value),
+        )
+        return str(rows[0][0]) if rows else None
+
     def job(self, job_id: str) -> JobRow:
         rows = self._jobs_where("job_id = ?", (job_id,))
         if not rows:

@@ -117,6 +117,7 @@ def run_job(
         device=settings.results.device,
         seg_series_number=settings.results.seg_series_number,
         sr_series_number=settings.results.sr_series_number,
+        supersedes=store.superseded_job(job.job_id),
     )
     with step("encoding"):
         encoded = encode(loaded, findings, spec, identity)
@@ -139,6 +140,7 @@ def run_job(
         plugin=spec.name,
         slices=len(loaded.headers),
         urgent=findings.urgent,
+        supersedes_job=identity.supersedes,
         **{k: v for k, v in findings.summary.items()},
     )
     return JobOutcome(results=rows, timings_s=timings)

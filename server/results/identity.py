@@ -2,7 +2,9 @@
 
 UIDs are derived from the configured root and the job id, never drawn at random,
 so a job that runs again after a crash produces objects with the same UIDs and a
-PACS sees a re-send, not a second result.
+PACS sees a re-send, not a second result. A series processed again (a late instance
+opened a new generation) gets new objects under its new job; its SR names the earlier
+SR in its Predecessor Documents Sequence, so a reader knows which report replaces which.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code as PydicomCode
-from pydicom.uid import generate_uid
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
 from infergate.config import DeviceSettings
 from infergate.plugin_api import Code, PluginSpec
@@ -31,9 +34,24 @@ class ResultIdentity:
     device: DeviceSettings
     seg_series_number: int
     sr_series_number: int
+    # The job of the series' earlier generation, same plugin, whose results these
+    # supersede (a late instance made the series run again); None for the first.
+    supersedes: str | None = None
 
     def uid(self, purpose: str) -> str:
         return derived_uid(self.uid_root, self.job_id, purpose)
+
+    def predecessor_sr(self, study_uid: str) -> Dataset | None:
+        """What the SR of the superseded job was, for the new SR's Predecessor Documents
+        Sequence: its UIDs are derived from that job as these are from this one."""
+        if self.supersedes is None:
+            return None
+        earlier = Dataset()
+        earlier.StudyInstanceUID = study_uid
+        earlier.SeriesInstanceUID = derived_uid(self.uid_root, self.supersedes, "sr-series")
+        earlier.SOPInstanceUID = derived_uid(self.uid_root, self.supersedes, "sr-instance")
+        earlier.SOPClassUID = Comprehensive3DSRStorage
+        return earlier
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:

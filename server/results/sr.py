@@ -173,6 +173,7 @@ def build_report(
             imaging_measurements=groups,
         )
         evidence = [*source.instances, seg] if seg is not None else source.instances
+        earlier = identity.predecessor_sr(str(source.instances[0].StudyInstanceUID))
         report_object = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
@@ -187,6 +188,7 @@ def build_report(
             institution_name=device.institution_name,
             series_description=f"AI {spec.name} report"[:64],
             contributing_equipment=[contributing_equipment(device, spec)],
+            previous_versions=None if earlier is None else [earlier],
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultEncodingError(f"SR for plugin {spec.name} cannot be built: {exc}") from exc

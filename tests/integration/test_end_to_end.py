@@ -353,6 +353,27 @@ def test_sigkill_loses_nothing_and_sends_results_once(
     assert orthanc.get("/statistics")["CountInstances"] == 2
 
 
+def test_a_late_instance_runs_the_series_again_and_the_new_sr_supersedes_the_first(
+    infergate: InfergateProcess, orthanc: Orthanc, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    paths = list(small_phantom.paths)
+    infergate.start()
+    storescu(infergate.port, paths[:-1])
+    infergate.wait_event("export.delivered", timeout=120)
+    storescu(infergate.port, paths[-1:])  # the last slice, late
+    infergate.wait_event("export.delivered", timeout=120, count=2)
+    reports = [
+        pydicom.dcmread(path) for path in _fetch(orthanc, small_phantom.study_uid, "SR", tmp_path)
+    ]
+    assert len(reports) == 2
+    (later,) = [r for r in reports if "PredecessorDocumentsSequence" in r]
+    (earlier,) = [r for r in reports if r is not later]
+    reference = later.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert reference.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == earlier.SOPInstanceUID
+    (done,) = [e for e in infergate.events() if e["event"] == "inference.job.findings"][1:]
+    assert done["supersedes_job"] is not None
+
+
 def test_results_wait_for_a_pacs_that_is_down(tmp_path: Path, small_phantom: ChestPhantom) -> None:
     """A destination that refuses connections gets retries; results arrive once it is up."""
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -104,6 +105,30 @@ def test_uids_are_derived_from_the_job(small_phantom: ChestPhantom) -> None:
     other = [r.sop_instance_uid for r in encode(loaded, findings, plugin.spec, _identity("j2"))]
     assert first == again
     assert not set(first) & set(other)
+
+
+def test_a_series_processed_again_names_the_sr_it_supersedes(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    findings = _findings(loaded, (1, 2))
+    first_seg, first_sr = encode(loaded, findings, plugin.spec, _identity("gen-0"))
+    identity = dataclasses.replace(_identity("gen-1"), supersedes="gen-0")
+    _, second_sr = encode(loaded, findings, plugin.spec, identity)
+    assert second_sr.sop_instance_uid != first_sr.sop_instance_uid
+    report = _round_trip(second_sr.dataset)
+    (study,) = report.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (earlier,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (
+        small_phantom.study_uid,
+        first_sr.dataset.SeriesInstanceUID,
+    )
+    assert earlier.ReferencedSOPInstanceUID == first_sr.sop_instance_uid
+    assert earlier.ReferencedSOPClassUID == first_sr.dataset.SOPClassUID
+    assert dciodvfy_errors(write_result(tmp_path, second_sr)) == []
+    assert "PredecessorDocumentsSequence" not in first_sr.dataset
+    assert first_seg.kind is ResultKind.SEG
 
 
 def test_only_the_left_lung_becomes_segment_one(small_phantom: ChestPhantom) -> None:

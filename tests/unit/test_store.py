@@ -265,3 +265,19 @@ def test_a_version_5_database_moves_to_the_work_model(tmp_path: Path) -> None:
     }
     # What was sent stays sent; what the old five tries gave up on gets a delivery now.
     assert [u.result.sop_instance_uid for u in store.unplanned_results()] == ["9.2"]
+
+
+def test_a_new_generation_supersedes_the_last_done_job_of_its_plugin(store: Store) -> None:
+    _one_job(store)
+    store.start_job("job1", now=21.0)
+    store.finish_job("job1", [], now=22.0)
+    store.record_instance(_record("1.2"), now=30.0)  # late: generation 1
+    (reopened,) = store.receiving_series()
+    jobs = [
+        NewJob("job2", JobKind.INFERENCE, "ct_lung"),
+        NewJob("other", JobKind.INFERENCE, "ct_head_bleed"),
+    ]
+    store.complete_series(reopened, jobs, now=40.0)
+    assert store.superseded_job("job2") == "job1"
+    assert store.superseded_job("other") is None  # another plugin's
+    assert store.superseded_job("job1") is None  # the first generation
