@@ -16,7 +16,7 @@ from infergate import __version__
 from infergate.config import Settings, load_settings
 from infergate.dicom.listener_pool import ListenerPool
 from infergate.dicom.spool import Spool
-from infergate.dicom.tls import server_context
+from infergate.dicom.tls import client_context, server_context
 from infergate.errors import ConfigError, InfergateError, ModelMismatchError
 from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
@@ -103,6 +103,7 @@ def serve(settings: Settings) -> int:
     ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
     if ended:
         log.warning("ingest.associations.ended_at_start", associations=ended)
+    check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
     for loaded in plugins:
@@ -165,9 +166,18 @@ def serve(settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def check(settings: Settings) -> int:
+def check_tls_files(settings: Settings) -> None:
+    """The certificate, key and CA files of the TLS listener and of every TLS
+    destination can be used; raises :class:`ConfigError` naming the one that cannot."""
     if settings.ingest.tls is not None:
-        server_context(settings.ingest.tls)  # the certificate, key and CA files are usable
+        server_context(settings.ingest.tls)
+    for destination in settings.destinations():
+        if destination.tls is not None:
+            client_context(destination.tls)
+
+
+def check(settings: Settings) -> int:
+    check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
     if not plugins:

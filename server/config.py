@@ -78,12 +78,36 @@ class Peer(_Section):
 LOOPBACK_PEER = Peer(ae_title=ANY_AE_TITLE, addresses=("127.0.0.0/8", "::1/128"))
 
 
+class DestinationTls(_Section):
+    """DICOM TLS to a destination (PS3.15 B.1): the CAs its certificate must chain to,
+    and Infergate's client certificate where the PACS asks for one."""
+
+    ca: AbsolutePath  # PEM bundle of the CAs trusted for the destination's certificate
+    certificate: AbsolutePath | None = None  # PEM, Infergate's client certificate
+    private_key: AbsolutePath | None = None  # PEM, not encrypted
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+    # The name its certificate must carry; the host if not set.
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> DestinationTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class Destination(_Section):
     """A DICOM node that receives results."""
 
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: DestinationTls | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """Who it is, as a delivery records it."""
+        return (self.ae_title, self.host, self.port)
 
 
 class CalledAE(_Section):
@@ -448,6 +472,23 @@ class Settings(BaseSettings):
     def destination_for(self, called_ae: str) -> Destination | None:
         """Where the results of a series sent to ``called_ae`` go."""
         return self.ingest.called_ae(called_ae).destination or self.export.destination
+
+    def destinations(self) -> list[Destination]:
+        """Every destination the settings name."""
+        named = [
+            self.export.destination,
+            self.routing.unmatched.destination,
+            *(c.destination for c in self.ingest.called_aes),
+        ]
+        return [d for d in named if d is not None]
+
+    def configured_destination(self, recorded: Destination) -> Destination:
+        """The configured destination a delivery recorded (by AE title, host and port),
+        with its TLS settings; the recorded one if the settings no longer name it."""
+        for destination in self.destinations():
+            if destination.key == recorded.key:
+                return destination
+        return recorded
 
     @classmethod
     def settings_customise_sources(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-from infergate.config import TlsSettings
+from infergate.config import DestinationTls, TlsSettings
 from infergate.errors import ConfigError, TlsRefusedError
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -41,6 +41,23 @@ def server_context(settings: TlsSettings) -> ssl.SSLContext:
         context.verify_mode = (
             ssl.CERT_REQUIRED if settings.require_client_certificate else ssl.CERT_OPTIONAL
         )
+    return context
+
+
+def client_context(settings: DestinationTls) -> ssl.SSLContext:
+    """The context Infergate connects to a TLS destination with: its certificate is
+    verified against ``ca`` and its name; ours is presented when configured.
+
+    Raises :class:`ConfigError` naming the file that cannot be read or used.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = _VERSIONS[settings.minimum_version]
+    try:
+        context.load_verify_locations(cafile=settings.ca)
+        if settings.certificate is not None and settings.private_key is not None:
+            context.load_cert_chain(settings.certificate, settings.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"export destination tls: {_reason(exc)}") from exc
     return context
 
 

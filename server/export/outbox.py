@@ -84,7 +84,7 @@ def deliver(store: Store, settings: Settings, delivery: DeliveryRow) -> Delivery
     ):
         attempt = send_objects(
             [(item.sop_instance_uid, item.path) for item in items],
-            delivery.destination,
+            settings.configured_destination(delivery.destination),
             delivery.calling_ae,
             settings.export.timeout_s,
             urgent=urgent,

@@ -20,6 +20,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from infergate.config import Destination
+from infergate.dicom.tls import client_context
+from infergate.errors import ConfigError
 from infergate.export.outcomes import (
     AttemptOutcome,
     ObjectOutcome,
@@ -114,24 +116,11 @@ def send_objects(  # noqa: PLR0911 - each early return is one way an association
             f"{len(contexts)} presentation contexts needed for one association;"
             f" at most {_MAX_CONTEXTS}",
         )
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = timeout_s
-    for (sop_class, _), syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, syntaxes)
-    try:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
-        )
-    except (OSError, RuntimeError, ValueError) as exc:
-        return AttemptOutcome(
-            tuple(outcomes), OutcomeClass.TRANSIENT, f"cannot associate with {where}: {exc}"
-        )
+    assoc = _associate(destination, calling_ae, contexts, timeout_s, where)
+    if isinstance(assoc, tuple):
+        return AttemptOutcome(tuple(outcomes), *assoc)
     if not assoc.is_established:
-        refused = _refusal(assoc, where, outgoing)
+        refused = _refusal(assoc, where, outgoing, destination, timeout_s)
         if isinstance(refused, list):
             return AttemptOutcome(tuple(outcomes + refused))
         return AttemptOutcome(tuple(outcomes), *refused)
@@ -155,6 +144,40 @@ def send_objects(  # noqa: PLR0911 - each early return is one way an association
         if assoc.is_established:
             assoc.release()
     return AttemptOutcome(tuple(outcomes))
+
+
+def _associate(
+    destination: Destination,
+    calling_ae: str,
+    contexts: dict[tuple[str, str], list[str]],
+    timeout_s: float,
+    where: str,
+) -> Association | tuple[OutcomeClass, str]:
+    """An association requested with ``contexts`` (over TLS when the destination has
+    it), established or not; a failure before any answer as its class and reason."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    for (sop_class, _), syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    tls = destination.tls
+    try:
+        tls_args = (
+            None if tls is None else (client_context(tls), tls.server_name or destination.host)
+        )
+    except ConfigError as exc:
+        return OutcomeClass.PERMANENT, str(exc)
+    try:
+        assoc: Association = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            tls_args=tls_args,
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        return OutcomeClass.TRANSIENT, f"cannot associate with {where}: {exc}"
+    return assoc
 
 
 def _store(
@@ -186,6 +209,23 @@ def _store(
     )
 
 
+def _why_no_answer(destination: Destination, timeout_s: float) -> str:
+    """Why an association got no answer, found by connecting once more: pynetdicom's
+    transport only logs the reason (connection refused, a certificate that fails
+    verification) on a thread of its own."""
+    try:
+        with socket.create_connection(
+            (destination.host, destination.port), timeout=min(timeout_s, 10)
+        ) as sock:
+            if destination.tls is not None:
+                name = destination.tls.server_name or destination.host
+                with client_context(destination.tls).wrap_socket(sock, server_hostname=name):
+                    pass
+    except (OSError, ConfigError) as exc:
+        return str(exc)
+    return "the connection was closed, aborted or timed out"
+
+
 def _accepted(assoc: Association, item: Outgoing) -> bool:
     return any(
         cx.abstract_syntax == item.sop_class and cx.transfer_syntax[0] in item.syntaxes
@@ -194,7 +234,11 @@ def _accepted(assoc: Association, item: Outgoing) -> bool:
 
 
 def _refusal(
-    assoc: Association, where: str, outgoing: list[Outgoing]
+    assoc: Association,
+    where: str,
+    outgoing: list[Outgoing],
+    destination: Destination,
+    timeout_s: float,
 ) -> tuple[OutcomeClass, str] | list[ObjectOutcome]:
     """Why no association was established: its class and reason, or, when the
     destination accepted none of the presentation contexts, a permanent outcome for
@@ -222,9 +266,6 @@ def _refusal(
             for item in outgoing
         ]
     if assoc.acceptor.primitive is None:
-        return (
-            OutcomeClass.TRANSIENT,
-            f"destination {where} gave no A-ASSOCIATE response (the connection was refused,"
-            " closed, aborted or timed out)",
-        )
+        why = _why_no_answer(destination, timeout_s)
+        return (OutcomeClass.TRANSIENT, f"destination {where} gave no A-ASSOCIATE response ({why})")
     return (OutcomeClass.TRANSIENT, f"destination {where} aborted the association")

@@ -22,15 +22,32 @@ import trustme
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from infergate.config import IngestSettings, Peer, Settings, StorageSettings, TlsSettings
+from infergate.cli import check_tls_files
+from infergate.config import (
+    Destination,
+    IngestSettings,
+    Peer,
+    Settings,
+    StorageSettings,
+    TlsSettings,
+)
 from infergate.dicom.listener_pool import ListenerPool
 from infergate.dicom.scp import StorageSCP
 from infergate.dicom.spool import Spool
 from infergate.dicom.tls import server_context
 from infergate.errors import ConfigError
+from infergate.export.outcomes import OutcomeClass
+from infergate.export.scu import send_objects
 from infergate.store import Store
 from infergate.testing import ChestPhantom
-from peers import PEER_ENV, assert_still_connected, free_port, require_program, storescu
+from peers import (
+    PEER_ENV,
+    assert_still_connected,
+    free_port,
+    require_program,
+    storescu,
+    wait_until,
+)
 
 
 @dataclass
@@ -311,3 +328,93 @@ def test_listener_processes_serve_tls_and_plain(
         (False, "released"),
     ]
     assert pool.store.receiving_series()[0].instance_count == 3
+
+
+def _tls_pacs(pki: Pki, folder: Path, server: trustme.CA) -> tuple[subprocess.Popen[bytes], int]:
+    """DCMTK's storescp over TLS: its certificate from ``server``, client certificates
+    required and checked against the hospital CA."""
+    cert, key = pki.write(server.issue_cert("127.0.0.1", common_name="PACS"), f"pacs-{id(server)}")
+    folder.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            require_program("storescp"),
+            "+tls", str(key), str(cert),
+            "+cf", str(pki.ca_file),
+            "-aet", "TLSPACS", "-od", str(folder), str(port),
+        ],
+        env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: _listening(port), 10, "storescp over TLS")
+    return process, port
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _send_over_tls(
+    pki: Pki, port: int, small_phantom: ChestPhantom, client: trustme.LeafCert | None
+) -> Any:
+    tls: dict[str, str] = {"ca": str(pki.ca_file)}
+    if client is not None:
+        cert, key = pki.write(client, "infergate-client")
+        tls |= {"certificate": str(cert), "private_key": str(key)}
+    destination = Destination.model_validate(
+        {"ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "tls": tls}
+    )
+    return send_objects(
+        [(f"uid-{i}", path) for i, path in enumerate(small_phantom.paths[:2])],
+        destination,
+        "INFERGATE",
+        timeout_s=10,
+    )
+
+
+def test_results_go_to_a_tls_only_pacs_with_infergates_client_certificate(
+    pki: Pki, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    pacs, port = _tls_pacs(pki, tmp_path / "received", pki.ca)
+    try:
+        client = pki.ca.issue_cert("infergate.test", common_name="INFERGATE")
+        attempt = _send_over_tls(pki, port, small_phantom, client)
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=30)
+    assert attempt.failure is None
+    assert [o.outcome for o in attempt.objects] == [OutcomeClass.DELIVERED] * 2
+    assert len(list((tmp_path / "received").iterdir())) == 2
+
+
+def test_a_pacs_whose_certificate_no_trusted_ca_signed_is_not_sent_to(
+    pki: Pki, small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    pacs, port = _tls_pacs(pki, tmp_path / "received", pki.stranger)
+    try:
+        client = pki.ca.issue_cert("infergate.test", common_name="INFERGATE")
+        attempt = _send_over_tls(pki, port, small_phantom, client)
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=30)
+    assert attempt.failure is OutcomeClass.TRANSIENT
+    assert attempt.reason is not None
+    assert "CERTIFICATE_VERIFY_FAILED" in attempt.reason
+    assert list((tmp_path / "received").iterdir()) == []
+
+
+def test_a_destination_tls_file_that_cannot_be_used_stops_check(tmp_path: Path) -> None:
+    broken = tmp_path / "not-a-ca.pem"
+    broken.write_text("not a certificate")
+    settings = Settings.model_validate(
+        {
+            "export": {
+                "destination": {
+                    "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                    "tls": {"ca": str(broken)},
+                }
+            }
+        }
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="export destination tls"):
+        check_tls_files(settings)
