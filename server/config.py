@@ -103,6 +103,10 @@ class Destination(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: DestinationTls | None = None
+    # Where its deliveries go instead after a permanent failure, or after
+    # alternate_after_transient transient ones in a row (an archive, a second PACS).
+    alternate: Destination | None = None
+    alternate_after_transient: int = Field(default=3, ge=1)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -480,7 +484,13 @@ class Settings(BaseSettings):
             self.routing.unmatched.destination,
             *(c.destination for c in self.ingest.called_aes),
         ]
-        return [d for d in named if d is not None]
+        found = []
+        for first in named:
+            current = first
+            while current is not None:  # with its alternates, and theirs
+                found.append(current)
+                current = current.alternate
+        return found
 
     def configured_destination(self, recorded: Destination) -> Destination:
         """The configured destination a delivery recorded (by AE title, host and port),

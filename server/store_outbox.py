@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from infergate.config import Destination
 from infergate.errors import StoreError
@@ -28,6 +29,7 @@ from infergate.work.states import (
     PRIORITY_RANK,
     DeliveryState,
     JobKind,
+    Priority,
     ResultKind,
     ResultState,
 )
@@ -37,6 +39,16 @@ _DELIVERY_COLUMNS = (
     " state, priority, attempts, created_at, first_attempt_at, next_attempt_at, outcome, reason"
 )
 _OPEN = (DeliveryState.PENDING.value, DeliveryState.RETRY_WAIT.value)
+
+
+class Planned(Protocol):
+    """What planning needs of an object: a result, or an item handed over."""
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def priority(self) -> Priority: ...
 
 
 class OutboxRecords(Database):
@@ -65,7 +77,7 @@ class OutboxRecords(Database):
         study_uid: str,
         destination: Destination,
         calling_ae: str,
-        results: list[ResultRow],
+        results: Sequence[Planned],
         now: float,
     ) -> str:
         """Put ``results`` into the open delivery of ``study_uid`` to ``destination``

@@ -139,6 +139,23 @@ def _apply(
         warned = any(o.outcome is OutcomeClass.WARNING for o in attempt.objects)
         outcome_class = OutcomeClass.WARNING if warned else OutcomeClass.DELIVERED
         reason = None
+    configured = settings.configured_destination(delivery.destination)
+    alternate = configured.alternate
+    handed: list[DeliveryItem] = []
+    if alternate is not None and (
+        state is DeliveryState.DEAD
+        or (
+            state is DeliveryState.RETRY_WAIT
+            and delivery.attempts >= configured.alternate_after_transient
+        )
+    ):
+        reason = f"handed over to the alternate destination {alternate.ae_title} after: {reason}"
+        changed += [replace(i, state=ResultState.DEAD, reason=reason) for i in remaining()]
+        handed = [
+            *(c for c in changed if c.state is ResultState.DEAD),
+            *store.delivery_items(delivery.delivery_id, ResultState.DEAD),
+        ]
+        state = DeliveryState.DEAD
     delay = backoff_s(settings, delivery.attempts)
     store.record_attempt(
         delivery.delivery_id,
@@ -159,7 +176,31 @@ def _apply(
         duration_s=duration_s,
         attempt=attempt,
     )
+    if alternate is not None and handed:
+        _hand_over(store, delivery, alternate, handed, now)
     return state
+
+
+def _hand_over(
+    store: Store,
+    delivery: DeliveryRow,
+    alternate: Destination,
+    items: list[DeliveryItem],
+    now: float,
+) -> None:
+    """Plan what the destination did not take into a delivery to its alternate."""
+    unique = list({item.sop_instance_uid: item for item in items}.values())
+    delivery_id = store.plan_delivery(
+        delivery.study_uid, alternate, delivery.calling_ae, unique, now
+    )
+    log.warning(
+        "export.handed_over",
+        delivery_id=delivery.delivery_id,
+        to_delivery_id=delivery_id,
+        destination=delivery.destination.ae_title,
+        alternate=alternate.ae_title,
+        objects=len(unique),
+    )
 
 
 def _object_state(outcome: OutcomeClass) -> ResultState | None:

@@ -213,18 +213,22 @@ def test_urgent_results_go_first_with_c_store_priority_high(
     assert [uid for uid, _ in pacs.received] == [uid for uid, _ in sent]
 
 
+def _as_segmentation(source: Path, target: Path) -> Path:
+    """A copy of ``source`` under the Segmentation Storage SOP class and a new UID: a
+    PACS configured without Segmentation refuses its presentation context."""
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(target)
+    return target
+
+
 def test_a_sop_class_the_destination_does_not_accept_is_that_objects_dead_letter(
     tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs, chest_phantom: ChestPhantom
 ) -> None:
     """The PACS takes CT but not Segmentation: the CT object goes, the SEG is refused
     for good with the reason, and nothing raises."""
-    seg = tmp_path / "seg.dcm"
-    ds = pydicom.dcmread(small_phantom.paths[1])
-    ds.SOPClassUID = SegmentationStorage
-    ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
-    ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(seg)
+    seg = _as_segmentation(small_phantom.paths[1], tmp_path / "seg.dcm")
     store = Store(tmp_path / "s.db")
     ct_uid, seg_uid = _job_with_results(
         store, "job", [(ResultKind.SR, small_phantom.paths[0]), (ResultKind.SEG, seg)]
@@ -371,3 +375,54 @@ def test_a_silent_destination_delays_only_its_own_deliveries(
     finally:
         worker.shutdown(wait_s=0)
         silent.close()
+
+
+def _with_alternate(primary: Pacs, alternate: Pacs, after: int = 3) -> Settings:
+    def where(pacs: Pacs) -> dict[str, Any]:
+        return {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}
+
+    destination = {**where(primary), "alternate": where(alternate)}
+    destination["alternate_after_transient"] = after
+    return Settings.model_validate(
+        {"export": {"destination": destination, "retry_delay_s": 0, "timeout_s": 5}}
+    )
+
+
+def test_what_the_destination_refuses_for_good_goes_to_its_alternate(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    archive = Pacs(sop_classes=(str(CTImageStorage), str(SegmentationStorage)), ae_title="ARCHIVE")
+    archive.start()
+    try:
+        seg = _as_segmentation(small_phantom.paths[1], tmp_path / "seg.dcm")
+        store = Store(tmp_path / "s.db")
+        ct_uid, seg_uid = _job_with_results(
+            store, "job", [(ResultKind.SR, small_phantom.paths[0]), (ResultKind.SEG, seg)]
+        )
+        settings = _with_alternate(pacs, archive)
+        with structlog.testing.capture_logs() as logs:
+            assert _send_all(store, settings) == [DeliveryState.DEAD]  # the primary's
+            assert _send_all(store, settings) == [DeliveryState.DELIVERED]  # the archive's
+    finally:
+        archive.stop()
+    assert [uid for uid, _ in pacs.received] == [ct_uid]
+    assert [uid for uid, _ in archive.received] == [seg_uid]
+    (handed,) = [e for e in logs if e["event"] == "export.handed_over"]
+    assert (handed["destination"], handed["alternate"], handed["objects"]) == ("PACS", "ARCHIVE", 1)
+    assert store.result_states() == {ct_uid: ResultState.DELIVERED, seg_uid: ResultState.DELIVERED}
+
+
+def test_a_destination_down_hands_over_after_its_transient_failures(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    down = Pacs(ae_title="DOWN")  # never started
+    store = Store(tmp_path / "s.db")
+    (uid,) = _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    settings = _with_alternate(down, pacs, after=2)
+    assert _send_all(store, settings) == [DeliveryState.RETRY_WAIT]
+    assert _send_all(store, settings) == [DeliveryState.DEAD]  # the second: handed over
+    assert _send_all(store, settings) == [DeliveryState.DELIVERED]
+    assert [u for u, _ in pacs.received] == [uid]
+    dead = store.deliveries(DeliveryState.DEAD)[0]
+    assert dead.reason is not None
+    assert dead.reason.startswith("handed over to the alternate destination PACS after:")
