@@ -51,6 +51,8 @@ class Peer(_Section):
     addresses: tuple[str, ...] = Field(min_length=1)
     # Admitted over DICOM TLS only; over plain TCP it is refused as not recognised.
     require_tls: bool = False
+    # Its own Storage SCP port: where results return to it (return_to_sender).
+    port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("addresses")
     @classmethod
@@ -126,6 +128,9 @@ class CalledAE(_Section):
     plugins: tuple[str, ...] | None = None
     # Where the results of this title's series go; None: export.destination.
     destination: Destination | None = None
+    # Results go back to the node that sent the series (its calling AE title, at the
+    # address it came from, on its peer entry's port); None: export.return_to_sender.
+    return_to_sender: bool | None = None
 
 
 class TlsSettings(_Section):
@@ -350,6 +355,9 @@ class ExportSettings(_Section):
     """Delivery of results: the outbox (``infergate.export``)."""
 
     destination: Destination | None = None
+    # Results go back to the node that sent the series, where its peer entry in
+    # ingest.peers has a port; else to destination.
+    return_to_sender: bool = False
     # A transient failure (the destination down, refusing for now, out of resources)
     # is tried again after retry_delay_s, doubled each time up to max_retry_delay_s,
     # until retry_horizon_s after the first attempt; then it is a dead letter.
@@ -476,6 +484,23 @@ class Settings(BaseSettings):
     def destination_for(self, called_ae: str) -> Destination | None:
         """Where the results of a series sent to ``called_ae`` go."""
         return self.ingest.called_ae(called_ae).destination or self.export.destination
+
+    def sender_destination(
+        self, called_ae: str, calling_ae: str, address: str | None
+    ) -> Destination | None:
+        """The sender as a destination, when results return to it for ``called_ae`` and
+        a peer entry for it has a port; None otherwise."""
+        wanted = self.ingest.called_ae(called_ae).return_to_sender
+        if not (self.export.return_to_sender if wanted is None else wanted) or address is None:
+            return None
+        for peer in self.ingest.peers:
+            if (
+                peer.port is not None
+                and peer.ae_title == calling_ae
+                and peer.matches(calling_ae, address)
+            ):
+                return Destination(ae_title=calling_ae, host=address, port=peer.port)
+        return None
 
     def destinations(self) -> list[Destination]:
         """Every destination the settings name."""

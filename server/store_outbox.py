@@ -55,22 +55,18 @@ class OutboxRecords(Database):
     # -- planning ---------------------------------------------------------------
 
     def unplanned_results(self) -> list[UnplannedResult]:
-        """Results not yet in a delivery (nor kept), urgent ones first."""
+        """Results not yet in a delivery (nor kept), urgent ones first, with who sent
+        their series and from where (the address of its first instance's association)."""
         rows = self._rows(
             "SELECT r.sop_instance_uid, r.job_id, r.kind, r.path, r.priority, j.study_uid,"
-            " s.called_ae, j.kind FROM results r JOIN jobs j ON j.job_id = r.job_id"
+            " s.called_ae, j.kind, s.calling_ae, (SELECT a.peer_address FROM instances i"
+            " JOIN associations a ON a.association_id = i.association_id"
+            " WHERE i.series_uid = s.series_uid ORDER BY i.received_at LIMIT 1)"
+            " FROM results r JOIN jobs j ON j.job_id = r.job_id"
             " JOIN series s ON s.series_uid = j.series_uid"
             " WHERE r.planned_at IS NULL ORDER BY r.priority, r.created_at, r.kind"
         )
-        return [
-            UnplannedResult(
-                ResultRow(uid, job_id, ResultKind(kind), Path(path), PRIORITY_OF_RANK[rank]),
-                study_uid,
-                called_ae,
-                JobKind(job_kind),
-            )
-            for uid, job_id, kind, path, rank, study_uid, called_ae, job_kind in rows
-        ]
+        return [_unplanned(row) for row in rows]
 
     def plan_delivery(
         self,
@@ -260,6 +256,12 @@ class OutboxRecords(Database):
             parameters,
         )
         return [_delivery(row) for row in rows]
+
+
+def _unplanned(row: tuple[Any, ...]) -> UnplannedResult:
+    uid, job_id, kind, path, rank, study_uid, called_ae, job_kind, calling_ae, sender = row
+    result = ResultRow(uid, job_id, ResultKind(kind), Path(path), PRIORITY_OF_RANK[rank])
+    return UnplannedResult(result, study_uid, called_ae, JobKind(job_kind), calling_ae, sender)
 
 
 def _mark_planned(db: sqlite3.Connection, uids: list[str], now: float, kept: str | None) -> None:

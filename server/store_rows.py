@@ -103,6 +103,8 @@ class UnplannedResult:
     study_uid: str
     called_ae: str
     job_kind: JobKind
+    calling_ae: str = ""
+    sender_address: str | None = None  # where its series came from, if known
 
 
 @dataclass(frozen=True)

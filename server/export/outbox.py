@@ -18,18 +18,22 @@ from infergate.config import Destination, Settings
 from infergate.export.outcomes import AttemptOutcome, OutcomeClass
 from infergate.export.scu import send_objects
 from infergate.logs import get_logger
-from infergate.store import DeliveryItem, DeliveryRow, ResultRow, Store
+from infergate.store import DeliveryItem, DeliveryRow, ResultRow, Store, UnplannedResult
 from infergate.work.states import DeliveryState, JobKind, ResultState
 
 log = get_logger(__name__)
 
 
-def destination_of(settings: Settings, called_ae: str, kind: JobKind) -> Destination | None:
+def destination_of(settings: Settings, unplanned: UnplannedResult) -> Destination | None:
     """Where a result goes: a forwarded instance to ``routing.unmatched``'s destination;
-    a job's result to its called AE title's, else ``export.destination``."""
-    if kind is JobKind.FORWARD:
+    a job's result back to its sender when it returns to sender (and the sender has a
+    port), else to its called AE title's destination, else ``export.destination``."""
+    if unplanned.job_kind is JobKind.FORWARD:
         return settings.routing.unmatched.destination
-    return settings.destination_for(called_ae)
+    sender = settings.sender_destination(
+        unplanned.called_ae, unplanned.calling_ae, unplanned.sender_address
+    )
+    return sender or settings.destination_for(unplanned.called_ae)
 
 
 def plan(store: Store, settings: Settings, now: float) -> list[str]:
@@ -39,7 +43,7 @@ def plan(store: Store, settings: Settings, now: float) -> list[str]:
     groups: dict[tuple[str, Destination, str], list[ResultRow]] = defaultdict(list)
     for unplanned in store.unplanned_results():
         called_ae = unplanned.called_ae
-        destination = destination_of(settings, called_ae, unplanned.job_kind)
+        destination = destination_of(settings, unplanned)
         result = unplanned.result
         if destination is None:
             reason = (

@@ -26,7 +26,7 @@ from infergate.config import Settings
 from infergate.export.outbox import deliver, plan
 from infergate.export.outcomes import OutcomeClass, classify_status
 from infergate.export.worker import ExportWorker
-from infergate.store import InstanceRecord, NewJob, ResultRow, Store
+from infergate.store import AssociationAudit, InstanceRecord, NewJob, ResultRow, Store
 from infergate.testing import ChestPhantom
 from infergate.work.states import DeliveryState, JobKind, Priority, ResultKind, ResultState
 from peers import free_port, wait_until
@@ -94,6 +94,7 @@ def _job_with_results(
     priority: Priority = "normal",
     study_uid: str = "st1",
     called_ae: str = "INFERGATE",
+    calling_ae: str = "SCANNER",
     now: float = 1.0,
 ) -> list[str]:
     """A done job of a study whose results are ``results``; returns their UIDs."""
@@ -108,7 +109,7 @@ def _job_with_results(
             Path("/spool/x.dcm"),
             1,
             "a",
-            "SCANNER",
+            calling_ae,
             called_ae,
             series_uid,
         ),
@@ -426,3 +427,46 @@ def test_a_destination_down_hands_over_after_its_transient_failures(
     dead = store.deliveries(DeliveryState.DEAD)[0]
     assert dead.reason is not None
     assert dead.reason.startswith("handed over to the alternate destination PACS after:")
+
+
+def test_results_return_to_the_sender_at_the_address_it_came_from(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    """A PACS that sends a study gets its results back: its calling AE title, the
+    address its association came from, the port of its peer entry."""
+    store = Store(tmp_path / "s.db")
+    store.record_association(
+        AssociationAudit(
+            "a", "127.0.0.1", 50000, "PACS", "INFERGATE", False, "released", None, 1.0
+        ),
+        ended_at=2.0,
+    )
+    (uid,) = _job_with_results(
+        store, "job", [(ResultKind.SR, small_phantom.paths[0])], calling_ae="PACS"
+    )
+    fallback = Pacs(ae_title="FALLBACK")  # never started: it must not be the one used
+    settings = Settings.model_validate(
+        {
+            "ingest": {
+                "peers": [{"ae_title": "PACS", "addresses": ["127.0.0.0/8"], "port": pacs.port}]
+            },
+            "export": {
+                "return_to_sender": True,
+                "destination": {"ae_title": "FALLBACK", "host": "127.0.0.1", "port": fallback.port},
+            },
+        }
+    )
+    assert _send_all(store, settings) == [DeliveryState.DELIVERED]
+    assert [u for u, _ in pacs.received] == [uid]
+    (delivery,) = store.deliveries()
+    assert delivery.destination.key == ("PACS", "127.0.0.1", pacs.port)
+
+
+def test_a_sender_without_a_port_gets_the_configured_destination(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    settings = pacs.settings(return_to_sender=True)  # the loopback peer has no port
+    assert _send_all(store, settings) == [DeliveryState.DELIVERED]
+    assert len(pacs.received) == 1
