@@ -14,14 +14,14 @@ from pathlib import Path
 
 from infergate import __version__
 from infergate.config import Settings, load_settings
-from infergate.dicom.listener_pool import ListenerPool
-from infergate.dicom.spool import Spool
 from infergate.dicom.tls import client_context, server_context
 from infergate.errors import ConfigError, InfergateError, ModelMismatchError
 from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
 from infergate.inference.triton import TritonClient
+from infergate.ingest.listener_pool import ListenerPool
+from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
 from infergate.ops.retention import run_retention
 from infergate.plugins import (
@@ -30,7 +30,7 @@ from infergate.plugins import (
     discover,
     enabled_plugins,
 )
-from infergate.route_explain import explain
+from infergate.routing.explain import explain
 from infergate.store import Store
 from infergate.work.loops import StageLoop
 from infergate.work.scheduler import JobScheduler

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from infergate import __version__
 from infergate.errors import ConfigError
-from infergate.routing_rules import Rule
+from infergate.routing.rules import Rule
 
 
 class _Section(BaseModel):
@@ -178,6 +178,10 @@ class IngestSettings(_Section):
     # A PACS pushing a study often opens several associations at once.
     max_associations: int = Field(default=32, ge=1)
     max_associations_per_address: int = Field(default=8, ge=1)
+    # Connections from one address that have not yet sent an A-ASSOCIATE-RQ (health
+    # checks, port scans, a peer dripping its request), per listener process: more are
+    # closed at once, so such sockets cannot take every connection slot.
+    max_unassociated_per_address: int = Field(default=16, ge=1)
     # Below this much free space in the spool's file system, C-STORE answers 0xA700
     # and new associations get a transient reject, until space returns.
     min_free_bytes: int = Field(default=1024**3, ge=0)
@@ -258,7 +262,7 @@ class UnmatchedSettings(_Section):
 
 
 class RoutingSettings(_Section):
-    """Which plugins run on which series (``routing_rules``); a plugin that no rule
+    """Which plugins run on which series (``routing.rules``); a plugin that no rule
     names runs on the modalities it declares."""
 
     rules: tuple[Rule, ...] = ()
@@ -282,7 +286,7 @@ class AssemblySettings(_Section):
 
 
 class VolumeSettings(_Section):
-    """How a series becomes the regular volume a plugin gets (``dicom.volume``)."""
+    """How a series becomes the regular volume a plugin gets (``inference.volume``)."""
 
     # Slices sheared by gantry tilt: shift each in plane onto the first, or refuse.
     tilt: Literal["resample", "refuse"] = "resample"

@@ -5,6 +5,9 @@ DICOM status codes are not known here: the network edge (``infergate.dicom``)
 maps these classes to statuses.
 """
 
+import traceback
+from pathlib import Path
+
 
 class InfergateError(Exception):
     """Base of every error Infergate raises on purpose."""
@@ -111,3 +114,19 @@ class ExportError(InfergateError):
 
 class UIDMismatchError(InvalidInstanceError):
     """The dataset's SOP Instance UID is not the one the C-STORE request announced."""
+
+
+def unexpected(exc: BaseException) -> str:
+    """An exception no one raised on purpose, for the log and the job record: its type
+    and the place it was raised, not its message, which may quote header values."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    parts = Path(last.filename).parts
+    # From the package down: site-packages/pydicom/valuerep.py, not the whole path.
+    for anchor in ("site-packages", "server", "plugins"):
+        if anchor in parts:
+            parts = parts[parts.index(anchor) + 1 :]
+            break
+    return f"{type(exc).__name__} raised in {'/'.join(parts[-3:])}:{last.lineno} ({last.name})"

@@ -12,7 +12,7 @@ from infergate.config import Settings
 from infergate.errors import ConfigError, PluginError
 from infergate.logs import get_logger
 from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
-from infergate.routing_rules import Condition
+from infergate.routing.rules import Condition
 
 GROUP = "infergate.plugins"
 # Plugin names appear in config, job records and logs.

@@ -17,8 +17,8 @@ import structlog
 from listeners import Listener, ListenerFactory
 
 from infergate.config import IngestSettings
-from infergate.dicom.scp import StorageSCP
-from infergate.dicom.spool import Spool
+from infergate.ingest.scp import StorageSCP
+from infergate.ingest.spool import Spool
 from infergate.store import Store
 from infergate.testing import (
     LEFT_FRONTAL,

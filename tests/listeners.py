@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from infergate.dicom.scp import StorageSCP
-from infergate.dicom.spool import Spool
+from infergate.ingest.scp import StorageSCP
+from infergate.ingest.spool import Spool
 from infergate.store import Store
 
 

@@ -9,10 +9,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from infergate.config import Settings
-from infergate.errors import InfergateError
+from infergate.errors import InfergateError, unexpected
 from infergate.export.outbox import backoff_s, deliver, plan
 from infergate.export.outcomes import OutcomeClass
-from infergate.inference.runner import unexpected
 from infergate.logs import get_logger
 from infergate.store import DeliveryRow, Store
 from infergate.work.states import DeliveryState

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from infergate.config import Settings
-from infergate.dicom.volume import load_series
-from infergate.errors import InfergateError, JobStepError, PluginError
+from infergate.errors import InfergateError, JobStepError, PluginError, unexpected
 from infergate.inference.triton import TritonClient
+from infergate.inference.volume import load_series
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.results.identity import ResultIdentity
@@ -35,22 +34,6 @@ def _plugin_step(plugin: str, step: str, call: Callable[[], T]) -> T:
         return call()
     except Exception as exc:  # plugin code may raise anything; it fails its own job
         raise PluginError(f"plugin {plugin} failed in {step}: {unexpected(exc)}") from exc
-
-
-def unexpected(exc: BaseException) -> str:
-    """An exception no one raised on purpose, for the log and the job record: its type
-    and the place it was raised, not its message, which may quote header values."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return type(exc).__name__
-    last = frames[-1]
-    parts = Path(last.filename).parts
-    # From the package down: site-packages/pydicom/valuerep.py, not the whole path.
-    for anchor in ("site-packages", "server", "plugins"):
-        if anchor in parts:
-            parts = parts[parts.index(anchor) + 1 :]
-            break
-    return f"{type(exc).__name__} raised in {'/'.join(parts[-3:])}:{last.lineno} ({last.name})"
 
 
 @contextlib.contextmanager

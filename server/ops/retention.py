@@ -1,7 +1,7 @@
 """Retention: finished studies are removed ``retention.keep_days`` after they finished,
 and sooner, oldest first, while the spool's file system is over its high-water mark.
 
-Nothing still to be processed or delivered is ever removed (``store_retention`` says
+Nothing still to be processed or delivered is ever removed (``store.retention`` says
 what finished means). Rows go first, in one transaction, then the files: a crash in
 between leaves files that no row names, never a row whose file is gone. Every removal
 is logged (``retention.study.removed``) and counted in the pass's summary.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from infergate.dicom.volume import LoadedSeries
 from infergate.durable import fsync_dir
 from infergate.errors import ResultEncodingError, VolumeError
+from infergate.inference.volume import LoadedSeries
 from infergate.plugin_api import Findings, PluginSpec
 from infergate.results.identity import ResultIdentity
 from infergate.results.seg import build_segmentation

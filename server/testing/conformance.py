@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.utils import triton_to_np_dtype
 
-from infergate.dicom.projection import PROJECTION_MODALITIES
+from infergate.dicom.geometry import PROJECTION_MODALITIES
 from infergate.errors import PluginError
 from infergate.plugin_api import Findings, Plugin, PluginSpec, Series, TensorSpec
 from infergate.plugins import validate

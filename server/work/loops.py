@@ -11,8 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from infergate.errors import InfergateError
-from infergate.inference.runner import unexpected
+from infergate.errors import InfergateError, unexpected
 from infergate.logs import get_logger
 
 log = get_logger(__name__)

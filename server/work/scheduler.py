@@ -20,10 +20,10 @@ from typing import Literal
 
 import structlog
 
+from infergate.assembly import complete_quiet_series
 from infergate.config import Settings, machine_memory_bytes
-from infergate.dicom.assembly import complete_quiet_series
-from infergate.errors import InfergateError, TritonUnavailableError
-from infergate.inference.runner import run_job, unexpected
+from infergate.errors import InfergateError, TritonUnavailableError, unexpected
+from infergate.inference.runner import run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin

@@ -3,7 +3,7 @@
 Plain enums, not ``StrEnum``: a delivery's ``pending`` and a result's are different
 states and must not compare equal. The state store keeps their values, and changes a
 state only by an UPDATE that names the transition (from which states to which) and is
-checked against this table first (``store_db.set_state``), as pynetdicom's ``fsm.py``
+checked against this table first (``store.db.set_state``), as pynetdicom's ``fsm.py``
 tabulates its state machine: a transition the table does not list is a bug and is
 refused; a row that is in another state by now is left alone and the caller is told
 (a job that ran past its deadline and was failed meanwhile cannot then be done).

@@ -25,9 +25,9 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infergate.config import TritonSettings
-from infergate.dicom.volume import load_series
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
+from infergate.inference.volume import load_series
 from infergate.testing import write_chest_ct
 from infergate.testing.radiograph_phantom import chest_radiograph_image
 from infergate_plugins.ct_lung import plugin as ct_lung

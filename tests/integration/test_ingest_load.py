@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from infergate.config import IngestSettings, Settings, StorageSettings
-from infergate.dicom.listener_pool import ListenerPool
+from infergate.ingest.listener_pool import ListenerPool
 from infergate.store import Store
 from infergate.testing import ChestPhantom
 from peers import PEER_ENV, free_port, require_program

@@ -17,10 +17,10 @@ import yaml
 from structlog.testing import capture_logs
 
 from infergate.config import TritonSettings
-from infergate.dicom.volume import load_series
 from infergate.errors import InferenceError, InferenceTimeoutError, ModelMismatchError
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
+from infergate.inference.volume import load_series
 from infergate.plugin_api import TensorSpec
 from infergate.testing import ChestPhantom
 from infergate.testing.radiograph_phantom import chest_radiograph_image

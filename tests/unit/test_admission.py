@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from infergate.config import IngestSettings, Peer
-from infergate.dicom.admission import AssociationRequest, ListenerLoad, decide
+from infergate.ingest.admission import AssociationRequest, ListenerLoad, decide
 
 IDLE = ListenerLoad(associations=0, associations_from_address=0, free_bytes=10**12)
 SETTINGS = IngestSettings(

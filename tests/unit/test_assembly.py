@@ -10,10 +10,10 @@ import structlog
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from infergate.assembly import complete_quiet_series, completion
 from infergate.config import AssemblySettings, CalledAE, IngestSettings, Settings
-from infergate.dicom.assembly import complete_quiet_series, completion
-from infergate.dicom.scp import StorageSCP
-from infergate.dicom.spool import Spool
+from infergate.ingest.scp import StorageSCP
+from infergate.ingest.spool import Spool
 from infergate.plugins import LoadedPlugin
 from infergate.store import InstanceRecord, SeriesRow, Store
 from infergate.testing import ChestPhantom

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from infergate.dicom.commits import InstanceCommitter
-from infergate.dicom.spool import Spool
 from infergate.errors import InfergateError, StoreError
+from infergate.ingest.commits import InstanceCommitter
+from infergate.ingest.spool import Spool
 from infergate.store import Arrival, ArrivalOutcome, InstanceRecord, Store
 
 

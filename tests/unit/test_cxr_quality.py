@@ -13,8 +13,8 @@ import pydicom
 import pytest
 
 from infergate.config import DeviceSettings
-from infergate.dicom.volume import load_series
 from infergate.errors import ResultEncodingError
+from infergate.inference.volume import load_series
 from infergate.plugin_api import PRESENT, Code, Evaluation, Findings
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result

@@ -10,9 +10,9 @@ from pydicom.uid import CTImageStorage
 from pynetdicom import dimse_messages
 from pynetdicom.dimse_primitives import C_STORE
 
-from infergate.dicom.dimse import C_STORE_RQ, Command, decode_command, encode_response
-from infergate.dicom.upper_layer import COMMAND, LAST, pdata, pdvs
 from infergate.errors import AssociationError
+from infergate.ingest.dimse import C_STORE_RQ, Command, decode_command, encode_response
+from infergate.ingest.upper_layer import COMMAND, LAST, pdata, pdvs
 
 INSTANCE = "1.2.826.0.1.3680043.8.498.1"
 

@@ -19,7 +19,7 @@ from pydicom.uid import (
 )
 
 from infergate.dicom.elements import MAX_DEPTH, identifying_values
-from infergate.dicom.received import read_header
+from infergate.ingest.received import read_header
 from infergate.testing import ChestPhantom
 
 NAMES = ("sop_class_uid", "sop_instance_uid", "modality", "study_uid", "series_uid")
@@ -166,7 +166,7 @@ def test_files_in_each_plain_syntax_take_the_fast_path(
     def slow_path(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the fast walk declined")
 
-    monkeypatch.setattr("infergate.dicom.received._read_with_pydicom", slow_path)
+    monkeypatch.setattr("infergate.ingest.received._read_with_pydicom", slow_path)
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian):
         path = tmp_path / f"{syntax.name}.dcm"
         instance.file_meta.TransferSyntaxUID = syntax

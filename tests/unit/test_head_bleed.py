@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from infergate.config import DeviceSettings
-from infergate.dicom.volume import load_series
+from infergate.inference.volume import load_series
 from infergate.plugin_api import LEFT, RIGHT, Series
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result

@@ -17,9 +17,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from infergate.config import IngestSettings, Settings, StorageSettings
-from infergate.dicom import listener_pool
-from infergate.dicom.listener_pool import ListenerPool
 from infergate.errors import ListenerError
+from infergate.ingest import listener_pool
+from infergate.ingest.listener_pool import ListenerPool
 from infergate.store import Store
 from infergate.testing import ChestPhantom
 from peers import free_port, storescu, wait_until
@@ -123,7 +123,7 @@ PARENT = textwrap.dedent(
     """
     import sys, time
     from infergate.config import IngestSettings, Settings, StorageSettings
-    from infergate.dicom.listener_pool import ListenerPool
+    from infergate.ingest.listener_pool import ListenerPool
     from infergate.store import Store
     settings = Settings.model_validate_json(sys.stdin.read())
     pool = ListenerPool(settings, Store(settings.storage.database))

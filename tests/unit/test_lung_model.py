@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from infergate.dicom.volume import load_series
+from infergate.inference.volume import load_series
 from infergate.testing import ChestPhantom
 
 

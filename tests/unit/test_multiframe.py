@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from infergate.config import DeviceSettings
-from infergate.dicom.volume import load_series
 from infergate.errors import VolumeError
+from infergate.inference.volume import load_series
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
 from infergate.testing import ChestPhantom

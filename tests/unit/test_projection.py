@@ -9,10 +9,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from infergate.dicom.volume import load_series
 from infergate.errors import VolumeError
-from infergate.routing_rules import Condition, evaluate
-from infergate.series_facts import read_series_facts
+from infergate.inference.volume import load_series
+from infergate.routing.facts import read_series_facts
+from infergate.routing.rules import Condition, evaluate
 from infergate.testing.radiograph_phantom import write_chest_radiograph
 
 

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from series_variants import sheared
 
 from infergate.config import DeviceSettings
-from infergate.dicom.volume import LoadedSeries, load_series
+from infergate.inference.volume import LoadedSeries, load_series
 from infergate.plugin_api import MILLILITER, VOLUME, Findings, Measurement
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import DEIDENTIFICATION_UNSTATED, encode, write_result

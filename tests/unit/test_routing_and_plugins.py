@@ -13,8 +13,8 @@ from infergate.config import Settings
 from infergate.errors import ConfigError, PluginError
 from infergate.plugin_api import Findings, PluginSpec, Series
 from infergate.plugins import LoadedPlugin, check_plugin_names, discover, enabled_plugins, validate
-from infergate.routing import route
-from infergate.series_facts import SeriesFacts
+from infergate.routing.decide import route
+from infergate.routing.facts import SeriesFacts
 from infergate_plugins.ct_head_bleed import plugin as ct_head_bleed
 from infergate_plugins.ct_lung import plugin as ct_lung
 

@@ -11,11 +11,12 @@ import yaml
 
 from infergate.cli import main
 from infergate.config import Settings, load_settings
+from infergate.dicom.geometry import orientation_of
 from infergate.errors import ConfigError
 from infergate.plugins import LoadedPlugin, check_plugin_names
-from infergate.routing import route
-from infergate.routing_rules import Condition, Rule, evaluate
-from infergate.series_facts import SeriesFacts, orientation_of, read_series_facts, series_facts
+from infergate.routing.decide import route
+from infergate.routing.facts import SeriesFacts, read_series_facts, series_facts
+from infergate.routing.rules import Condition, Rule, evaluate
 from infergate.testing import ChestPhantom
 from infergate_plugins.ct_lung import plugin as ct_lung
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from infergate.dicom.spool import Spool
 from infergate.errors import SpoolError
+from infergate.ingest.spool import Spool
 
 
 def _received(spool: Spool, data: bytes) -> Path:

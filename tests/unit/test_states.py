@@ -8,7 +8,7 @@ import pytest
 
 from infergate.errors import StoreError
 from infergate.store import Store
-from infergate.store_db import set_state
+from infergate.store.db import set_state
 from infergate.work.states import (
     TRANSITIONS,
     DeliveryState,

@@ -31,13 +31,13 @@ from infergate.config import (
     StorageSettings,
     TlsSettings,
 )
-from infergate.dicom.listener_pool import ListenerPool
-from infergate.dicom.scp import StorageSCP
-from infergate.dicom.spool import Spool
 from infergate.dicom.tls import server_context
 from infergate.errors import ConfigError
 from infergate.export.outcomes import OutcomeClass
 from infergate.export.scu import send_objects
+from infergate.ingest.listener_pool import ListenerPool
+from infergate.ingest.scp import StorageSCP
+from infergate.ingest.spool import Spool
 from infergate.store import Store
 from infergate.testing import ChestPhantom
 from peers import (

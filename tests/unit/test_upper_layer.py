@@ -25,7 +25,7 @@ from pynetdicom.dimse_messages import C_FIND_RQ, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.presentation import build_context
 
-from infergate.dicom.incoming import IMPLEMENTATION_CLASS_UID
+from infergate.ingest.incoming import IMPLEMENTATION_CLASS_UID
 from infergate.testing import ChestPhantom
 from peers import PEER_ENV, require_program, wait_until
 
@@ -357,7 +357,7 @@ def test_a_request_dripped_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
 def test_connections_that_never_associate_are_capped_per_address(
     make_listener: ListenerFactory,
 ) -> None:
-    listener = make_listener(max_associations_per_address=3, acse_timeout_s=30)
+    listener = make_listener(max_unassociated_per_address=3, acse_timeout_s=30)
     idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(3)]
     wait_until(lambda: listener.scp.open_associations() == 3, 5, "three idle connections")
     with structlog.testing.capture_logs() as logs:

@@ -9,8 +9,8 @@ from pydicom.dataset import Dataset
 from series_variants import by_z, rewrite, sheared
 
 from infergate.config import VolumeSettings
-from infergate.dicom.volume import load_series
 from infergate.errors import VolumeError
+from infergate.inference.volume import load_series
 from infergate.testing import ChestPhantom
 
 

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 from infergate.config import Settings
-from infergate.dicom.sockets import ListeningSockets
 from infergate.dicom.tls import server_context
 from infergate.errors import ListenerError
+from infergate.ingest.sockets import ListeningSockets
 from infergate.logs import get_logger
 from infergate.store import Store
 
@@ -75,7 +75,7 @@ class ListenerPool:
             if sock is not None:
                 arguments += [flag, str(sock.fileno())]
         process = subprocess.Popen(  # noqa: S603 - our own module, with our interpreter
-            [sys.executable, "-m", "infergate.dicom.listener_process", *arguments],
+            [sys.executable, "-m", "infergate.ingest.listener_process", *arguments],
             stdin=subprocess.PIPE,
             pass_fds=(ready_write, *(sock.fileno() for sock in sockets.all())),
         )

@@ -17,8 +17,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infergate.dicom.spool import Spool
 from infergate.errors import InfergateError
+from infergate.ingest.spool import Spool
 from infergate.store import ArrivalOutcome, InstanceRecord, Store
 
 

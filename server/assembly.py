@@ -20,8 +20,8 @@ from pydicom.errors import InvalidDicomError
 from infergate.config import AssemblySettings, Settings
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
-from infergate.routing import route
-from infergate.series_facts import SeriesFacts, read_series_facts
+from infergate.routing.decide import route
+from infergate.routing.facts import SeriesFacts, read_series_facts
 from infergate.store import NewJob, SeriesRow, Store
 from infergate.work.states import JobKind
 

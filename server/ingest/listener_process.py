@@ -1,4 +1,4 @@
-"""One listener process (``python -m infergate.dicom.listener_process``), started by the pool.
+"""One listener process (``python -m infergate.ingest.listener_process``), started by the pool.
 
 It reads the frozen settings as JSON on standard input (exactly the parent's, with
 no second look at files or the environment), serves the listening socket it
@@ -17,13 +17,13 @@ import sys
 import threading
 
 from infergate.config import Settings
-from infergate.dicom.scp import StorageSCP
-from infergate.dicom.sockets import ListeningSockets
-from infergate.dicom.spool import Spool
+from infergate.ingest.scp import StorageSCP
+from infergate.ingest.sockets import ListeningSockets
+from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
 from infergate.store import Store
 
-log = get_logger("infergate.dicom.listener_process")
+log = get_logger("infergate.ingest.listener_process")
 
 
 def tmp_name(index: int) -> str:

@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from infergate.store_db import Database
+from infergate.store.db import Database
 from infergate.work.states import DeliveryState, JobState, SeriesState
 
 # What keeps a study (:study is its UID): any of these is work still to do.

@@ -1,8 +1,9 @@
 """The state store: instances, series and jobs, in SQLite.
 
-The connection, schema and durability settings are in ``store_db``, the association
-audit trail in ``store_associations``, the outbox (results and their deliveries) in
-``store_outbox``. Each public method is one transaction.
+The connection, schema and durability settings are in ``store.db``, the association
+audit trail in ``store.associations``, the outbox (results and their deliveries) in
+``store.outbox``, what is finished and its removal in ``store.retention``. Each public
+method is one transaction.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from infergate.errors import StoreError
-from infergate.store_associations import AssociationRecords
-from infergate.store_db import set_state
-from infergate.store_outbox import OutboxRecords
-from infergate.store_retention import RetentionRecords
-from infergate.store_rows import (
+from infergate.store.associations import AssociationRecords
+from infergate.store.db import set_state
+from infergate.store.outbox import OutboxRecords
+from infergate.store.retention import RetentionRecords
+from infergate.store.rows import (
     Arrival,
     ArrivalOutcome,
     AssociationAudit,

@@ -16,9 +16,6 @@ from pydicom.dataset import Dataset
 
 from infergate.errors import VolumeError
 
-# Modalities whose images are projections, not slices of a volume.
-PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "RF", "XA"})
-
 # Patient Orientation letters (PS3.3 C.7.6.1.1.1) as LPS direction vectors.
 _DIRECTIONS = {
     "L": (1.0, 0.0, 0.0),
@@ -31,10 +28,6 @@ _DIRECTIONS = {
 # A frontal chest radiograph as it is hung: rows towards the patient's left, columns
 # towards the feet. Taken when Patient Orientation is absent, and said so.
 ASSUMED_ORIENTATION = ("L", "F")
-
-
-def is_projection(ds: Dataset) -> bool:
-    return str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES
 
 
 def displayed(pixels: npt.NDArray[np.float32], ds: Dataset) -> npt.NDArray[np.float32]:

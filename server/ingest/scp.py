@@ -38,8 +38,14 @@ from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
 from infergate.config import IngestSettings
-from infergate.dicom.admission import Rejection, space_shortfall
-from infergate.dicom.association import (
+from infergate.dicom.status import Status, status_for
+from infergate.dicom.tls import server_context
+from infergate.errors import (
+    InfergateError,
+    SpoolFullError,
+)
+from infergate.ingest.admission import Rejection, space_shortfall
+from infergate.ingest.association import (
     VERIFICATION,
     AssociationInfo,
     InboundAssociation,
@@ -47,19 +53,13 @@ from infergate.dicom.association import (
     bind_log_context,
     peer_fields,
 )
-from infergate.dicom.association_events import AssociationEvents
-from infergate.dicom.commits import InstanceCommitter
-from infergate.dicom.guards import check_inflated_size
-from infergate.dicom.received import read_header
-from infergate.dicom.sockets import ListeningSockets, accept_connections
-from infergate.dicom.spool import Spool
-from infergate.dicom.status import Status, status_for
-from infergate.dicom.tls import server_context
-from infergate.dicom.upper_layer import Connection, PduLimits
-from infergate.errors import (
-    InfergateError,
-    SpoolFullError,
-)
+from infergate.ingest.association_events import AssociationEvents
+from infergate.ingest.commits import InstanceCommitter
+from infergate.ingest.guards import check_inflated_size
+from infergate.ingest.received import read_header
+from infergate.ingest.sockets import ListeningSockets, accept_connections
+from infergate.ingest.spool import Spool
+from infergate.ingest.upper_layer import Connection, PduLimits
 from infergate.logs import get_logger
 from infergate.store import Arrival, InstanceRecord, Store
 
@@ -187,12 +187,12 @@ class StorageSCP:
         reason = None
         if crowded:
             reason = "too many open connections"
-        elif waiting >= self.settings.max_associations_per_address:
+        elif waiting >= self.settings.max_unassociated_per_address:
             # Sockets that never associate (no AE title, no peer entry needed) must not
             # lock legitimate peers out: the per-address limit holds before the request.
             reason = (
                 f"{waiting} connections from this address have not yet sent an association"
-                " request (ingest.max_associations_per_address)"
+                " request (ingest.max_unassociated_per_address)"
             )
         if reason is not None:
             log.warning("ingest.connection.refused", peer_address=address[0], reason=reason)

@@ -17,8 +17,8 @@ from pydicom.errors import InvalidDicomError
 
 from infergate.config import Settings
 from infergate.plugins import LoadedPlugin
-from infergate.routing import route
-from infergate.series_facts import SeriesFacts, series_facts
+from infergate.routing.decide import route
+from infergate.routing.facts import SeriesFacts, series_facts
 
 
 def explain(

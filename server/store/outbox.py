@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 from infergate.config import Destination
 from infergate.errors import StoreError
-from infergate.store_db import Database, set_state
-from infergate.store_rows import (
+from infergate.store.db import Database, set_state
+from infergate.store.rows import (
     DeliveryItem,
     DeliveryRow,
     ResultRow,

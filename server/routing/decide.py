@@ -1,6 +1,6 @@
 """Routing: which plugins a completed series goes to, at which priority, and why.
 
-A pure function of the series' facts (``series_facts``), the installed plugins, the
+A pure function of the series' facts (``routing.facts``), the installed plugins, the
 rules of ``routing.rules`` and the plugins enabled for the called AE title the
 series was sent to. A plugin that no configured rule names runs under its default
 rule (the modalities it declares); a plugin that rules name runs where one of them
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infergate.plugins import LoadedPlugin
-from infergate.routing_rules import Condition, Rule, evaluate
-from infergate.series_facts import SeriesFacts
+from infergate.routing.facts import SeriesFacts
+from infergate.routing.rules import Condition, Rule, evaluate
 from infergate.work.states import Priority
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from infergate.series_facts import SeriesFacts
+from infergate.routing.facts import SeriesFacts
 from infergate.work.states import Priority
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique", "projection"]

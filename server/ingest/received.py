@@ -19,8 +19,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from infergate.dicom.elements import identifying_values
-from infergate.dicom.incoming import dataset_offset
 from infergate.errors import InvalidInstanceError, UIDMismatchError
+from infergate.ingest.incoming import dataset_offset
 
 # PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros
 # in a component are not conformant either, but real scanners send them; they are

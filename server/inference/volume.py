@@ -36,11 +36,11 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from infergate.config import VolumeSettings
-from infergate.dicom.projection import patient_orientation, pixel_spacing
-from infergate.dicom.slices import Slice, read_slices, vector
+from infergate.dicom.geometry import irregular_gaps
 from infergate.errors import VolumeError
+from infergate.inference.projection import patient_orientation, pixel_spacing
+from infergate.inference.slices import Slice, read_slices, vector
 from infergate.plugin_api import Series
-from infergate.series_facts import irregular_gaps
 
 # Positions along the normal closer than this are the same slice position (mm).
 _SAME_POSITION_MM = 1e-3

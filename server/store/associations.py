@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
-from infergate.store_db import Database
-from infergate.store_rows import AssociationAudit
+from infergate.store.db import Database
+from infergate.store.rows import AssociationAudit
 
 _COLUMNS = (
     "association_id, peer_address, peer_port, calling_ae, called_ae, tls, outcome, reason,"

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infergate.config import IngestSettings
-from infergate.dicom.admission import (
+from infergate.dicom.tls import client_subject, handshake
+from infergate.errors import InfergateError, TlsRefusedError
+from infergate.ingest.admission import (
     SERVICE_PROVIDER_PRESENTATION,
     TEMPORARY_CONGESTION,
     TRANSIENT,
@@ -28,9 +30,7 @@ from infergate.dicom.admission import (
     Rejection,
     decide,
 )
-from infergate.dicom.association import AssociationInfo
-from infergate.dicom.tls import client_subject, handshake
-from infergate.errors import InfergateError, TlsRefusedError
+from infergate.ingest.association import AssociationInfo
 from infergate.logs import get_logger
 from infergate.store import AssociationAudit, Store
 

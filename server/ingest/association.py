@@ -35,7 +35,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from infergate.dicom.admission import (
+from infergate.dicom.status import Status
+from infergate.errors import AssociationError, PduTooLargeError
+from infergate.ingest.admission import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
     PERMANENT,
@@ -43,7 +45,7 @@ from infergate.dicom.admission import (
     SERVICE_USER,
     Rejection,
 )
-from infergate.dicom.dimse import (
+from infergate.ingest.dimse import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
     C_STORE_RQ,
@@ -51,14 +53,13 @@ from infergate.dicom.dimse import (
     decode_command,
     encode_response,
 )
-from infergate.dicom.incoming import (
+from infergate.ingest.incoming import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     IncomingFile,
     file_meta,
 )
-from infergate.dicom.status import Status
-from infergate.dicom.upper_layer import (
+from infergate.ingest.upper_layer import (
     A_ABORT,
     A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
@@ -77,7 +78,6 @@ from infergate.dicom.upper_layer import (
     pdu,
     pdvs,
 )
-from infergate.errors import AssociationError, PduTooLargeError
 from infergate.logs import get_logger
 
 log = get_logger(__name__)
@@ -244,7 +244,8 @@ class InboundAssociation:
         """Decide and answer the request; True when it was accepted."""
         blank = _blank_ae_titles(body)
         if blank is not None:
-            return self._reject(blank)
+            self.info.requested = True
+            return self._reject(self.services.admit(self.info, blank) or blank)
         request = pynetdicom_pdu.A_ASSOCIATE_RQ()
         try:
             request.decode(pdu(A_ASSOCIATE_RQ, bytes(body)))
@@ -280,10 +281,8 @@ class InboundAssociation:
         )
         return True
 
-    def _reject(self, refused: Rejection) -> bool:
-        """Audit and answer an A-ASSOCIATE-RJ (admission may swap in its own reason)."""
-        self.info.requested = True
-        rejection = self.services.admit(self.info, refused) or refused
+    def _reject(self, rejection: Rejection) -> bool:
+        """Answer an A-ASSOCIATE-RJ that admission decided and audited."""
         answer = bytes([0, rejection.result, rejection.source, rejection.diagnostic])
         self.connection.send(pdu(A_ASSOCIATE_RJ, answer))
         return False

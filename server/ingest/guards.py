@@ -7,8 +7,8 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from infergate.dicom.incoming import HEAD_BYTES, dataset_offset
 from infergate.errors import InstanceTooLargeError, InvalidInstanceError
+from infergate.ingest.incoming import HEAD_BYTES, dataset_offset
 
 _CHUNK = 1 << 16
 

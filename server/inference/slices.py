@@ -18,8 +18,9 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 
-from infergate.dicom.projection import displayed, is_projection
+from infergate.dicom.geometry import is_projection
 from infergate.errors import VolumeError
+from infergate.inference.projection import displayed
 
 
 @dataclass

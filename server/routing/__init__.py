@@ -1,0 +1,2 @@
+"""Routing: facts from headers, declarative rules, the decision and its explanation
+(a pure function of headers and settings)."""
