@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from infergate.config import TritonSettings
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 # DCMTK tools and Orthanc leave Nagle's algorithm on unless told (DCMTK FAQ #48).
@@ -296,6 +298,19 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             children.append(int(status.parent.name))
     return children
+
+
+def triton_settings(repository: Path, **values: Any) -> TritonSettings:
+    """An embedded Triton on free loopback ports, serving ``repository``."""
+    return TritonSettings.model_validate(
+        {
+            "model_repository": repository,
+            "grpc_port": free_port(),
+            "http_port": free_port(),
+            "metrics_port": free_port(),
+            **values,
+        }
+    )
 
 
 def infergate_config(

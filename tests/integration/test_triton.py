@@ -25,19 +25,13 @@ from infergate.plugin_api import TensorSpec
 from infergate.testing import ChestPhantom
 from infergate.testing.radiograph_phantom import chest_radiograph_image
 from infergate_plugins.ct_lung import plugin
-from peers import PEER_ENV, REPO, free_port
+from peers import PEER_ENV, REPO, triton_settings
 
 pytestmark = pytest.mark.integration
 
 
 def _triton_settings(repository: Path) -> TritonSettings:
-    return TritonSettings(
-        model_repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        request_timeout_s=60,
-    )
+    return triton_settings(repository, request_timeout_s=60)
 
 
 @pytest.fixture(scope="module")

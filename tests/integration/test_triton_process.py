@@ -10,22 +10,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from infergate.config import TritonSettings
 from infergate.errors import TritonUnavailableError
 from infergate.inference.embedded import EmbeddedTriton
-from peers import REPO, free_port, process_name, wait_until
+from peers import REPO, process_name, triton_settings, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def _settings(repository: Path) -> TritonSettings:
-    return TritonSettings(
-        model_repository=repository,
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        startup_timeout_s=60,
-    )
 
 
 def _one_model(tmp_path: Path) -> Path:
@@ -59,7 +48,7 @@ def _listening_addresses(port: int) -> set[str]:
 def test_a_stale_tritonserver_of_ours_is_stopped_and_the_new_one_is_loopback_only(
     tmp_path: Path,
 ) -> None:
-    settings = _settings(_one_model(tmp_path))
+    settings = triton_settings(_one_model(tmp_path), startup_timeout_s=60)
     stale = EmbeddedTriton(settings, tmp_path / "triton")
     stale.start()  # an earlier run's, never stopped: as after a kill -9 of its gateway
     assert stale._process is not None
@@ -80,7 +69,7 @@ def test_a_stale_tritonserver_of_ours_is_stopped_and_the_new_one_is_loopback_onl
 
 
 def test_a_port_held_by_another_program_is_named_and_not_fought_over(tmp_path: Path) -> None:
-    settings = _settings(_one_model(tmp_path))
+    settings = triton_settings(_one_model(tmp_path), startup_timeout_s=60)
     holder = socket.socket()
     holder.bind(("127.0.0.1", settings.http_port))
     holder.listen()

@@ -354,34 +354,35 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _send_over_tls(
-    pki: Pki, port: int, small_phantom: ChestPhantom, client: trustme.LeafCert | None
+def _send_to_tls_pacs(
+    pki: Pki, small_phantom: ChestPhantom, received: Path, server: trustme.CA
 ) -> Any:
-    tls: dict[str, str] = {"ca": str(pki.ca_file)}
-    if client is not None:
-        cert, key = pki.write(client, "infergate-client")
-        tls |= {"certificate": str(cert), "private_key": str(key)}
+    """Two instances sent to a TLS PACS whose certificate ``server`` signed, with a
+    client certificate of the hospital CA; the attempt's outcome."""
+    pacs, port = _tls_pacs(pki, received, server)
+    cert, key = pki.write(
+        pki.ca.issue_cert("infergate.test", common_name="INFERGATE"), "infergate-client"
+    )
+    tls = {"ca": str(pki.ca_file), "certificate": str(cert), "private_key": str(key)}
     destination = Destination.model_validate(
         {"ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "tls": tls}
     )
-    return send_objects(
-        [(f"uid-{i}", path) for i, path in enumerate(small_phantom.paths[:2])],
-        destination,
-        "INFERGATE",
-        timeout_s=10,
-    )
+    try:
+        return send_objects(
+            [(f"uid-{i}", path) for i, path in enumerate(small_phantom.paths[:2])],
+            destination,
+            "INFERGATE",
+            timeout_s=10,
+        )
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=30)
 
 
 def test_results_go_to_a_tls_only_pacs_with_infergates_client_certificate(
     pki: Pki, small_phantom: ChestPhantom, tmp_path: Path
 ) -> None:
-    pacs, port = _tls_pacs(pki, tmp_path / "received", pki.ca)
-    try:
-        client = pki.ca.issue_cert("infergate.test", common_name="INFERGATE")
-        attempt = _send_over_tls(pki, port, small_phantom, client)
-    finally:
-        pacs.terminate()
-        pacs.wait(timeout=30)
+    attempt = _send_to_tls_pacs(pki, small_phantom, tmp_path / "received", pki.ca)
     assert attempt.failure is None
     assert [o.outcome for o in attempt.objects] == [OutcomeClass.DELIVERED] * 2
     assert len(list((tmp_path / "received").iterdir())) == 2
@@ -390,13 +391,7 @@ def test_results_go_to_a_tls_only_pacs_with_infergates_client_certificate(
 def test_a_pacs_whose_certificate_no_trusted_ca_signed_is_not_sent_to(
     pki: Pki, small_phantom: ChestPhantom, tmp_path: Path
 ) -> None:
-    pacs, port = _tls_pacs(pki, tmp_path / "received", pki.stranger)
-    try:
-        client = pki.ca.issue_cert("infergate.test", common_name="INFERGATE")
-        attempt = _send_over_tls(pki, port, small_phantom, client)
-    finally:
-        pacs.terminate()
-        pacs.wait(timeout=30)
+    attempt = _send_to_tls_pacs(pki, small_phantom, tmp_path / "received", pki.stranger)
     assert attempt.failure is OutcomeClass.TRANSIENT
     assert attempt.reason is not None
     assert "CERTIFICATE_VERIFY_FAILED" in attempt.reason

@@ -41,24 +41,7 @@ class RawPeer:
     def associate(
         self, contexts: list[str], application_context: str = DICOM_APPLICATION_CONTEXT
     ) -> tuple[int, bytes]:
-        request = pdu_primitives.A_ASSOCIATE()
-        request.application_context_name = application_context
-        request.calling_ae_title = "TESTSCU"
-        request.called_ae_title = "INFERGATE"
-        proposed = []
-        for index, sop_class in enumerate(contexts):
-            context = build_context(sop_class, [ExplicitVRLittleEndian])
-            context.context_id = 2 * index + 1
-            proposed.append(context)
-        request.presentation_context_definition_list = proposed
-        maximum = pdu_primitives.MaximumLengthNotification()
-        maximum.maximum_length_received = 16382
-        implementation = pdu_primitives.ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = "1.2.3.4"
-        request.user_information = [maximum, implementation]
-        encoded = pdu.A_ASSOCIATE_RQ()
-        encoded.from_primitive(request)
-        self.sock.sendall(encoded.encode())
+        self.sock.sendall(_request_bytes(contexts, application_context))
         return self.read_pdu()
 
     def read_pdu(self) -> tuple[int, bytes]:
@@ -292,16 +275,24 @@ def test_a_malformed_association_request_is_aborted_and_leaves_nothing_open(
     wait_until(lambda: listener.scp.open_associations() == 0, 5, "connection thread ended")
 
 
-def _request_bytes(calling: str = "TESTSCU") -> bytes:
-    """An A-ASSOCIATE-RQ for CT, encoded by pynetdicom, with ``calling`` written over
-    its calling AE title field (pynetdicom's encoder would refuse a blank one)."""
+def _request_bytes(
+    contexts: list[str],
+    application_context: str = DICOM_APPLICATION_CONTEXT,
+    calling: str = "TESTSCU",
+) -> bytes:
+    """An A-ASSOCIATE-RQ proposing ``contexts``, encoded by pynetdicom, with ``calling``
+    written over its calling AE title field afterwards (pynetdicom's encoder would
+    refuse a blank one)."""
     request = pdu_primitives.A_ASSOCIATE()
-    request.application_context_name = DICOM_APPLICATION_CONTEXT
+    request.application_context_name = application_context
     request.calling_ae_title = "TESTSCU"
     request.called_ae_title = "INFERGATE"
-    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    context.context_id = 1
-    request.presentation_context_definition_list = [context]
+    proposed = []
+    for index, sop_class in enumerate(contexts):
+        context = build_context(sop_class, [ExplicitVRLittleEndian])
+        context.context_id = 2 * index + 1
+        proposed.append(context)
+    request.presentation_context_definition_list = proposed
     maximum = pdu_primitives.MaximumLengthNotification()
     maximum.maximum_length_received = 16382
     implementation = pdu_primitives.ImplementationClassUIDNotification()
@@ -318,7 +309,7 @@ def test_a_blank_calling_ae_title_is_rejected_with_its_reason_and_audited(
     listener: Listener,
 ) -> None:
     peer = RawPeer(listener.port)
-    peer.sock.sendall(_request_bytes(calling=" " * 16))
+    peer.sock.sendall(_request_bytes([CTImageStorage], calling=" " * 16))
     pdu_type, data = peer.read_pdu()
     assert pdu_type == 0x03
     assert tuple(data[7:10]) == (1, 1, 3)  # permanent, service user, calling AE not recognised
@@ -332,7 +323,7 @@ def test_a_request_dripped_a_byte_at_a_time_is_cut_off_at_the_acse_timeout(
 ) -> None:
     """Each byte comes well within the read timeout; the request as a whole does not."""
     listener = make_listener(acse_timeout_s=1.0, network_timeout_s=10)
-    request = _request_bytes()
+    request = _request_bytes([CTImageStorage])
     peer = RawPeer(listener.port)
     closed_after = None
     for sent, byte in enumerate(request):
