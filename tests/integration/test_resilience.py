@@ -7,7 +7,9 @@ good; a PACS refusing the SEG stopped it; a kill -9 left tritonserver orphaned.
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,3 +234,48 @@ def test_a_job_that_keeps_killing_the_gateway_is_a_dead_letter(
     last_run = [e["event"] for e in server.events(server.runs)]
     assert "inference.job.started" not in last_run
     assert orthanc.find_instances(chest_phantom.study_uid, "SEG") == []
+
+
+@pytest.mark.parametrize("state", ["exporting", "waiting_to_retry"])
+def test_sigkill_while_results_are_on_their_way_sends_each_once(
+    tmp_path: Path, small_phantom: ChestPhantom, state: str
+) -> None:
+    """SIGKILL with the delivery in an association to a PACS that does not answer
+    (sending), or waiting to retry after the PACS refused the connection: after a
+    restart, with the PACS back on its port, each result arrives once."""
+    orthanc = Orthanc(tmp_path / "orthanc")  # its ports chosen, not started yet
+    silent = None
+    if state == "exporting":
+        silent = socket.socket()  # accepts connections into its backlog, never answers
+        silent.bind(("127.0.0.1", orthanc.dicom_port))
+        silent.listen(8)
+    config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    config["export"].update({"retry_delay_s": 30, "timeout_s": 60})
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        storescu(server.port, list(small_phantom.paths))
+        if state == "exporting":
+            server.wait_event("export.planned", timeout=120)
+            time.sleep(1.0)  # the association is open and waiting for an answer
+        else:
+            server.wait_event("export.retrying", timeout=120, fail_on=())
+        server.kill()
+        if silent is not None:
+            silent.close()
+        orthanc.start()
+        config["export"]["retry_delay_s"] = 0.5
+        server.start()
+        server.wait_event("export.delivered", timeout=120, fail_on=("export.dead_letter",))
+        server.stop()
+        seg = orthanc.find_instances(small_phantom.study_uid, "SEG")
+        sr = orthanc.find_instances(small_phantom.study_uid, "SR")
+        stored = orthanc.get("/statistics")["CountInstances"]
+    finally:
+        server.stop()
+        orthanc.stop()
+        if silent is not None:
+            silent.close()
+    assert (len(seg), len(sr), stored) == (1, 1, 2)
+    assert len([e for e in server.events() if e["event"] == "inference.job.done"]) == 1
