@@ -157,8 +157,8 @@ def serve(settings: Settings) -> int:
         listeners.stop()
         for stage in stages:
             stage.join(timeout_s=10)
-        scheduler.release_running(wait_s=settings.ingest.network_timeout_s)
-        exporter.shutdown(wait_s=settings.export.timeout_s)
+        scheduler.release_running(wait_s=settings.work.stop_grace_s)
+        exporter.shutdown(wait_s=settings.work.stop_grace_s)
     store.close()
     log.info("serve.stopped", failed=failed)
     # A stage that could no longer work is a failure: a supervisor (systemd's

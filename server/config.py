@@ -395,6 +395,9 @@ class WorkSettings(_Section):
     # bytes. A job over the budget runs alone; one over the machine's memory fails.
     memory_budget_bytes: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     memory_per_input_byte: float = Field(default=12.0, gt=0)
+    # On SIGTERM, jobs and associations in flight get this long to finish; what is
+    # still running then is put back (jobs queued, deliveries due) for the next start.
+    stop_grace_s: float = Field(default=20.0, ge=0)
 
     @model_validator(mode="after")
     def _room_for_normal_jobs(self) -> WorkSettings:

@@ -1,12 +1,12 @@
-"""The export worker: plans results into deliveries and sends the due ones, each
-destination on a pool of its own (``export.max_associations`` threads), so that a
-destination that is slow, silent or down delays nothing but its own deliveries."""
+"""The export worker: plans results into deliveries and sends the due ones, each on a
+thread of its own, at most ``export.max_associations`` at once per destination, so
+that a destination that is slow, silent or down delays nothing but its own
+deliveries. The threads are daemons: a stop does not wait for a silent PACS."""
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from infergate.config import Settings
 from infergate.errors import InfergateError, unexpected
@@ -24,7 +24,6 @@ class ExportWorker:
         self._settings = settings
         self._store = store
         self._lock = threading.Lock()
-        self._pools: dict[str, ThreadPoolExecutor] = {}
         # Deliveries being sent, by destination.
         self._sending: dict[str, set[str]] = {}
 
@@ -41,12 +40,12 @@ class ExportWorker:
                 if not self._store.claim_delivery(delivery.delivery_id, now):
                     continue
                 sending.add(delivery.delivery_id)
-                pool = self._pools.get(key)
-                if pool is None:
-                    pool = self._pools[key] = ThreadPoolExecutor(
-                        self._settings.export.max_associations, thread_name_prefix=f"export-{key}"
-                    )
-            pool.submit(self._send, delivery.delivery_id, key)
+            threading.Thread(
+                target=self._send,
+                args=(delivery.delivery_id, key),
+                name=f"export-{key}",
+                daemon=True,
+            ).start()
 
     def busy(self) -> bool:
         with self._lock:
@@ -84,9 +83,8 @@ class ExportWorker:
             log.error("export.delivery.unrecorded", delivery_id=delivery_id, reason=str(exc))
 
     def shutdown(self, wait_s: float) -> None:
-        """Let associations in progress finish for up to ``wait_s``."""
+        """Let associations in progress finish for up to ``wait_s``; one still open then
+        stays `sending` in the store and is sent again at the next start (recover)."""
         deadline = time.monotonic() + wait_s
         while self.busy() and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pool in self._pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)

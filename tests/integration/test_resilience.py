@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from infergate.testing import ChestPhantom
+from infergate.testing import ChestPhantom, write_chest_ct
 from peers import (
     PEER_ENV,
     InfergateProcess,
@@ -279,3 +279,40 @@ def test_sigkill_while_results_are_on_their_way_sends_each_once(
             silent.close()
     assert (len(seg), len(sr), stored) == (1, 1, 2)
     assert len([e for e in server.events() if e["event"] == "inference.job.done"]) == 1
+
+
+def test_a_silent_pacs_delays_only_its_own_deliveries(
+    tmp_path: Path, orthanc: Orthanc, small_phantom: ChestPhantom
+) -> None:
+    """A study for a PACS that accepts the connection and never answers, then a study
+    for Orthanc: the second's results are in Orthanc while the first's association is
+    still waiting (an ordering, not a timing)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    destination = {"ae_title": "SILENT", "host": "127.0.0.1", "port": silent.getsockname()[1]}
+    config["ingest"]["called_aes"] = [{"ae_title": "TO_SILENT", "destination": destination}]
+    config["export"]["timeout_s"] = 120
+    config["work"] = {"stop_grace_s": 1}  # the silent association is not waited for
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    second = write_chest_ct(
+        tmp_path / "second", slices=40, size=256, pixel_spacing=1.4, slice_spacing=6.0
+    )
+    try:
+        server.start()
+        storescu(server.port, list(small_phantom.paths), called_ae="TO_SILENT")
+        server.wait_event("export.planned", timeout=120)
+        storescu(server.port, list(second.paths))
+        (delivered,) = server.wait_event("export.delivered", timeout=120, fail_on=())
+        assert delivered["destination"] == orthanc.ae_title
+        assert server.process is not None
+        assert server.process.poll() is None
+        events = [e["event"] for e in server.events()]
+        assert events.count("export.planned") == 2
+        assert len(orthanc.find_instances(second.study_uid, "SR")) == 1
+        assert orthanc.find_instances(small_phantom.study_uid, "SR") == []
+    finally:
+        server.stop()
+        silent.close()
