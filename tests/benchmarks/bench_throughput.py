@@ -11,6 +11,7 @@ more phantom is sent to the idle gateway: its images/s against those of the stud
 sent while jobs were running.
 
     .venv/bin/python tests/benchmarks/bench_throughput.py --studies 6 --reference 7ee359f
+    .venv/bin/python tests/benchmarks/bench_throughput.py --per-plugin-slots 2
 """
 
 from __future__ import annotations
@@ -67,13 +68,18 @@ def _run(
     studies: list[ChestPhantom],
     idle: ChestPhantom,
     root: Path,
-    env: dict[str, str] | None,
+    *,
+    env: dict[str, str] | None = None,
+    work: dict[str, int] | None = None,
 ) -> Run:
-    orthanc = Orthanc(root / f"orthanc-{label}")
+    slug = label.replace(" ", "-")  # tritonserver's Python backend splits paths on spaces
+    orthanc = Orthanc(root / f"orthanc-{slug}")
     orthanc.start()
-    config = infergate_config(root / f"var-{label}", orthanc, quiet_s=1.0)
+    config = infergate_config(root / f"var-{slug}", orthanc, quiet_s=1.0)
     config["plugins"] = {"enabled": ["ct_lung"]}
-    server = InfergateProcess(root / f"infergate-{label}", config, extra_env=env)
+    if work:
+        config["work"] = work
+    server = InfergateProcess(root / f"infergate-{slug}", config, extra_env=env)
     server.workdir.mkdir()
     try:
         server.start()
@@ -121,6 +127,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=6)
     parser.add_argument("--reference", default="7ee359f", help="git revision to compare with")
+    parser.add_argument(
+        "--per-plugin-slots",
+        type=int,
+        help="also run this tree with work.per_plugin_slots set to this",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -129,9 +140,15 @@ def main() -> None:
         env = _reference_tree(args.reference, root)
         try:
             runs = [
-                _run(f"reference {args.reference}", studies, idle, root, env),
-                _run("this tree", studies, idle, root, None),
+                _run(f"reference {args.reference}", studies, idle, root, env=env),
+                _run("this tree", studies, idle, root),
             ]
+            if args.per_plugin_slots:
+                slots = args.per_plugin_slots
+                work = {"per_plugin_slots": slots, "inference_slots": slots + 1}
+                runs.append(
+                    _run(f"this tree, {slots} ct_lung jobs at once", studies, idle, root, work=work)
+                )
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(root / "reference")],
