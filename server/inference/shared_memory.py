@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ _SHM_DIR = Path("/dev/shm")  # noqa: S108 - where POSIX shared memory lives, not
 # Each tensor starts on a cache line of its own.
 _ALIGN = 64
 _counter = itertools.count(1)
+_UNREGISTER_TRIES = 40  # 2 s at most
 
 
 def _aligned(size: int) -> int:
@@ -98,9 +100,21 @@ def shared_memory_inputs(
         yield request_inputs
     finally:
         if registered:
-            try:
-                client.unregister_system_shared_memory(region, client_timeout=timeout_s)
-            except InferenceServerException as exc:
-                # Triton may be gone; its registration went with it.
-                log.warning("inference.shared_memory.unregister_failed", reason=exc.message())
+            _unregister(client, region, timeout_s)
         shm.destroy_shared_memory_region(handle)
+
+
+def _unregister(client: grpcclient.InferenceServerClient, region: str, timeout_s: float) -> None:
+    """Unregister ``region``. Triton releases a request's hold on it a moment after the
+    response, and says "currently in use" until then (seen with two jobs at once), so
+    that answer is tried again briefly; a Triton that is gone took its registration with
+    it."""
+    for attempt in range(_UNREGISTER_TRIES):
+        try:
+            client.unregister_system_shared_memory(region, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            if "in use" in (exc.message() or "") and attempt + 1 < _UNREGISTER_TRIES:
+                time.sleep(0.05)
+                continue
+            log.warning("inference.shared_memory.unregister_failed", reason=exc.message())
+        return
