@@ -176,14 +176,6 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords):
         )
         return [_job(row) for row in rows]
 
-    def next_job(self, now: float | None = None) -> JobRow | None:
-        """The job to run next, if any (the first of ``runnable_jobs``)."""
-        runnable = self.runnable_jobs(now)
-        return runnable[0] if runnable else None
-
-    def running_jobs(self) -> list[JobRow]:
-        return self._jobs_where("state = ?", (JobState.RUNNING.value,))
-
     @staticmethod
     def _set_job_state(
         db: sqlite3.Connection,

@@ -333,7 +333,5 @@ def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
     assert job.error is not None
     assert job.error.startswith("Triton model 'ct_lung_seg' failed")
     # Not runnable before its time, runnable after it.
-    assert store.next_job() is None
-    later = store.next_job(now=time.time() + 31)
-    assert later is not None
-    assert later.job_id == "lung"
+    assert store.runnable_jobs() == []
+    assert [j.job_id for j in store.runnable_jobs(now=time.time() + 31)] == ["lung"]

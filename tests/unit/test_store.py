@@ -207,13 +207,11 @@ def test_urgent_jobs_run_before_older_normal_ones(store: Store) -> None:
     _complete(store, "9.2", [NewJob("normal2", JobKind.INFERENCE, "ct_lung", "normal")], now=20.0)
     _complete(store, "9.3", [NewJob("urgent", JobKind.INFERENCE, "ct_lung", "urgent")], now=30.0)
     assert [j.job_id for j in store.runnable_jobs()] == ["urgent", "normal1", "normal2"]
-    next_job = store.next_job()
-    assert next_job is not None
+    next_job = store.runnable_jobs()[0]
     assert (next_job.job_id, next_job.priority) == ("urgent", "urgent")
     store.start_job("urgent", now=31.0)
     assert store.job("urgent").priority == "urgent"
-    next_job = store.next_job()
-    assert next_job is not None
+    next_job = store.runnable_jobs()[0]
     assert (next_job.job_id, next_job.priority) == ("normal1", "normal")
 
 
