@@ -8,4 +8,8 @@ bash deploy/setup.sh test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# Every Triton model is a module named "model": one mypy run each, the same settings.
+for model in model_repository/*/1/model.py; do
+    .venv/bin/mypy "$model"
+done
 exec .venv/bin/pytest "$@"

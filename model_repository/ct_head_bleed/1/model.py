@@ -16,8 +16,13 @@ are kept, largest first.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
+
+Array = npt.NDArray[Any]
 
 BONE_HU = 300.0
 BLOOD_MIN_HU = 55.0
@@ -29,7 +34,7 @@ _IN_PLANE = np.zeros((1, 3, 3), dtype=bool)
 _IN_PLANE[0] = True
 
 
-def cranial_cavity(hu: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def cranial_cavity(hu: Array, spacing: Array) -> Array:
     """Voxels enclosed by bone in their slice, at least MARGIN_MM from any bone in 3-D
     (thick slices near the vertex and the skull base mix bone into brain through the
     slice, not only in plane)."""
@@ -41,10 +46,11 @@ def cranial_cavity(hu: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     if not enclosed.any():
         return enclosed
     sampling = tuple(float(v) for v in spacing)
-    return enclosed & (ndimage.distance_transform_edt(~bone, sampling=sampling) >= MARGIN_MM)
+    distance: Array = ndimage.distance_transform_edt(~bone, sampling=sampling)
+    return enclosed & (distance >= MARGIN_MM)
 
 
-def find_candidates(hu: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def find_candidates(hu: Array, spacing: Array) -> Array:
     """Label the candidate hyperdense regions; see the module docstring."""
     labels_out = np.zeros(hu.shape, dtype=np.uint8)
     cavity = cranial_cavity(hu, spacing)

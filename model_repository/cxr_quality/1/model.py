@@ -23,8 +23,13 @@ n-th pixel, so clipped values stay exact) to about ANALYSIS_SIZE pixels across.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
+
+Array = npt.NDArray[Any]
 
 ANALYSIS_SIZE = 256
 # A lung field is at least this fraction of the image.
@@ -34,15 +39,15 @@ MIN_LUNG_FRACTION = 0.01
 CLIP_TOLERANCE = 1e-3
 
 
-def _normalised(image: np.ndarray) -> np.ndarray | None:
+def _normalised(image: Array) -> Array | None:
     low, high = np.percentile(image, (1.0, 99.0))
     if high <= low:
         return None
-    scaled: np.ndarray = np.clip((image - low) / (high - low), 0.0, 1.0)
+    scaled: Array = np.clip((image - low) / (high - low), 0.0, 1.0)
     return scaled
 
 
-def inversion_score(scaled: np.ndarray) -> float:
+def inversion_score(scaled: Array) -> float:
     rows, columns = scaled.shape
     profile = scaled[int(0.3 * rows) : int(0.65 * rows)].mean(axis=0)
     middle = profile[columns // 3 : 2 * columns // 3].mean()
@@ -55,7 +60,7 @@ def inversion_score(scaled: np.ndarray) -> float:
     return float(lateral - middle)
 
 
-def _otsu(values: np.ndarray) -> float:
+def _otsu(values: Array) -> float:
     counts, edges = np.histogram(values, bins=128, range=(0.0, 1.0))
     centres = (edges[:-1] + edges[1:]) / 2.0
     weight_low = np.cumsum(counts)
@@ -67,7 +72,7 @@ def _otsu(values: np.ndarray) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def lung_fields(scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def lung_fields(scaled: Array) -> tuple[Array, Array] | None:
     """The masks of the lung field at lower columns and at higher columns, or None."""
     dark = scaled < _otsu(scaled)
     labels, count = ndimage.label(dark)
@@ -88,7 +93,7 @@ def lung_fields(scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return masks[0], masks[1]
 
 
-def rotation_index(low: np.ndarray, high: np.ndarray) -> float:
+def rotation_index(low: Array, high: Array) -> float:
     rows = np.nonzero(low.any(axis=1) & high.any(axis=1))[0]
     if len(rows) == 0:
         return float("nan")
@@ -105,7 +110,7 @@ def rotation_index(low: np.ndarray, high: np.ndarray) -> float:
     return float(np.median(offsets)) if offsets else float("nan")
 
 
-def check_image(image: np.ndarray) -> tuple[float, float, float]:
+def check_image(image: Array) -> tuple[float, float, float]:
     """(inversion score, rotation index, clipped fraction) of one image."""
     step = max(1, int(np.ceil(max(image.shape) / ANALYSIS_SIZE)))
     small = image[::step, ::step].astype(np.float64)
@@ -124,7 +129,7 @@ def check_image(image: np.ndarray) -> tuple[float, float, float]:
     return score, rotation_index(low, high), float(clipped[lungs].mean())
 
 
-def check_images(images: np.ndarray) -> dict[str, np.ndarray]:
+def check_images(images: Array) -> dict[str, Array]:
     results = np.array([check_image(image) for image in images], dtype=np.float32).reshape(-1, 3)
     return {
         "INVERSION_SCORE": results[:, 0].copy(),
