@@ -16,11 +16,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import yaml
 
 from infergate.config import TritonSettings
@@ -384,3 +385,51 @@ def walk_content(items: Any) -> Iterator[Any]:
         yield item
         if "ContentSequence" in item:
             yield from walk_content(item.ContentSequence)
+
+
+def pip_install(source: Path, target: Path, build: Path) -> Path:
+    """Install the package in ``source`` with pip into ``target``, as an AI team
+    installs its plugin beside Infergate; ``target`` goes on PYTHONPATH."""
+    # setuptools builds in the source folder: build a copy, not the repository's files.
+    copy = shutil.copytree(source, build / source.name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",  # setuptools from this environment: no network
+            "--target",
+            str(target),
+            str(copy),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=build,
+        env=PEER_ENV,
+    )
+    return target
+
+
+def copy_as_new_study(
+    paths: list[Path], folder: Path, change: Callable[[pydicom.Dataset], None] | None = None
+) -> tuple[str, list[Path]]:
+    """The instances at ``paths`` as a study of their own: new study, series and SOP
+    Instance UIDs, each changed by ``change`` if given, everything else as it was.
+    Returns the study UID and the copies."""
+    folder.mkdir()
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    copies = []
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        if change is not None:
+            change(ds)
+        target = folder / f"{index}.dcm"
+        ds.save_as(target)
+        copies.append(target)
+    return study, copies

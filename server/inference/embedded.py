@@ -63,6 +63,8 @@ def prepare_backends(target: Path) -> Path:
 
 
 _LOOPBACK = "127.0.0.1"
+# Seconds tritonserver waits for requests in flight when told to stop.
+_EXIT_TIMEOUT_S = 5
 _PR_SET_PDEATHSIG = 1
 
 
@@ -145,6 +147,9 @@ class EmbeddedTriton:
             "--exit-on-error=false",
             "--strict-readiness=false",
             "--log-verbose=0",
+            # At stop the gateway has put back the jobs it still ran: requests in flight
+            # serve no one, so Triton waits this long for them, not its default 30 s.
+            f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
         ]
         self._work_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale(backends)
@@ -266,7 +271,7 @@ class EmbeddedTriton:
             return
         process.terminate()
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=_EXIT_TIMEOUT_S + 10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

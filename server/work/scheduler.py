@@ -13,6 +13,7 @@ failed). Any exception from any step of a job fails that job alone.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -139,15 +140,14 @@ class JobScheduler:
             for running in late:
                 running.abandoned = True
         for running in late:
-            self._fail(
-                running.job,
-                f"the job ran past its deadline of {deadline:g} s (work.job_deadline_s)",
-            )
+            with _job_context(running.job):
+                self._fail(
+                    running.job,
+                    f"the job ran past its deadline of {deadline:g} s (work.job_deadline_s)",
+                )
 
     def _run(self, job: JobRow) -> None:
-        with structlog.contextvars.bound_contextvars(
-            job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
-        ):
+        with _job_context(job):
             try:
                 self._run_contained(job)
             except Exception as exc:  # recording the outcome failed (the store)
@@ -252,3 +252,10 @@ class JobScheduler:
             self._store.requeue_jobs(ids, time.time())
             log.warning("inference.jobs.requeued_at_stop", jobs=ids)
         return ids
+
+
+def _job_context(job: JobRow) -> contextlib.AbstractContextManager[None]:
+    """The job's identifiers on every log line within (UIDs, never patient data)."""
+    return structlog.contextvars.bound_contextvars(
+        job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
+    )

@@ -3,7 +3,6 @@ its entry point, checked against the live model, routed, and its SR in Orthanc."
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from peers import (
     Orthanc,
     dciodvfy_errors,
     infergate_config,
+    pip_install,
     storescu,
     walk_content,
 )
@@ -32,30 +32,7 @@ PACKAGE = REPO / "tests" / "data" / "external_plugin"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The lung_total package, installed by pip into a folder of its own."""
-    target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    # setuptools builds in the source folder: build a copy, not the repository's files.
-    source = shutil.copytree(PACKAGE, build / "lung_total")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",  # setuptools from this environment: no network
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-        cwd=build,
-        env=PEER_ENV,
-    )
-    return target
+    return pip_install(PACKAGE, tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("build"))
 
 
 def _cli(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

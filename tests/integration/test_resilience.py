@@ -7,7 +7,9 @@ good; a PACS refusing the SEG stopped it; a kill -9 left tritonserver orphaned.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from peers import (
     PEER_ENV,
     InfergateProcess,
     Orthanc,
+    copy_as_new_study,
     free_port,
     infergate_config,
     process_name,
@@ -54,19 +57,14 @@ PresentationContexts = NoSegmentation
 def _poisoned_copy(phantom: ChestPhantom, folder: Path) -> list[Path]:
     """The phantom with a non-number in Rescale Slope (DS), as a broken modality writes
     it, under new UIDs so that it is a study of its own."""
-    folder.mkdir()
-    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    paths = []
-    for index, path in enumerate(phantom.paths):
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+
+    def marked(ds: pydicom.Dataset) -> None:
         ds.RescaleSlope = "7.77"
-        target = folder / f"{index}.dcm"
-        ds.save_as(target)
+
+    _, paths = copy_as_new_study(list(phantom.paths), folder, marked)
+    for path in paths:
         # pydicom will not write a bad DS: the header is before the pixels.
-        target.write_bytes(target.read_bytes().replace(b"7.77", b"abcd", 1))
-        paths.append(target)
+        path.write_bytes(path.read_bytes().replace(b"7.77", b"abcd", 1))
     return paths
 
 
@@ -236,27 +234,45 @@ def test_a_job_that_keeps_killing_the_gateway_is_a_dead_letter(
     assert orthanc.find_instances(chest_phantom.study_uid, "SEG") == []
 
 
-@pytest.mark.parametrize("state", ["exporting", "waiting_to_retry"])
+def _delivery_states(var_dir: Path) -> list[str]:
+    """The deliveries' states as the store has them, read-only."""
+    uri = f"file:{var_dir / 'infergate.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        return sorted(state for (state,) in db.execute("SELECT state FROM deliveries"))
+
+
+@pytest.mark.parametrize("state", ["encoded", "exporting", "waiting_to_retry"])
 def test_sigkill_while_results_are_on_their_way_sends_each_once(
     tmp_path: Path, small_phantom: ChestPhantom, state: str
 ) -> None:
-    """SIGKILL with the delivery in an association to a PACS that does not answer
-    (sending), or waiting to retry after the PACS refused the connection: after a
-    restart, with the PACS back on its port, each result arrives once."""
+    """SIGKILL with the results encoded and their delivery waiting for an association
+    (encoded: the one association to the PACS is held by another study's), in an
+    association to a PACS that does not answer (exporting), or waiting to retry after
+    the PACS refused the connection: after a restart, with the PACS back on its port,
+    each result arrives once."""
     orthanc = Orthanc(tmp_path / "orthanc")  # its ports chosen, not started yet
     silent = None
-    if state == "exporting":
+    if state in ("encoded", "exporting"):
         silent = socket.socket()  # accepts connections into its backlog, never answers
         silent.bind(("127.0.0.1", orthanc.dicom_port))
         silent.listen(8)
     config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
-    config["export"].update({"retry_delay_s": 30, "timeout_s": 60})
+    config["export"].update({"retry_delay_s": 30, "timeout_s": 60, "max_associations": 1})
     server = InfergateProcess(tmp_path / "infergate", config)
     server.workdir.mkdir()
+    studies = [small_phantom.study_uid]
     try:
         server.start()
         storescu(server.port, list(small_phantom.paths))
-        if state == "exporting":
+        if state == "encoded":
+            server.wait_event("export.planned", timeout=120)
+            study, paths = copy_as_new_study(list(small_phantom.paths), tmp_path / "second")
+            storescu(server.port, paths)
+            studies.append(study)
+            server.wait_event("export.planned", timeout=120, count=2)
+            time.sleep(1.0)  # the first association is open; the second delivery waits
+            assert _delivery_states(tmp_path / "var") == ["pending", "sending"]
+        elif state == "exporting":
             server.wait_event("export.planned", timeout=120)
             time.sleep(1.0)  # the association is open and waiting for an answer
         else:
@@ -267,18 +283,27 @@ def test_sigkill_while_results_are_on_their_way_sends_each_once(
         orthanc.start()
         config["export"]["retry_delay_s"] = 0.5
         server.start()
-        server.wait_event("export.delivered", timeout=120, fail_on=("export.dead_letter",))
+        server.wait_event(
+            "export.delivered",
+            timeout=120,
+            count=len(studies),
+            fail_on=("export.dead_letter",),
+        )
         server.stop()
-        seg = orthanc.find_instances(small_phantom.study_uid, "SEG")
-        sr = orthanc.find_instances(small_phantom.study_uid, "SR")
+        found = [
+            (len(orthanc.find_instances(uid, "SEG")), len(orthanc.find_instances(uid, "SR")))
+            for uid in studies
+        ]
         stored = orthanc.get("/statistics")["CountInstances"]
     finally:
         server.stop()
         orthanc.stop()
         if silent is not None:
             silent.close()
-    assert (len(seg), len(sr), stored) == (1, 1, 2)
-    assert len([e for e in server.events() if e["event"] == "inference.job.done"]) == 1
+    assert found == [(1, 1)] * len(studies)
+    assert stored == 2 * len(studies)
+    done = [e for e in server.events() if e["event"] == "inference.job.done"]
+    assert len(done) == len(studies)
 
 
 def test_a_silent_pacs_delays_only_its_own_deliveries(
