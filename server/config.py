@@ -396,6 +396,10 @@ class WorkSettings(_Section):
     # bytes. A job over the budget runs alone; one over the machine's memory fails.
     memory_budget_bytes: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     memory_per_input_byte: float = Field(default=12.0, gt=0)
+    # Each inference job in a process of its own, forked from a warm forkserver (the
+    # GIL serialises jobs on threads; a process past its deadline can be killed).
+    # false: jobs run on threads of the gateway (plugins that cannot be pickled).
+    job_processes: bool = True
     # On SIGTERM, jobs and associations in flight get this long to finish; what is
     # still running then is put back (jobs queued, deliveries due) for the next start.
     stop_grace_s: float = Field(default=20.0, ge=0)

@@ -100,8 +100,15 @@ class JobStepError(InfergateError):
     raised, but not its message, which may quote the data."""
 
 
-class JobDeadlineError(InfergateError):
-    """A job ran past ``work.job_deadline_s`` and was failed."""
+class JobProcessError(InfergateError):
+    """A job run in a process of its own failed there, or its process died.
+
+    ``error`` is the type name of what the job raised (for the log), since the
+    exception itself stays in that process."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(reason)
+        self.error = error
 
 
 class ResultEncodingError(InfergateError):

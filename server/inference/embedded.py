@@ -10,20 +10,19 @@ environment, so numpy and scipy come from Infergate's own dependencies.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from infergate.config import TritonSettings
 from infergate.errors import TritonUnavailableError
 from infergate.inference.port_holders import port_holders, processes_running
 from infergate.inference.triton import TritonClient
+from infergate.lifetime import die_with_parent
 from infergate.logs import get_logger
 
 log = get_logger(__name__)
@@ -65,22 +64,6 @@ def prepare_backends(target: Path) -> Path:
 _LOOPBACK = "127.0.0.1"
 # Seconds tritonserver waits for requests in flight when told to stop.
 _EXIT_TIMEOUT_S = 5
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """For ``Popen(preexec_fn=...)``: the child gets SIGKILL when the thread that
-    started it dies, so that a gateway killed with SIGKILL (the OOM killer) leaves no
-    orphaned tritonserver holding its ports. Watchdog restarts run on the main thread."""
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before the fork
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: no signal will come
-            os._exit(1)
-
-    return arm
 
 
 def _stop_process(pid: int, timeout_s: float = 10.0) -> None:
@@ -161,7 +144,7 @@ class EmbeddedTriton:
                 env=env,
                 cwd=self._work_dir,
                 # Only prctl and getppid run in the child, nothing that takes a lock.
-                preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+                preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509
             )
         log.info(
             "triton.embedded.starting",

@@ -17,7 +17,7 @@ from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
-from infergate.store import JobRow, ResultRow, Store
+from infergate.store import JobRow, ResultRow
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -48,14 +48,23 @@ def step(name: str) -> Iterator[None]:
         raise JobStepError(f"{name} failed: {unexpected(exc)}") from exc
 
 
+@dataclass(frozen=True)
+class JobInput:
+    """What a job needs from the store, read before it runs: it runs apart from it."""
+
+    job: JobRow
+    paths: list[Path]  # the series' instances in the spool
+    supersedes: str | None  # the earlier job whose results these replace
+
+
 def run_job(
-    job: JobRow,
-    store: Store,
+    work: JobInput,
     plugin: LoadedPlugin,
     triton: TritonClient,
     settings: Settings,
 ) -> JobOutcome:
-    """Run ``job`` to written result files; the caller records them in the store."""
+    """Run a job to written result files; the caller records them in the store."""
+    job = work.job
     spec = plugin.spec
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -67,7 +76,7 @@ def run_job(
         started = now
 
     with step("volume building"):
-        loaded = load_series(store.instance_paths(job.series_uid), settings.volume)
+        loaded = load_series(work.paths, settings.volume)
     lap("volume_s")
     if loaded.excluded or loaded.resampled or loaded.assumed:
         log.info(
@@ -100,7 +109,7 @@ def run_job(
         device=settings.results.device,
         seg_series_number=settings.results.seg_series_number,
         sr_series_number=settings.results.sr_series_number,
-        supersedes=store.superseded_job(job.job_id),
+        supersedes=work.supersedes,
     )
     with step("encoding"):
         encoded = encode(loaded, findings, spec, identity)

@@ -15,6 +15,7 @@ also checks that neither function changes the series it is given.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 
 import numpy as np
@@ -69,6 +70,10 @@ def check_plugin(plugin: object) -> list[str]:
         return [str(exc)]
     spec = checked.spec
     problems: list[str] = []
+    try:
+        pickle.dumps(checked)  # each job gets it in a process of its own
+    except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
+        problems.append(f"the plugin object cannot be pickled ({type(exc).__name__}: {exc})")
     for modality in sorted(spec.modalities):
         series = synthetic_series(modality)
         before = series.volume.copy()

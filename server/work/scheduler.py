@@ -14,6 +14,7 @@ failed). Any exception from any step of a job fails that job alone.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -23,12 +24,19 @@ import structlog
 
 from infergate.assembly import complete_quiet_series
 from infergate.config import Settings, machine_memory_bytes
-from infergate.errors import InfergateError, TritonUnavailableError, unexpected
-from infergate.inference.runner import run_job
+from infergate.errors import (
+    InfergateError,
+    JobProcessError,
+    PluginError,
+    TritonUnavailableError,
+    unexpected,
+)
+from infergate.inference.runner import JobInput, JobOutcome, run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.store import JobRow, ResultRow, Store
+from infergate.work.job_process import JobProcess
 from infergate.work.states import JobKind, ResultKind
 
 log = get_logger(__name__)
@@ -39,9 +47,10 @@ class _Running:
     job: JobRow
     need_bytes: int
     started: float  # monotonic
-    # Past its deadline: failed, its slot freed, its thread not yet returned (its
-    # memory still counts).
+    # Past its deadline: failed, its slot freed, its process killed (on a thread: the
+    # thread not yet returned, its memory still counted).
     abandoned: bool = False
+    process: JobProcess | None = None
 
 
 class JobScheduler:
@@ -54,6 +63,9 @@ class JobScheduler:
     ) -> None:
         self._settings = settings
         self._store = store
+        if settings.work.job_processes:
+            for loaded in plugins:
+                _check_picklable(loaded)
         self._plugins = {p.spec.name: p for p in plugins}
         self._plugin_list = plugins
         self._triton = triton
@@ -145,6 +157,8 @@ class JobScheduler:
                     running.job,
                     f"the job ran past its deadline of {deadline:g} s (work.job_deadline_s)",
                 )
+            if running.process is not None:
+                running.process.kill()
 
     def _run(self, job: JobRow) -> None:
         with _job_context(job):
@@ -173,7 +187,7 @@ class JobScheduler:
                 if plugin is None:
                     self._fail(job, f"plugin {job.plugin} is not installed")
                     return
-                outcome = run_job(job, self._store, plugin, self._triton, self._settings)
+                outcome = self._run_inference(job, plugin)
                 results, timings = outcome.results, outcome.timings_s
         except TritonUnavailableError as exc:
             self._retry_or_fail(job, exc)
@@ -199,6 +213,22 @@ class JobScheduler:
             **timings,
         )
 
+    def _run_inference(self, job: JobRow, plugin: LoadedPlugin) -> JobOutcome:
+        work = JobInput(
+            job=job,
+            paths=self._store.instance_paths(job.series_uid),
+            supersedes=self._store.superseded_job(job.job_id),
+        )
+        if not self._settings.work.job_processes:
+            return run_job(work, plugin, self._triton, self._settings)
+        process = JobProcess(work, plugin, self._settings)
+        with self._lock:
+            running = self._running.get(job.job_id)
+            if running is None or running.abandoned:
+                raise JobProcessError("the job had been failed before it started", "Abandoned")
+            running.process = process
+        return process.run()
+
     def _forward(self, job: JobRow) -> list[ResultRow]:
         """A series no plugin runs on: its instances, as received, become the job's
         results, which the outbox sends to ``routing.unmatched.destination``."""
@@ -211,7 +241,7 @@ class JobScheduler:
 
     def _fail(self, job: JobRow, reason: str, exc: Exception | None = None) -> None:
         if self._store.fail_job(job.job_id, reason, time.time()):
-            error = {} if exc is None else {"error": type(exc).__name__}
+            error = {} if exc is None else {"error": _error_name(exc)}
             log.error(
                 "inference.job.failed",
                 job_id=job.job_id,
@@ -251,6 +281,10 @@ class JobScheduler:
         if ids:
             self._store.requeue_jobs(ids, time.time())
             log.warning("inference.jobs.requeued_at_stop", jobs=ids)
+        with self._lock:
+            processes = [r.process for r in self._running.values() if r.process is not None]
+        for process in processes:
+            process.kill()
         return ids
 
 
@@ -259,3 +293,20 @@ def _job_context(job: JobRow) -> contextlib.AbstractContextManager[None]:
     return structlog.contextvars.bound_contextvars(
         job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
     )
+
+
+def _error_name(exc: Exception) -> str:
+    """The type of what failed the job; for a job in its own process, what it raised
+    there."""
+    return exc.error if isinstance(exc, JobProcessError) else type(exc).__name__
+
+
+def _check_picklable(loaded: LoadedPlugin) -> None:
+    """A plugin goes to each job's process pickled: refuse at start one that cannot."""
+    try:
+        pickle.dumps(loaded)
+    except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
+        raise PluginError(
+            f"plugin {loaded.spec.name} cannot be sent to a job process ({type(exc).__name__});"
+            " make its object picklable or set work.job_processes: false"
+        ) from exc

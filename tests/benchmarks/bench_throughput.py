@@ -12,6 +12,7 @@ sent while jobs were running.
 
     .venv/bin/python tests/benchmarks/bench_throughput.py --studies 6 --reference 7ee359f
     .venv/bin/python tests/benchmarks/bench_throughput.py --per-plugin-slots 2
+    .venv/bin/python tests/benchmarks/bench_throughput.py --reference 78b24ee --threads-too
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def main() -> None:
         type=int,
         help="also run this tree with work.per_plugin_slots set to this",
     )
+    parser.add_argument(
+        "--threads-too",
+        action="store_true",
+        help="also run this tree with its jobs on threads (work.job_processes: false)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -149,6 +155,9 @@ def main() -> None:
                 runs.append(
                     _run(f"this tree, {slots} ct_lung jobs at once", studies, idle, root, work=work)
                 )
+            if args.threads_too:
+                work = {"job_processes": False}
+                runs.append(_run("this tree, jobs on threads", studies, idle, root, work=work))
         finally:
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(root / "reference")],

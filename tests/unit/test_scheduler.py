@@ -3,7 +3,9 @@ failure to its own job, deadlines, memory and Triton retries.
 
 The plugins here are real plugin objects (the plugin interface); the ones that block
 or raise stand for a hung model or a plugin with a bug. Jobs run on real series
-written to disk; Triton is a real client against a port where nothing listens.
+written to disk; Triton is a real client against a port where nothing listens. The
+jobs run on threads here (``work.job_processes: false``), so that a plugin can wait on
+an event the test sets; test_job_process.py runs them in their own processes.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,16 @@ import numpy.typing as npt
 import pydicom
 import pytest
 import structlog
+from workers import drain_jobs, queue_job
 
 from infergate.config import Settings
 from infergate.inference.triton import TritonClient
 from infergate.plugin_api import Findings, PluginSpec, Series
 from infergate.plugins import LoadedPlugin, discover
-from infergate.store import InstanceRecord, NewJob, Store
+from infergate.store import Store
 from infergate.testing import ChestPhantom
 from infergate.work.scheduler import JobScheduler
-from infergate.work.states import JobKind, JobState, Priority
+from infergate.work.states import JobState
 from peers import wait_until
 
 
@@ -37,53 +40,6 @@ def triton() -> Iterator[TritonClient]:
     client = TritonClient("127.0.0.1:1", timeout_s=5)  # nothing listens: UNAVAILABLE
     yield client
     client.close()
-
-
-def _record_series(store: Store, series_uid: str, paths: Sequence[Path], now: float) -> None:
-    for index, path in enumerate(paths):
-        store.record_instance(
-            InstanceRecord(
-                f"{series_uid}.{index}",
-                "1.2.840.10008.5.1.4.1.1.2",
-                series_uid,
-                "st1",
-                "CT",
-                path,
-                path.stat().st_size if path.exists() else 1,
-                "a",
-                "SCANNER",
-                "INFERGATE",
-                f"{series_uid}.{index}",
-            ),
-            now=now,
-        )
-
-
-def _queue(
-    store: Store,
-    job_id: str,
-    plugin: str,
-    paths: Sequence[Path],
-    *,
-    priority: Priority = "normal",
-    now: float = 1.0,
-) -> None:
-    series_uid = f"series-{job_id}"
-    _record_series(store, series_uid, paths, now)
-    (series,) = [s for s in store.receiving_series() if s.series_uid == series_uid]
-    assert store.complete_series(
-        series, [NewJob(job_id, JobKind.INFERENCE, plugin, priority)], now=now
-    )
-
-
-def _drain(scheduler: JobScheduler, store: Store, timeout: float = 60) -> None:
-    """Run rounds until nothing is queued or running."""
-
-    def idle() -> bool:
-        scheduler.step()
-        return not store.runnable_jobs() and not scheduler.running()
-
-    wait_until(idle, timeout, "the queue to drain", interval=0.05)
 
 
 def _step_until(scheduler: JobScheduler, condition: Callable[[], bool], what: str) -> None:
@@ -95,7 +51,10 @@ def _step_until(scheduler: JobScheduler, condition: Callable[[], bool], what: st
 
 
 def _settings(**work: Any) -> Settings:
-    return Settings.model_validate({"work": work, "assembly": {"quiet_period_s": 1000}})
+    # Jobs on threads: these plugins coordinate with the test through threading.Event.
+    return Settings.model_validate(
+        {"work": {"job_processes": False, **work}, "assembly": {"quiet_period_s": 1000}}
+    )
 
 
 class _Blocking:
@@ -135,14 +94,14 @@ def test_an_urgent_job_goes_before_the_normal_jobs_still_queued(
             changed = super().fail_job(job_id, error, now)
             if self.arrival is not None:
                 arrival, self.arrival = self.arrival, None
-                _queue(
+                queue_job(
                     self, arrival, arrival, [Path("/spool/missing.dcm")], priority="urgent", now=now
                 )
             return changed
 
     store = Arriving(tmp_path / "s.db")
     for index in range(3):
-        _queue(store, f"n{index}", f"n{index}", [Path("/spool/missing.dcm")], now=index)
+        queue_job(store, f"n{index}", f"n{index}", [Path("/spool/missing.dcm")], now=index)
     store.arrival = "u"  # arrives once the first job is done
     # One slot, none kept: jobs run one at a time. No plugin is installed, so each
     # job fails at once, naming its plugin (= its id).
@@ -150,7 +109,7 @@ def test_an_urgent_job_goes_before_the_normal_jobs_still_queued(
         _settings(inference_slots=1, urgent_reserved_slots=0), store, [], triton
     )
     with structlog.testing.capture_logs() as logs:
-        _drain(scheduler, store)
+        drain_jobs(scheduler, store)
     order = [e["plugin"] for e in logs if e["event"] == "inference.job.failed"]
     assert order == ["n0", "u", "n1", "n2"]
 
@@ -160,14 +119,16 @@ def test_an_urgent_job_starts_while_normal_jobs_hold_every_normal_slot(
 ) -> None:
     store = Store(tmp_path / "s.db")
     slow = _Blocking("slow")
-    _queue(store, "normal1", "slow", small_phantom.paths, now=1.0)
-    _queue(store, "normal2", "slow", small_phantom.paths, now=2.0)
+    queue_job(store, "normal1", "slow", small_phantom.paths, now=1.0)
+    queue_job(store, "normal2", "slow", small_phantom.paths, now=2.0)
     settings = _settings(inference_slots=2, urgent_reserved_slots=1)
     scheduler = JobScheduler(settings, store, [LoadedPlugin(slow, "test")], triton)
     try:
         scheduler.step()
         assert slow.started.wait(30)
-        _queue(store, "urgent", "missing", [Path("/spool/missing.dcm")], priority="urgent", now=3.0)
+        queue_job(
+            store, "urgent", "missing", [Path("/spool/missing.dcm")], priority="urgent", now=3.0
+        )
         with structlog.testing.capture_logs() as logs:
             _step_until(
                 scheduler,
@@ -182,7 +143,7 @@ def test_an_urgent_job_starts_while_normal_jobs_hold_every_normal_slot(
         assert failed["plugin"] == "missing"
     finally:
         slow.release.set()
-    _drain(scheduler, store)
+    drain_jobs(scheduler, store)
 
 
 def test_a_plugin_that_raises_fails_its_own_job_and_the_next_one_runs(
@@ -190,11 +151,11 @@ def test_a_plugin_that_raises_fails_its_own_job_and_the_next_one_runs(
 ) -> None:
     store = Store(tmp_path / "s.db")
     buggy = _Raising("buggy")
-    _queue(store, "bad", "buggy", small_phantom.paths, now=1.0)
-    _queue(store, "next", "other", [Path("/spool/missing.dcm")], now=2.0)
+    queue_job(store, "bad", "buggy", small_phantom.paths, now=1.0)
+    queue_job(store, "next", "other", [Path("/spool/missing.dcm")], now=2.0)
     scheduler = JobScheduler(_settings(), store, [LoadedPlugin(buggy, "test")], triton)
     with structlog.testing.capture_logs() as logs:
-        _drain(scheduler, store)
+        drain_jobs(scheduler, store)
     bad = store.job("bad")
     assert bad.state is JobState.FAILED
     assert bad.error is not None
@@ -220,10 +181,10 @@ def test_a_poisoned_header_fails_its_job_with_the_step_and_the_place(
         target.write_bytes(target.read_bytes().replace(b"7.77", b"abcd", 1))
         poisoned.append(target)
     store = Store(tmp_path / "s.db")
-    _queue(store, "poisoned", "ct_lung", poisoned)
+    queue_job(store, "poisoned", "ct_lung", poisoned)
     lung = [p for p in discover() if p.spec.name == "ct_lung"]
     scheduler = JobScheduler(_settings(), store, lung, triton)
-    _drain(scheduler, store)
+    drain_jobs(scheduler, store)
     job = store.job("poisoned")
     assert job.state is JobState.FAILED
     assert job.error is not None
@@ -235,8 +196,8 @@ def test_a_job_past_its_deadline_fails_frees_its_slot_and_its_late_result_is_dro
 ) -> None:
     store = Store(tmp_path / "s.db")
     hung = _Blocking("hung")
-    _queue(store, "hung", "hung", small_phantom.paths, now=1.0)
-    _queue(store, "after", "other", [Path("/spool/missing.dcm")], now=2.0)
+    queue_job(store, "hung", "hung", small_phantom.paths, now=1.0)
+    queue_job(store, "after", "other", [Path("/spool/missing.dcm")], now=2.0)
     settings = _settings(inference_slots=2, urgent_reserved_slots=1, job_deadline_s=0.5)
     scheduler = JobScheduler(settings, store, [LoadedPlugin(hung, "test")], triton)
     try:
@@ -258,11 +219,11 @@ def test_a_series_too_large_for_the_machine_fails_with_that_reason(
     tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
     store = Store(tmp_path / "s.db")
-    _queue(store, "huge", "ct_lung", small_phantom.paths)
+    queue_job(store, "huge", "ct_lung", small_phantom.paths)
     lung = [p for p in discover() if p.spec.name == "ct_lung"]
     settings = _settings(memory_per_input_byte=1e9)
     scheduler = JobScheduler(settings, store, lung, triton)
-    _drain(scheduler, store)
+    drain_jobs(scheduler, store)
     job = store.job("huge")
     assert job.state is JobState.FAILED
     assert job.error is not None
@@ -274,8 +235,8 @@ def test_a_job_over_the_memory_budget_waits_to_run_alone(
 ) -> None:
     store = Store(tmp_path / "s.db")
     slow = _Blocking("slow")
-    _queue(store, "first", "slow", small_phantom.paths, now=1.0)
-    _queue(store, "big", "other", small_phantom.paths, now=2.0)
+    queue_job(store, "first", "slow", small_phantom.paths, now=1.0)
+    queue_job(store, "big", "other", small_phantom.paths, now=2.0)
     size = store.series_bytes("series-first")
     # Room for one of them at a time.
     settings = _settings(memory_budget_bytes=int(size * 1.5), memory_per_input_byte=1.0)
@@ -289,12 +250,12 @@ def test_a_job_over_the_memory_budget_waits_to_run_alone(
         assert any(e["event"] == "inference.job.waiting_for_memory" for e in logs)
     finally:
         slow.release.set()
-    _drain(scheduler, store)
+    drain_jobs(scheduler, store)
     assert store.job("big").state is JobState.FAILED  # it ran once alone: no such plugin
 
 
 def _lung_job(store: Store, small_phantom: ChestPhantom) -> None:
-    _queue(store, "lung", "ct_lung", small_phantom.paths)
+    queue_job(store, "lung", "ct_lung", small_phantom.paths)
 
 
 def test_triton_unavailable_is_retried_with_backoff_then_fails_the_job(
@@ -303,11 +264,14 @@ def test_triton_unavailable_is_retried_with_backoff_then_fails_the_job(
     store = Store(tmp_path / "s.db")
     _lung_job(store, small_phantom)
     settings = Settings.model_validate(
-        {"triton": {"unavailable_attempts": 3, "retry_delay_s": 0, "max_retry_delay_s": 0}}
+        {
+            "triton": {"unavailable_attempts": 3, "retry_delay_s": 0, "max_retry_delay_s": 0},
+            "work": {"job_processes": False},
+        }
     )
     lung = [p for p in discover() if p.spec.name == "ct_lung"]
     with structlog.testing.capture_logs() as logs:
-        _drain(JobScheduler(settings, store, lung, triton), store)
+        drain_jobs(JobScheduler(settings, store, lung, triton), store)
     retrying = [e for e in logs if e["event"] == "inference.job.retrying"]
     assert [(e["attempt"], e["of"]) for e in retrying] == [(1, 3), (2, 3)]
     (failed,) = [e for e in logs if e["event"] == "inference.job.failed"]
@@ -322,10 +286,12 @@ def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
 ) -> None:
     store = Store(tmp_path / "s.db")
     _lung_job(store, small_phantom)
-    settings = Settings.model_validate({"triton": {"retry_delay_s": 30}})
+    settings = Settings.model_validate(
+        {"triton": {"retry_delay_s": 30}, "work": {"job_processes": False}}
+    )
     lung = [p for p in discover() if p.spec.name == "ct_lung"]
     with structlog.testing.capture_logs() as logs:
-        _drain(JobScheduler(settings, store, lung, triton), store)
+        drain_jobs(JobScheduler(settings, store, lung, triton), store)
     (retrying,) = [e for e in logs if e["event"] == "inference.job.retrying"]
     assert retrying["retry_in_s"] == 30
     job = store.job("lung")

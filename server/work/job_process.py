@@ -1,0 +1,176 @@
+"""An inference job in a process of its own, forked from a warm forkserver.
+
+Why a process, not a thread of the gateway: the job's own work in the gateway (volume
+building, the plugin's steps, SEG and SR encoding) holds the GIL, so two jobs on
+threads take as long as the two in turn (tests/benchmarks/bench_gil.py: 2.59 s
+against 2.48 s in turn, 1.45 s on two processes, 100 slices on 2 cores). A process
+can also be killed: a job past its deadline stops for real and gives back its memory,
+and a job that crashes its interpreter (a segfault in a plugin's native code, the OOM
+killer) fails alone.
+
+Each job is forked from a forkserver that imported the job's modules and read
+highdicom's tables once (``work.job_processes: false`` runs jobs on threads instead).
+The child reads nothing from the store: the gateway passes the instance paths; the
+child writes the result files and sends back their rows, which the gateway commits.
+It dies with the forkserver, which ends when the gateway does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from infergate.config import Settings
+from infergate.errors import InfergateError, JobProcessError, TritonUnavailableError, unexpected
+from infergate.inference.runner import JobInput, JobOutcome, run_job
+from infergate.inference.triton import TritonClient
+from infergate.lifetime import die_with_parent
+from infergate.logs import configure_logging, get_logger
+from infergate.plugins import LoadedPlugin
+
+log = get_logger(__name__)
+
+# The job process has this long to exit after it sent its outcome.
+_EXIT_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What the child sends back when its job failed: the reason and the exception's
+    type, never its message unless Infergate raised it on purpose."""
+
+    reason: str
+    error: str
+    triton_unavailable: bool = False
+
+
+def _context() -> Any:
+    context = multiprocessing.get_context("forkserver")
+    # Imported once by the forkserver, so each job process starts with them loaded.
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+class JobProcess:
+    """One job's process: :meth:`run` starts it and waits for its outcome; :meth:`kill`
+    (from another thread) stops it at once."""
+
+    def __init__(self, work: JobInput, plugin: LoadedPlugin, settings: Settings) -> None:
+        self._context = _context()
+        self._arguments = (work, plugin, settings.model_dump_json())
+        self._process: Any = None
+        self._killed = False
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    def run(self) -> JobOutcome:
+        """The job's outcome; raises what the job's failure calls for:
+        :class:`TritonUnavailableError` (Triton could not be reached: retry),
+        :class:`JobProcessError` (the job failed, or its process died)."""
+        reader, writer = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_child,
+            args=(*self._arguments, writer),
+            name="infergate-job",
+            daemon=True,
+        )
+        self._process = process
+        try:
+            process.start()
+            writer.close()
+            log.info("inference.job.process", pid=process.pid)
+            message: object = None
+            ready = multiprocessing.connection.wait([reader, process.sentinel])
+            if reader in ready:
+                try:
+                    message = reader.recv()
+                except EOFError:  # it died before it could answer
+                    message = None
+            process.join(_EXIT_WAIT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        finally:
+            reader.close()
+        if isinstance(message, JobOutcome):
+            return message
+        if isinstance(message, _Failure):
+            if message.triton_unavailable:
+                raise TritonUnavailableError(message.reason)
+            raise JobProcessError(message.reason, message.error)
+        raise JobProcessError(_death(process.exitcode, self._killed), "JobProcessDied")
+
+    def kill(self) -> None:
+        """SIGKILL the job's process (its deadline passed, or the gateway stops)."""
+        self._killed = True
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+
+
+def _death(exitcode: int | None, killed: bool) -> str:
+    if killed:
+        return "the job's process was stopped"
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return f"the job's process died of {name} before it answered"
+    return f"the job's process exited with code {exitcode} before it answered"
+
+
+def _child(
+    work: JobInput,
+    plugin: LoadedPlugin,
+    settings_json: str,
+    answer: multiprocessing.connection.Connection,
+) -> None:
+    """The job process: run the job, send its outcome or its failure, exit."""
+    die_with_parent(os.getppid())()  # the forkserver, which ends with the gateway
+    settings = Settings.model_validate_json(settings_json)
+    configure_logging(settings.logging.level)
+    job = work.job
+    outcome: JobOutcome | _Failure
+    with structlog.contextvars.bound_contextvars(
+        job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
+    ):
+        triton = TritonClient(
+            settings.triton.grpc_url,
+            settings.triton.request_timeout_s,
+            shared_memory=settings.triton.use_shared_memory,
+            max_in_flight=settings.triton.max_requests_in_flight,
+        )
+        try:
+            outcome = run_job(work, plugin, triton, settings)
+        except TritonUnavailableError as exc:
+            outcome = _Failure(str(exc), type(exc).__name__, triton_unavailable=True)
+        except InfergateError as exc:
+            outcome = _Failure(str(exc), type(exc).__name__)
+        except Exception as exc:  # any failure of one job fails that job alone
+            outcome = _Failure(f"the job failed: {unexpected(exc)}", type(exc).__name__)
+        finally:
+            triton.close()
+    answer.send(outcome)
+    answer.close()
+
+
+def _warm() -> None:
+    """highdicom reads its IOD and module tables (JSON, ~0.35 s of a job's first SEG
+    and SR) on first use and keeps them: read them here, in the forkserver, so that no
+    job process pays for it (and the gateway at start, not its first study). Its
+    loaders are private; if they move, jobs only pay the cost again."""
+    from highdicom import _standard_utils  # noqa: PLC0415 - only in the forkserver
+
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        loader = getattr(_standard_utils, name, None)
+        if callable(loader):
+            loader()
+
+
+# At import: in the forkserver (preloaded) and in the gateway, for jobs on threads.
+_warm()
