@@ -23,7 +23,7 @@ from infergate.inference.triton import TritonClient
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
-from infergate.ops.retention import run_retention
+from infergate.ops.retention import run_retention, sweep_orphans
 from infergate.plugins import (
     LoadedPlugin,
     check_plugin_names,
@@ -32,6 +32,7 @@ from infergate.plugins import (
 )
 from infergate.routing.explain import explain
 from infergate.store import Store
+from infergate.work.job_process import start_forkserver
 from infergate.work.loops import StageLoop
 from infergate.work.scheduler import JobScheduler
 
@@ -108,6 +109,8 @@ def serve(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
+    if settings.work.job_processes:
+        start_forkserver()  # it warms up while Triton starts
     with triton_for(settings) as (client, embedded):
         check_plugins(client, plugins)
         requeued, dead = store.recover(time.time(), settings.work.max_interruptions)
@@ -117,20 +120,7 @@ def serve(settings: Settings) -> int:
             log.error("work.job.dead_letter", job_id=job_id, reason=store.job(job_id).error)
         scheduler = JobScheduler(settings, store, plugins, client)
         exporter = ExportWorker(settings, store)
-        interval = settings.assembly.poll_interval_s
-        stages = [
-            StageLoop("inference", scheduler.step, interval, stop),
-            StageLoop("export", exporter.step, interval, stop),
-        ]
-        if settings.retention.enabled:
-            stages.append(
-                StageLoop(
-                    "retention",
-                    lambda: run_retention(store, settings),
-                    settings.retention.interval_s,
-                    stop,
-                )
-            )
+        stages = _stage_loops(settings, store, scheduler, exporter, stop)
         for stage in stages:
             stage.start()
         listeners = ListenerPool(settings, store)
@@ -164,6 +154,39 @@ def serve(settings: Settings) -> int:
     # A stage that could no longer work is a failure: a supervisor (systemd's
     # Restart=on-failure, Kubernetes) must see it and start the gateway again.
     return 1 if failed else 0
+
+
+def _stage_loops(
+    settings: Settings,
+    store: Store,
+    scheduler: JobScheduler,
+    exporter: ExportWorker,
+    stop: threading.Event,
+) -> list[StageLoop]:
+    """The gateway's stage loops, not yet started."""
+    interval = settings.assembly.poll_interval_s
+    stages = [
+        StageLoop("inference", scheduler.step, interval, stop),
+        StageLoop("export", exporter.step, interval, stop),
+    ]
+    if settings.retention.enabled:
+        stages.append(
+            StageLoop(
+                "retention",
+                lambda: run_retention(store, settings),
+                settings.retention.interval_s,
+                stop,
+            )
+        )
+        stages.append(
+            StageLoop(
+                "orphans",
+                lambda: sweep_orphans(store, settings),
+                settings.retention.orphan_sweep_interval_s,
+                stop,
+            )
+        )
+    return stages
 
 
 def check_tls_files(settings: Settings) -> None:

@@ -452,6 +452,11 @@ class RetentionSettings(_Section):
     # Rows of the associations audit trail are kept this long.
     audit_keep_days: float = Field(default=90.0, ge=0)
     interval_s: float = Field(default=60.0, gt=0)
+    # Files in the spool and results folders that no row names (a crash between a
+    # study's rows going and its files) are removed once they are this old, in a sweep
+    # at start and every orphan_sweep_interval_s (a file is written before its row).
+    orphan_age_s: float = Field(default=3600.0, ge=60)
+    orphan_sweep_interval_s: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _low_under_high(self) -> RetentionSettings:

@@ -4,7 +4,9 @@ and sooner, oldest first, while the spool's file system is over its high-water m
 Nothing still to be processed or delivered is ever removed (``store.retention`` says
 what finished means). Rows go first, in one transaction, then the files: a crash in
 between leaves files that no row names, never a row whose file is gone. Every removal
-is logged (``retention.study.removed``) and counted in the pass's summary.
+is logged (``retention.study.removed``) and counted in the pass's summary. Files that
+no row names are swept apart (:func:`sweep_orphans`), once they are old enough that
+their row cannot still be on its way.
 """
 
 from __future__ import annotations
@@ -97,3 +99,59 @@ def _remove_files(paths: tuple[Path, ...]) -> tuple[int, int]:
             with contextlib.suppress(OSError):  # not empty: another result is in it
                 path.parent.rmdir()  # a job's results folder, once empty
     return count, size
+
+
+@dataclass(frozen=True)
+class OrphanSweep:
+    files: int
+    bytes: int
+
+
+def sweep_orphans(store: Store, settings: Settings, now: float | None = None) -> OrphanSweep:
+    """Remove the received instances and result files that no row names and that are
+    older than ``retention.orphan_age_s``: what a crash between a study's rows going
+    and its files going left behind. Files still being written are under ``tmp/``,
+    which the spool cleans at start."""
+    at = time.time() if now is None else now
+    oldest = at - settings.retention.orphan_age_s
+    storage = settings.storage
+    instances = storage.spool_dir / "instances"
+    outside = store.files_outside(instances, storage.results_dir)
+    if outside:
+        # Every file would look unnamed: sweep nothing rather than everything.
+        log.warning(
+            "retention.orphans.skipped",
+            rows=outside,
+            reason="rows name files outside the spool and results folders (was the var"
+            " folder moved?)",
+        )
+        return OrphanSweep(0, 0)
+    candidates = [
+        path
+        for path in (
+            *_files(instances, "*.dcm"),
+            *_files(storage.results_dir, "*/*"),
+        )
+        if _modified(path) < oldest
+    ]
+    named = store.named_files(candidates)
+    count, size = _remove_files(tuple(p for p in candidates if p not in named))
+    if count:
+        log.warning(
+            "retention.orphans.removed",
+            files=count,
+            bytes=size,
+            reason="no row names them (the process stopped between a study's rows and its files)",
+        )
+    return OrphanSweep(count, size)
+
+
+def _files(folder: Path, pattern: str) -> list[Path]:
+    return [p for p in folder.glob(pattern) if p.is_file()] if folder.is_dir() else []
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone meanwhile: not a candidate

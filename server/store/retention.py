@@ -8,6 +8,7 @@ is the latest of its last instance, its jobs' last change and its deliveries' en
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,31 @@ class RetentionRecords(Database):
             rows = sum(_delete(db, statement, study_uid) for statement in _DELETIONS)
         return RemovedStudy(tuple(files), rows)
 
+    def named_files(self, paths: list[Path]) -> set[Path]:
+        """Those of ``paths`` that a row names (an instance's or a result's file)."""
+        named: set[Path] = set()
+        for start in range(0, len(paths), _CHUNK):
+            chunk = [str(p) for p in paths[start : start + _CHUNK]]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._rows(
+                f"SELECT path FROM instances WHERE path IN ({marks})"  # noqa: S608 - marks only
+                f" UNION SELECT path FROM results WHERE path IN ({marks})",
+                (*chunk, *chunk),
+            )
+            named.update(Path(row[0]) for row in rows)
+        return named
+
+    def files_outside(self, instances_dir: Path, results_dir: Path) -> int:
+        """How many rows name a file that is not under these folders (the var folder
+        was moved, or renamed)."""
+        instances, results = f"{instances_dir}{os.sep}", f"{results_dir}{os.sep}"
+        (count,) = self._rows(
+            "SELECT (SELECT COUNT(*) FROM instances WHERE substr(path, 1, ?) != ?)"
+            " + (SELECT COUNT(*) FROM results WHERE substr(path, 1, ?) != ?)",
+            (len(instances), instances, len(results), results),
+        )[0:1]
+        return int(count[0])
+
     def prune_associations(self, ended_before: float) -> int:
         """Drop audit rows of associations that ended before ``ended_before``."""
         with self._transaction() as db:
@@ -95,6 +121,9 @@ class RetentionRecords(Database):
             )
             return cur.rowcount
 
+
+# Paths per query in named_files (SQLite allows 32766 parameters; two lists of these).
+_CHUNK = 500
 
 # Children before parents.
 _DELETIONS = (

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import signal
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from infergate.plugins import LoadedPlugin
 
 log = get_logger(__name__)
 
+# How much lower a job process's CPU priority is than the gateway's.
+_NICENESS = 5
 # The job process has this long to exit after it sent its outcome.
 _EXIT_WAIT_S = 30.0
 
@@ -52,9 +55,16 @@ class _Failure:
 
 def _context() -> Any:
     context = multiprocessing.get_context("forkserver")
-    # Imported once by the forkserver, so each job process starts with them loaded.
-    context.set_forkserver_preload([__name__])
+    # Imported once by the forkserver, so each job process starts warm.
+    context.set_forkserver_preload(["infergate.work.forkserver_preload"])
     return context
+
+
+def start_forkserver() -> None:
+    """Start the forkserver now, so that it imports and warms up while the gateway
+    starts (Triton, the listeners) rather than when the first job comes (~2 s)."""
+    _context()
+    multiprocessing.forkserver.ensure_running()
 
 
 class JobProcess:
@@ -132,6 +142,9 @@ def _child(
 ) -> None:
     """The job process: run the job, send its outcome or its failure, exit."""
     die_with_parent(os.getppid())()  # the forkserver, which ends with the gateway
+    # Below the listeners and Triton: ingest and the model (the slowest stage) get
+    # the cores first when jobs' own work competes with them.
+    os.nice(_NICENESS)
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging.level)
     job = work.job
@@ -157,20 +170,3 @@ def _child(
             triton.close()
     answer.send(outcome)
     answer.close()
-
-
-def _warm() -> None:
-    """highdicom reads its IOD and module tables (JSON, ~0.35 s of a job's first SEG
-    and SR) on first use and keeps them: read them here, in the forkserver, so that no
-    job process pays for it (and the gateway at start, not its first study). Its
-    loaders are private; if they move, jobs only pay the cost again."""
-    from highdicom import _standard_utils  # noqa: PLC0415 - only in the forkserver
-
-    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
-        loader = getattr(_standard_utils, name, None)
-        if callable(loader):
-            loader()
-
-
-# At import: in the forkserver (preloaded) and in the gateway, for jobs on threads.
-_warm()

@@ -38,6 +38,7 @@ from infergate.plugins import LoadedPlugin
 from infergate.store import JobRow, ResultRow, Store
 from infergate.work.job_process import JobProcess
 from infergate.work.states import JobKind, ResultKind
+from infergate.work.warmup import warm
 
 log = get_logger(__name__)
 
@@ -66,6 +67,8 @@ class JobScheduler:
         if settings.work.job_processes:
             for loaded in plugins:
                 _check_picklable(loaded)
+        else:
+            warm()  # the jobs run here: pay the first job's costs now
         self._plugins = {p.spec.name: p for p in plugins}
         self._plugin_list = plugins
         self._triton = triton

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import structlog
 
 from infergate.config import Settings
-from infergate.ops.retention import run_retention, used_percent
+from infergate.ops.retention import run_retention, sweep_orphans, used_percent
 from infergate.store import AssociationAudit, DeliveryItem, InstanceRecord, NewJob, ResultRow, Store
 from infergate.work.states import DeliveryState, JobKind, ResultKind, ResultState
 
@@ -147,3 +148,52 @@ def test_the_audit_trail_is_pruned_after_audit_keep_days(tmp_path: Path) -> None
         audit = AssociationAudit(name, "127.0.0.1", 1, "A", "B", False, "released", None, ended)
         store.record_association(audit, ended)
     assert run_retention(store, _settings(tmp_path, audit_keep_days=90), now=now).associations == 1
+
+
+def _age(path: Path, seconds: float) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
+def test_files_no_row_names_are_swept_once_old_enough(tmp_path: Path) -> None:
+    """What a crash between a study's rows and its files leaves: instances and result
+    files that no row names. Old ones go; new ones (their row may be on its way) and
+    named ones stay."""
+    var = tmp_path / "var"
+    store = Store(var / "infergate.db")
+    named = _study(store, var, "named", at=time.time(), delivered=False)
+    old_orphan = var / "spool" / "instances" / "gone.dcm"
+    new_orphan = var / "spool" / "instances" / "arriving.dcm"
+    old_result = var / "results" / "job-gone" / "seg.dcm"
+    old_result.parent.mkdir(parents=True)
+    for path in (old_orphan, new_orphan, old_result):
+        path.write_bytes(b"\0" * 10)
+    for path in (*named, old_orphan, old_result):
+        _age(path, 2 * 3600)
+    with structlog.testing.capture_logs() as logs:
+        swept = sweep_orphans(store, _settings(var, orphan_age_s=3600))
+    assert (swept.files, swept.bytes) == (2, 20)
+    assert not old_orphan.exists()
+    assert not old_result.parent.exists()  # its emptied job folder too
+    assert new_orphan.exists()
+    assert all(p.exists() for p in named)
+    (event,) = [e for e in logs if e["event"] == "retention.orphans.removed"]
+    assert event["files"] == 2
+
+
+def test_no_sweep_when_rows_name_files_elsewhere(tmp_path: Path) -> None:
+    """A var folder moved (rows name the old place): every file would look unnamed,
+    so nothing is swept."""
+    old, moved = tmp_path / "old", tmp_path / "moved"
+    store = Store(tmp_path / "infergate.db")
+    files = _study(store, old, "moved", at=time.time(), delivered=True)
+    for path in files:
+        target = moved / path.relative_to(old)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        _age(target, 2 * 3600)
+    with structlog.testing.capture_logs() as logs:
+        swept = sweep_orphans(store, _settings(moved, orphan_age_s=3600))
+    assert swept.files == 0
+    assert all((moved / p.relative_to(old)).exists() for p in files)
+    assert [e["event"] for e in logs] == ["retention.orphans.skipped"]
