@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from infergate import __version__
 from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
 from infergate.errors import ConfigError, InfergateError, ModelMismatchError
+from infergate.export.scu import echo
 from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
@@ -23,6 +25,9 @@ from infergate.inference.triton import TritonClient
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
+from infergate.ops.health import Gateway
+from infergate.ops.http import OpsServer
+from infergate.ops.metrics import REGISTRY, LiveSources, PipelineCollector, job_ended
 from infergate.ops.retention import run_retention, sweep_orphans
 from infergate.plugins import (
     LoadedPlugin,
@@ -49,12 +54,7 @@ def triton_for(settings: Settings) -> Iterator[tuple[TritonClient, EmbeddedTrito
         embedded.start()
     if settings.triton.use_shared_memory:
         remove_stale_regions()
-    client = TritonClient(
-        settings.triton.grpc_url,
-        settings.triton.request_timeout_s,
-        shared_memory=settings.triton.use_shared_memory,
-        max_in_flight=settings.triton.max_requests_in_flight,
-    )
+    client = TritonClient.for_settings(settings.triton)
     try:
         if not client.is_ready():
             raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")
@@ -97,13 +97,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     store = Store(settings.storage.database)
-    spool = Spool(settings.storage.spool_dir)
-    orphans = spool.clean_orphans()
-    if orphans:
-        log.warning("ingest.spool.orphans_removed", files=orphans)
-    ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
-    if ended:
-        log.warning("ingest.associations.ended_at_start", associations=ended)
+    _clean_after_the_last_run(store, settings)
     check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
@@ -113,11 +107,7 @@ def serve(settings: Settings) -> int:
         start_forkserver()  # it warms up while Triton starts
     with triton_for(settings) as (client, embedded):
         check_plugins(client, plugins)
-        requeued, dead = store.recover(time.time(), settings.work.max_interruptions)
-        if requeued:
-            log.warning("work.recovered", jobs_requeued=requeued)
-        for job_id in dead:
-            log.error("work.job.dead_letter", job_id=job_id, reason=store.job(job_id).error)
+        _recover_work(store, settings)
         scheduler = JobScheduler(settings, store, plugins, client)
         exporter = ExportWorker(settings, store)
         stages = _stage_loops(settings, store, scheduler, exporter, stop)
@@ -125,6 +115,7 @@ def serve(settings: Settings) -> int:
             stage.start()
         listeners = ListenerPool(settings, store)
         listeners.start()
+        ops = _start_ops(Gateway(settings, store, client, plugins, stages, listeners))
         log.info(
             "serve.ready",
             version=__version__,
@@ -144,6 +135,8 @@ def serve(settings: Settings) -> int:
                     log.error("serve.stage.died", stage=stage.name, reason=failure)
                     failed = True
                     stop.set()
+        if ops is not None:
+            ops.stop()
         listeners.stop()
         for stage in stages:
             stage.join(timeout_s=10)
@@ -154,6 +147,47 @@ def serve(settings: Settings) -> int:
     # A stage that could no longer work is a failure: a supervisor (systemd's
     # Restart=on-failure, Kubernetes) must see it and start the gateway again.
     return 1 if failed else 0
+
+
+def _clean_after_the_last_run(store: Store, settings: Settings) -> None:
+    """What a process that died left: half-written spool files, open associations."""
+    orphans = Spool(settings.storage.spool_dir).clean_orphans()
+    if orphans:
+        log.warning("ingest.spool.orphans_removed", files=orphans)
+    ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
+    if ended:
+        log.warning("ingest.associations.ended_at_start", associations=ended)
+
+
+def _recover_work(store: Store, settings: Settings) -> None:
+    """Jobs a process death interrupted go back in the queue, or to the dead letters."""
+    requeued, dead = store.recover(time.time(), settings.work.max_interruptions)
+    if requeued:
+        log.warning("work.recovered", jobs_requeued=requeued)
+    for job_id in dead:
+        job = store.job(job_id)
+        log.error("work.job.dead_letter", job_id=job_id, reason=job.error)
+        job_ended(job.plugin, "dead")
+
+
+def _start_ops(gateway: Gateway) -> OpsServer | None:
+    """The ops endpoint, listening, with the gateway's gauges in its metrics."""
+    settings = gateway.settings
+    if not settings.ops.enabled:
+        return None
+    sources = LiveSources(
+        store=gateway.store,
+        spool_dir_free=lambda: shutil.disk_usage(settings.storage.spool_dir).free,
+        triton_ready=gateway.triton.is_ready,
+        listener_processes=lambda: (
+            gateway.listeners.alive(),
+            settings.ingest.listener_processes,
+        ),
+    )
+    REGISTRY.register(PipelineCollector(sources))
+    server = OpsServer(settings.ops, gateway)
+    server.start()
+    return server
 
 
 def _stage_loops(
@@ -207,7 +241,20 @@ def check(settings: Settings) -> int:
         log.warning("check.no_plugins")
     with triton_for(settings) as (client, _):
         check_plugins(client, plugins)
-    log.info("check.ok", plugins=len(plugins))
+    unreachable = 0
+    for destination in settings.destinations():
+        reason = echo(destination, settings.ingest.ae_title, settings.export.timeout_s)
+        if reason is None:
+            log.info("check.destination.answered", destination=destination.ae_title)
+        else:
+            unreachable += 1
+            log.error(
+                "check.destination.unreachable", destination=destination.ae_title, reason=reason
+            )
+    if unreachable:
+        log.error("check.failed", destinations_unreachable=unreachable)
+        return 1
+    log.info("check.ok", plugins=len(plugins), destinations=len(settings.destinations()))
     return 0
 
 

@@ -465,6 +465,15 @@ class RetentionSettings(_Section):
         return self
 
 
+class OpsSettings(_Section):
+    """The ops HTTP endpoint: probes, metrics (``infergate.ops``)."""
+
+    enabled: bool = True
+    # Loopback unless told otherwise: what it serves is for the operators' own tools.
+    host: str = "127.0.0.1"
+    port: int = Field(default=9111, ge=1, le=65535)
+
+
 class PluginSettings(_Section):
     """Which installed plugins run. ``enabled`` None: every installed one."""
 
@@ -491,6 +500,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = RoutingSettings()
     volume: VolumeSettings = VolumeSettings()
     plugins: PluginSettings = PluginSettings()
+    ops: OpsSettings = OpsSettings()
     triton: TritonSettings = TritonSettings()
     results: ResultsSettings = ResultsSettings()
     export: ExportSettings = ExportSettings()

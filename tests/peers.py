@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -163,6 +164,18 @@ class InfergateProcess:
     def port(self) -> int:
         port: int = self.config["ingest"]["port"]
         return port
+
+    @property
+    def ops_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['ops']['port']}"
+
+    def http(self, path: str) -> tuple[int, str]:
+        """GET ``path`` on the ops endpoint: (status, body), 4xx and 5xx included."""
+        try:
+            with urllib.request.urlopen(self.ops_url + path, timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     @property
     def log_path(self) -> Path:
@@ -329,6 +342,7 @@ def infergate_config(
             "metrics_port": free_port(),
         },
         "export": {"retry_delay_s": 1.0},
+        "ops": {"port": free_port()},
     }
     if orthanc is not None:
         config["export"]["destination"] = {

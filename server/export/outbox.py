@@ -18,6 +18,7 @@ from infergate.config import Destination, Settings
 from infergate.export.outcomes import AttemptOutcome, OutcomeClass
 from infergate.export.scu import send_objects
 from infergate.logs import get_logger
+from infergate.ops.metrics import delivery_attempted
 from infergate.store import DeliveryItem, DeliveryRow, ResultRow, Store, UnplannedResult
 from infergate.work.states import DeliveryState, JobKind, ResultState
 
@@ -170,6 +171,7 @@ def _apply(
         next_attempt_at=now + delay if state is DeliveryState.RETRY_WAIT else now,
         now=now,
     )
+    delivery_attempted(delivery.destination.ae_title, outcome_class.value, duration_s)
     _log(
         delivery,
         changed=changed,

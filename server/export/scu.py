@@ -18,6 +18,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from infergate.config import Destination
 from infergate.dicom.tls import client_context
@@ -144,6 +145,32 @@ def send_objects(  # noqa: PLR0911 - each early return is one way an association
         if assoc.is_established:
             assoc.release()
     return AttemptOutcome(tuple(outcomes))
+
+
+def echo(destination: Destination, calling_ae: str, timeout_s: float) -> str | None:
+    """C-ECHO ``destination``: None when it answered success, else why not (refused,
+    no answer, a status other than success)."""
+    where = f"{destination.ae_title} at {destination.host}:{destination.port}"
+    syntaxes: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    assoc = _associate(destination, calling_ae, {(Verification, ""): syntaxes}, timeout_s, where)
+    if isinstance(assoc, tuple):
+        return assoc[1]
+    if not assoc.is_established:
+        refused = _refusal(assoc, where, [], destination, timeout_s)
+        if isinstance(refused, list):  # no context accepted: none is named
+            return f"destination {where} did not accept Verification"
+        return refused[1]
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = int(status.Status) if status is not None and "Status" in status else None
+    if code is None:
+        return f"destination {where} gave no C-ECHO response"
+    if code != 0:
+        return f"destination {where} answered the C-ECHO with {describe_status(code)}"
+    return None
 
 
 def _associate(

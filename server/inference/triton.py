@@ -18,6 +18,7 @@ import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from infergate.config import TritonSettings
 from infergate.errors import (
     InferenceError,
     InferenceTimeoutError,
@@ -70,12 +71,28 @@ class TritonClient:
             ],
         )
 
+    @classmethod
+    def for_settings(cls, settings: TritonSettings) -> TritonClient:
+        """A client of the Triton that ``triton.*`` names."""
+        return cls(
+            settings.grpc_url,
+            settings.request_timeout_s,
+            shared_memory=settings.use_shared_memory,
+            max_in_flight=settings.max_requests_in_flight,
+        )
+
     def close(self) -> None:
         self._client.close()
 
     def is_ready(self) -> bool:
         try:
             return bool(self._client.is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    def model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            return bool(self._client.is_model_ready(model, version, client_timeout=2.0))
         except InferenceServerException:
             return False
 

@@ -97,6 +97,12 @@ class ListenerPool:
             )
         return _Listener(index, process, time.monotonic())
 
+    def alive(self) -> int:
+        """Listener processes running now (bound to the listening sockets)."""
+        if self._sockets is None:
+            return 0
+        return sum(1 for listener in self._listeners if listener.process.poll() is None)
+
     def watch(self) -> None:
         """Start again any listener that died; call it now and then."""
         for position, listener in enumerate(self._listeners):

@@ -16,6 +16,7 @@ from typing import Any
 from infergate.errors import StoreError
 from infergate.store.associations import AssociationRecords
 from infergate.store.db import set_state
+from infergate.store.gauges import GaugeRecords, PipelineGauges
 from infergate.store.outbox import OutboxRecords
 from infergate.store.retention import RetentionRecords
 from infergate.store.rows import (
@@ -49,6 +50,7 @@ __all__ = [
     "InstanceRecord",
     "JobRow",
     "NewJob",
+    "PipelineGauges",
     "ResultRow",
     "SeriesRow",
     "Store",
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 
-class Store(AssociationRecords, OutboxRecords, RetentionRecords):
+class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
     """Typed access to the state database. Safe to share between threads."""
 
     # -- ingest -----------------------------------------------------------------

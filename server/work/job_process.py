@@ -17,6 +17,7 @@ It dies with the forkserver, which ends when the gateway does.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -34,6 +35,7 @@ from infergate.inference.triton import TritonClient
 from infergate.lifetime import die_with_parent
 from infergate.logs import configure_logging, get_logger
 from infergate.plugins import LoadedPlugin
+from infergate.store import JobRow
 
 log = get_logger(__name__)
 
@@ -149,15 +151,8 @@ def _child(
     configure_logging(settings.logging.level)
     job = work.job
     outcome: JobOutcome | _Failure
-    with structlog.contextvars.bound_contextvars(
-        job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
-    ):
-        triton = TritonClient(
-            settings.triton.grpc_url,
-            settings.triton.request_timeout_s,
-            shared_memory=settings.triton.use_shared_memory,
-            max_in_flight=settings.triton.max_requests_in_flight,
-        )
+    with job_context(job):
+        triton = TritonClient.for_settings(settings.triton)
         try:
             outcome = run_job(work, plugin, triton, settings)
         except TritonUnavailableError as exc:
@@ -170,3 +165,10 @@ def _child(
             triton.close()
     answer.send(outcome)
     answer.close()
+
+
+def job_context(job: JobRow) -> contextlib.AbstractContextManager[None]:
+    """The job's identifiers on every log line within (UIDs, never patient data)."""
+    return structlog.contextvars.bound_contextvars(
+        job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
+    )

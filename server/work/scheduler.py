@@ -13,14 +13,11 @@ failed). Any exception from any step of a job fails that job alone.
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
-
-import structlog
 
 from infergate.assembly import complete_quiet_series
 from infergate.config import Settings, machine_memory_bytes
@@ -34,9 +31,10 @@ from infergate.errors import (
 from infergate.inference.runner import JobInput, JobOutcome, run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
+from infergate.ops.metrics import job_ended
 from infergate.plugins import LoadedPlugin
 from infergate.store import JobRow, ResultRow, Store
-from infergate.work.job_process import JobProcess
+from infergate.work.job_process import JobProcess, job_context
 from infergate.work.states import JobKind, ResultKind
 from infergate.work.warmup import warm
 
@@ -155,7 +153,7 @@ class JobScheduler:
             for running in late:
                 running.abandoned = True
         for running in late:
-            with _job_context(running.job):
+            with job_context(running.job):
                 self._fail(
                     running.job,
                     f"the job ran past its deadline of {deadline:g} s (work.job_deadline_s)",
@@ -164,7 +162,7 @@ class JobScheduler:
                 running.process.kill()
 
     def _run(self, job: JobRow) -> None:
-        with _job_context(job):
+        with job_context(job):
             try:
                 self._run_contained(job)
             except Exception as exc:  # recording the outcome failed (the store)
@@ -215,6 +213,7 @@ class JobScheduler:
             results=[r.kind.value for r in results],
             **timings,
         )
+        job_ended(job.plugin, "done", timings)
 
     def _run_inference(self, job: JobRow, plugin: LoadedPlugin) -> JobOutcome:
         work = JobInput(
@@ -252,6 +251,7 @@ class JobScheduler:
                 reason=reason,
                 **error,
             )
+            job_ended(job.plugin, "failed")
 
     def _retry_or_fail(self, job: JobRow, exc: TritonUnavailableError) -> None:
         """Triton could not be reached: try the job again later, with a doubling delay,
@@ -289,13 +289,6 @@ class JobScheduler:
         for process in processes:
             process.kill()
         return ids
-
-
-def _job_context(job: JobRow) -> contextlib.AbstractContextManager[None]:
-    """The job's identifiers on every log line within (UIDs, never patient data)."""
-    return structlog.contextvars.bound_contextvars(
-        job_id=job.job_id, series_uid=job.series_uid, study_uid=job.study_uid
-    )
 
 
 def _error_name(exc: Exception) -> str:

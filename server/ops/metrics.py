@@ -1,0 +1,139 @@
+"""The gateway's metrics, in Prometheus' text format (prometheus-client), names
+prefixed ``infergate_``.
+
+Two kinds: events counted where they happen (jobs ended, each job's stage durations,
+delivery attempts by outcome class), and gauges read from the store, Triton and the
+file system at each scrape (queue depth, the oldest undelivered result, dead letters,
+Triton up, free bytes, listener processes up). Labels are plugin names, stage names,
+states, priorities, outcome classes and destination AE titles, never a UID or anything
+from a patient's data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from infergate.store import Store
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(namespace="infergate", registry=REGISTRY)
+
+JOBS_ENDED = Counter(
+    "infergate_jobs_ended",
+    "Jobs that ended, by plugin ('' for a forward job) and final state.",
+    ["plugin", "state"],
+    registry=REGISTRY,
+)
+JOB_STAGE_SECONDS = Histogram(
+    "infergate_job_stage_seconds",
+    "How long each stage of a finished job took, by plugin and stage (volume,"
+    " preprocess, inference: Triton transfer and compute, postprocess, encode, write).",
+    ["plugin", "stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 600),
+    registry=REGISTRY,
+)
+DELIVERY_ATTEMPTS = Counter(
+    "infergate_delivery_attempts",
+    "Delivery attempts by destination AE title and the class of their outcome"
+    " (delivered, warning, transient, permanent).",
+    ["destination", "outcome"],
+    registry=REGISTRY,
+)
+DELIVERY_SECONDS = Histogram(
+    "infergate_delivery_seconds",
+    "How long one delivery attempt's association took, by destination AE title.",
+    ["destination"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+
+
+def job_ended(plugin: str, state: str, timings_s: dict[str, float] | None = None) -> None:
+    """Count a job that ended; a finished one's stage durations too."""
+    JOBS_ENDED.labels(plugin, state).inc()
+    for key, seconds in (timings_s or {}).items():
+        JOB_STAGE_SECONDS.labels(plugin, key.removesuffix("_s")).observe(seconds)
+
+
+def delivery_attempted(destination: str, outcome: str, seconds: float) -> None:
+    """Count one delivery attempt and time its association."""
+    DELIVERY_ATTEMPTS.labels(destination, outcome).inc()
+    DELIVERY_SECONDS.labels(destination).observe(seconds)
+
+
+@dataclass
+class LiveSources:
+    """Where the scrape-time gauges come from, in the running gateway."""
+
+    store: Store
+    spool_dir_free: Callable[[], int]
+    triton_ready: Callable[[], bool]
+    listener_processes: Callable[[], tuple[int, int]]  # (alive, configured)
+
+
+class PipelineCollector(Collector):
+    """Gauges read at each scrape."""
+
+    def __init__(self, sources: LiveSources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = self._sources.store.pipeline_gauges()
+        jobs = GaugeMetricFamily(
+            "infergate_jobs_waiting",
+            "Jobs queued or running, by state and priority.",
+            labels=["state", "priority"],
+        )
+        for state in ("queued", "running"):
+            for priority in ("urgent", "normal"):
+                jobs.add_metric([state, priority], gauges.jobs_waiting.get((state, priority), 0))
+        yield jobs
+        deliveries = GaugeMetricFamily(
+            "infergate_deliveries_open",
+            "Deliveries not yet ended, by state (pending, sending, retry_wait) and"
+            " destination AE title.",
+            labels=["state", "destination"],
+        )
+        for (state, destination), count in sorted(gauges.deliveries_open.items()):
+            deliveries.add_metric([state, destination], count)
+        yield deliveries
+        oldest = gauges.oldest_undelivered_at
+        yield GaugeMetricFamily(
+            "infergate_oldest_undelivered_result_age_seconds",
+            "Age of the oldest result not yet delivered (0: none waits).",
+            value=0.0 if oldest is None else max(0.0, time.time() - oldest),
+        )
+        dead = GaugeMetricFamily(
+            "infergate_dead_letters",
+            "Dead letters now held, by kind: jobs, deliveries, result objects.",
+            labels=["kind"],
+        )
+        dead.add_metric(["job"], gauges.dead_jobs)
+        dead.add_metric(["delivery"], gauges.dead_deliveries)
+        dead.add_metric(["object"], gauges.dead_objects)
+        yield dead
+        yield GaugeMetricFamily(
+            "infergate_triton_up",
+            "1 when Triton answers that it is ready.",
+            value=1.0 if self._sources.triton_ready() else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "infergate_spool_free_bytes",
+            "Free bytes on the spool's file system.",
+            value=float(self._sources.spool_dir_free()),
+        )
+        alive, configured = self._sources.listener_processes()
+        listeners = GaugeMetricFamily(
+            "infergate_listener_processes",
+            "Listener processes: up, and configured.",
+            labels=["status"],
+        )
+        listeners.add_metric(["up"], alive)
+        listeners.add_metric(["configured"], configured)
+        yield listeners

@@ -1,0 +1,161 @@
+"""The ops endpoint of a running ``serve``: probes that follow reality, and metrics of
+a study that went through, with no patient data in any answer.
+
+Real peers: ``infergate serve`` with its embedded tritonserver, storescu, Orthanc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from infergate.testing import ChestPhantom
+from peers import (
+    PEER_ENV,
+    InfergateProcess,
+    Orthanc,
+    free_port,
+    infergate_config,
+    process_name,
+    process_tree,
+    storescu,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, parsed by prometheus-client's own parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _failing(body: str) -> set[str]:
+    return {c["check"] for c in json.loads(body)["checks"] if not c["ok"]}
+
+
+def test_probes_and_metrics_of_a_running_gateway(
+    tmp_path: Path, orthanc: Orthanc, small_phantom: ChestPhantom
+) -> None:
+    config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
+    config["plugins"] = {"enabled": ["ct_lung"]}
+    config["triton"].update({"retry_delay_s": 1.0, "unavailable_attempts": 10})
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        status, body = server.http("/healthz")
+        assert status == 200, body
+        checks = {c["check"] for c in json.loads(body)["checks"]}
+        assert {"stage inference", "stage export", "listener processes"} <= checks
+        status, body = server.http("/readyz")
+        assert status == 200, body
+        assert {c["check"] for c in json.loads(body)["checks"]} >= {
+            "listener processes",
+            "state store",
+            "free space",
+            "triton",
+            "model ct_lung_seg (plugin ct_lung)",
+        }
+
+        storescu(server.port, list(small_phantom.paths))
+        server.wait_event("export.delivered", timeout=120, fail_on=("export.dead_letter",))
+        status, text = server.http("/metrics")
+        assert status == 200
+        samples = _samples(text)
+        assert (
+            samples[("infergate_jobs_ended_total", (("plugin", "ct_lung"), ("state", "done")))] == 1
+        )
+        stages = {"volume", "preprocess", "inference", "postprocess", "encode", "write"}
+        for stage in stages:
+            key = ("infergate_job_stage_seconds_count", (("plugin", "ct_lung"), ("stage", stage)))
+            assert samples[key] == 1, stage
+        delivered = ("destination", orthanc.ae_title), ("outcome", "delivered")
+        assert samples[("infergate_delivery_attempts_total", delivered)] == 1
+        assert samples[("infergate_triton_up", ())] == 1
+        assert samples[("infergate_oldest_undelivered_result_age_seconds", ())] == 0
+        assert samples[("infergate_listener_processes", (("status", "up"),))] >= 1
+        assert samples[("infergate_spool_free_bytes", ())] > 0
+        queued = ("infergate_jobs_waiting", (("priority", "normal"), ("state", "queued")))
+        assert samples[queued] == 0
+        # Nothing of the patient's in any answer.
+        answers = text + server.http("/healthz")[1] + server.http("/readyz")[1]
+        identity = small_phantom.identity
+        for value in (
+            identity.patient_name,
+            identity.patient_id,
+            identity.accession_number,
+            small_phantom.study_uid,
+        ):
+            assert value not in answers
+
+        # The embedded tritonserver killed: not ready within seconds, ready again once
+        # the watchdog has started it again.
+        assert server.process is not None
+        (triton,) = [
+            pid for pid in process_tree(server.process.pid) if process_name(pid) == "tritonserver"
+        ]
+        os.kill(triton, signal.SIGKILL)
+        status, body = wait_until(
+            lambda: (answer := server.http("/readyz"))[0] == 503 and answer, 15, "readyz 503"
+        )
+        assert {"triton", "model ct_lung_seg (plugin ct_lung)"} <= _failing(body)
+        assert server.http("/healthz")[0] == 200  # the gateway itself is alive
+        wait_until(lambda: server.http("/readyz")[0] == 200, 120, "readyz 200 again")
+    finally:
+        server.stop()
+
+
+def test_the_ops_endpoint_can_be_turned_off(tmp_path: Path) -> None:
+    config = infergate_config(tmp_path / "var", None)
+    config["ops"]["enabled"] = False
+    server = InfergateProcess(tmp_path / "infergate", config)
+    server.workdir.mkdir()
+    try:
+        server.start()
+        with pytest.raises(OSError, match="refused"):
+            server.http("/healthz")
+    finally:
+        server.stop()
+    assert not [e for e in server.events() if e["event"] == "ops.listening"]
+
+
+def test_check_echoes_every_destination_and_fails_for_one_that_does_not_answer(
+    tmp_path: Path, orthanc: Orthanc
+) -> None:
+    config = infergate_config(tmp_path / "var", orthanc)
+    config["plugins"] = {"enabled": ["ct_lung"]}
+    closed = free_port()  # nothing listens there
+    config["routing"] = {
+        "unmatched": {"destination": {"ae_title": "ARCHIVE", "host": "127.0.0.1", "port": closed}}
+    }
+    path = tmp_path / "ig.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = subprocess.run(
+        [sys.executable, "-m", "infergate.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=PEER_ENV,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert checked.returncode == 1, checked.stdout[-3000:]
+    events = [json.loads(line) for line in checked.stdout.splitlines() if line.startswith("{")]
+    answered = [e for e in events if e["event"] == "check.destination.answered"]
+    unreachable = [e for e in events if e["event"] == "check.destination.unreachable"]
+    assert [e["destination"] for e in answered] == [orthanc.ae_title]
+    assert [e["destination"] for e in unreachable] == ["ARCHIVE"]
+    assert "refused" in unreachable[0]["reason"].lower()
