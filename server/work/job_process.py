@@ -23,6 +23,7 @@ import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,10 +79,7 @@ class JobProcess:
         self._arguments = (work, plugin, settings.model_dump_json())
         self._process: Any = None
         self._killed = False
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else int(self._process.pid)
+        self._lock = threading.Lock()  # a kill and the start do not cross
 
     def run(self) -> JobOutcome:
         """The job's outcome; raises what the job's failure calls for:
@@ -94,9 +92,12 @@ class JobProcess:
             name="infergate-job",
             daemon=True,
         )
-        self._process = process
         try:
-            process.start()
+            with self._lock:
+                if self._killed:
+                    raise JobProcessError(_death(None, killed=True), "JobProcessDied")
+                self._process = process
+                process.start()
             writer.close()
             log.info("inference.job.process", pid=process.pid)
             message: object = None
@@ -112,6 +113,7 @@ class JobProcess:
                 process.join()
         finally:
             reader.close()
+            writer.close()  # a second close does nothing
         if isinstance(message, JobOutcome):
             return message
         if isinstance(message, _Failure):
@@ -122,9 +124,10 @@ class JobProcess:
 
     def kill(self) -> None:
         """SIGKILL the job's process (its deadline passed, or the gateway stops)."""
-        self._killed = True
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
+        with self._lock:
+            self._killed = True
+            if self._process is not None and self._process.is_alive():
+                self._process.kill()
 
 
 def _death(exitcode: int | None, killed: bool) -> str:

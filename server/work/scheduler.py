@@ -1,14 +1,15 @@
-"""The inference worker: completes quiet series, then starts queued jobs on threads of
-their own, as many as ``work`` allows, and records each job's outcome.
+"""The inference worker: completes quiet series, then starts queued jobs, each run in a
+process of its own (``work.job_processes``; else on a thread) and watched by a thread
+of its own, as many as ``work`` allows, and records each job's outcome.
 
 What may run at once: ``work.slots`` jobs, of which normal ones take at most
 ``normal_slots`` (the rest is kept for urgent work, so an urgent series completed
 while normal jobs run starts at once), at most ``plugin_slots`` of one plugin, and
 jobs whose estimated memory fits ``work.memory_budget`` together (a job over the
 budget runs alone; one over the machine's memory fails with that reason). A job
-still running at ``work.job_deadline_s`` is failed and its slot freed; what its
-thread does after that is discarded (the transitions table refuses done after
-failed). Any exception from any step of a job fails that job alone.
+still running at ``work.job_deadline_s`` is failed, its slot freed and its process
+killed; on a thread, what it does after that is discarded (the transitions table
+refuses done after failed). Any exception from any step of a job fails that job alone.
 """
 
 from __future__ import annotations
