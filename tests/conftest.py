@@ -28,7 +28,7 @@ from infergate.testing import (
     write_chest_ct,
     write_head_ct,
 )
-from peers import REPO, SHARED_DATA, Orthanc, free_port
+from peers import REAL_DATA, REPO, Orthanc, free_port
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,8 @@ def small_phantom(tmp_path_factory: pytest.TempPathFactory) -> ChestPhantom:
 
 @pytest.fixture(scope="session")
 def head_ct() -> list[Path]:
-    """Real head CT with gantry tilt from ../shared/data (must exist: no skip)."""
-    folder = SHARED_DATA / "ct-head-tilt"
+    """Real head CT with gantry tilt, tests/data/ct-head-tilt (its README says whence)."""
+    folder = REAL_DATA / "ct-head-tilt"
     files = sorted(folder.glob("*.dcm"))
     assert files, f"real test data missing: {folder}"
     return files

@@ -28,7 +28,8 @@ import yaml
 from infergate.config import TritonSettings
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# Real DICOM data that no one on this project wrote, with its licence and origin.
+REAL_DATA = REPO / "tests" / "data"
 # DCMTK tools and Orthanc leave Nagle's algorithm on unless told (DCMTK FAQ #48).
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
