@@ -123,6 +123,9 @@ def serve(settings: Settings) -> int:
             port=settings.ingest.port,
             listener_processes=settings.ingest.listener_processes,
             inference_slots=settings.work.slots,
+            plugins=[p.spec.name for p in plugins],
+            results_to=[f"{d.ae_title} at {d.host}:{d.port}" for d in settings.destinations()],
+            ops=f"http://{settings.ops.host}:{settings.ops.port}" if settings.ops.enabled else None,
         )
         # The main thread only waits and watches; the signal handler only sets `stop`.
         while not stop.wait(1.0):
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()  # until the settings say otherwise; a config error is logged too
     try:
         settings = load_settings(args.config)
-        configure_logging(settings.logging.level)
+        configure_logging(settings.logging.level, form=settings.logging.format)
         if args.command == "plugins":
             return list_plugins()
         if args.command == "route":

@@ -482,6 +482,9 @@ class PluginSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # json: one JSON object a line; console: readable lines; auto: console on a
+    # terminal, JSON otherwise (a file, journald, a container's log).
+    format: Literal["auto", "json", "console"] = "auto"
 
 
 class Settings(BaseSettings):

@@ -1,4 +1,5 @@
-"""Logging: structlog JSON lines on stdout, with a guard against patient data.
+"""Logging: structlog JSON lines on stdout (readable lines on a terminal), with a guard
+against patient data.
 
 Every event has a stable dotted name (``ingest.instance.stored``) and carries the
 correlation ids bound in context (association, series, job). The PHI guard is the
@@ -12,7 +13,7 @@ import logging
 import sys
 import warnings
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 from pydicom.dataelem import DataElement
@@ -70,15 +71,27 @@ def _shared_processors() -> list[structlog.types.Processor]:
     ]
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """Send structlog and stdlib logging to ``stream`` (stdout) as JSON lines."""
+def configure_logging(
+    level: str = "info",
+    stream: TextIO | None = None,
+    form: Literal["auto", "json", "console"] = "auto",
+) -> None:
+    """Send structlog and stdlib logging to ``stream`` (stdout): JSON lines, or readable
+    lines (structlog's console renderer) for ``form`` "console", or "auto" on a
+    terminal."""
     out = stream if stream is not None else sys.stdout
     numeric = logging.getLevelNamesMapping()[level.upper()]
+    console = form == "console" or (form == "auto" and out.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if console
+        else structlog.processors.JSONRenderer()
+    )
     structlog.configure(
         processors=[
             *_shared_processors(),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
+            *([] if console else [structlog.processors.dict_tracebacks]),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # One write per line: listener processes share stdout, and a line written in two
@@ -92,7 +105,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             foreign_pre_chain=_shared_processors(),
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.JSONRenderer(),
+                renderer,
             ],
         )
     )

@@ -151,7 +151,7 @@ def _child(
     # the cores first when jobs' own work competes with them.
     os.nice(_NICENESS)
     settings = Settings.model_validate_json(settings_json)
-    configure_logging(settings.logging.level)
+    configure_logging(settings.logging.level, form=settings.logging.format)
     job = work.job
     outcome: JobOutcome | _Failure
     with job_context(job):

@@ -74,3 +74,31 @@ def test_warnings_are_logged_without_their_text() -> None:
     assert "DOE" not in out.getvalue()
     event = json.loads(out.getvalue().strip().splitlines()[-1])
     assert (event["event"], event["category"]) == ("python.warning", "UserWarning")
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal, as sys.stdout does on one."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_readable_lines_on_a_terminal_and_json_lines_elsewhere() -> None:
+    terminal = _Terminal()
+    configure_logging(stream=terminal)
+    get_logger("t").info("serve.ready", port=11112, patient_name="SENTINEL^NAME")
+    line = terminal.getvalue()
+    assert "serve.ready" in line
+    assert "port" in line
+    assert not line.lstrip().startswith("{")
+    assert "SENTINEL" not in line  # the guard runs before either renderer
+
+    for stream, form in ((_Terminal(), "json"), (io.StringIO(), "auto")):
+        configure_logging(stream=stream, form=form)  # type: ignore[arg-type]
+        get_logger("t").info("serve.ready", port=11112)
+        assert json.loads(stream.getvalue())["event"] == "serve.ready"
+
+    console = io.StringIO()
+    configure_logging(stream=console, form="console")
+    get_logger("t").info("serve.ready")
+    assert not console.getvalue().lstrip().startswith("{")
