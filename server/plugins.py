@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -126,3 +127,13 @@ def check_plugin_names(settings: Settings, plugins: list[LoadedPlugin]) -> None:
                 f"{where} names plugin(s) {', '.join(unknown)}, not installed or not enabled"
                 f" (enabled: {listed})"
             )
+
+
+def pickling_error(plugin: object) -> Exception | None:
+    """What pickling ``plugin`` raises (each job gets it in a process of its own), or
+    None when it pickles."""
+    try:
+        pickle.dumps(plugin)
+    except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
+        return exc
+    return None

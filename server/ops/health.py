@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from infergate.config import Settings
 from infergate.errors import StoreError
 from infergate.inference.triton import TritonClient
+from infergate.ingest.admission import space_shortfall
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.plugins import LoadedPlugin
 from infergate.store import Store
@@ -90,9 +91,5 @@ def _store(gateway: Gateway) -> Finding:
 
 def _free_space(gateway: Gateway) -> Finding:
     free = shutil.disk_usage(gateway.settings.storage.spool_dir).free
-    floor = gateway.settings.ingest.min_free_bytes
-    if free >= floor:
-        return Finding("free space", True)
-    return Finding(
-        "free space", False, f"{free} bytes free on the spool, under ingest.min_free_bytes"
-    )
+    shortfall = space_shortfall(free, gateway.settings.ingest)  # the listener's own test
+    return Finding("free space", shortfall is None, shortfall)

@@ -15,7 +15,6 @@ also checks that neither function changes the series it is given.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 
 import numpy as np
@@ -25,7 +24,7 @@ from tritonclient.utils import triton_to_np_dtype
 from infergate.dicom.geometry import PROJECTION_MODALITIES
 from infergate.errors import PluginError
 from infergate.plugin_api import Findings, Plugin, PluginSpec, Series, TensorSpec
-from infergate.plugins import validate
+from infergate.plugins import pickling_error, validate
 
 _SHAPE = (8, 32, 32)  # slices, rows, columns of the synthetic series
 
@@ -70,10 +69,9 @@ def check_plugin(plugin: object) -> list[str]:
         return [str(exc)]
     spec = checked.spec
     problems: list[str] = []
-    try:
-        pickle.dumps(checked)  # each job gets it in a process of its own
-    except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
-        problems.append(f"the plugin object cannot be pickled ({type(exc).__name__}: {exc})")
+    error = pickling_error(checked)
+    if error is not None:
+        problems.append(f"the plugin object cannot be pickled ({type(error).__name__}: {error})")
     for modality in sorted(spec.modalities):
         series = synthetic_series(modality)
         before = series.volume.copy()

@@ -14,7 +14,6 @@ refuses done after failed). Any exception from any step of a job fails that job 
 
 from __future__ import annotations
 
-import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from infergate.inference.runner import JobInput, JobOutcome, run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.ops.metrics import job_ended
-from infergate.plugins import LoadedPlugin
+from infergate.plugins import LoadedPlugin, pickling_error
 from infergate.store import JobRow, ResultRow, Store
 from infergate.work.job_process import JobProcess, job_context
 from infergate.work.states import JobKind, ResultKind
@@ -300,10 +299,9 @@ def _error_name(exc: Exception) -> str:
 
 def _check_picklable(loaded: LoadedPlugin) -> None:
     """A plugin goes to each job's process pickled: refuse at start one that cannot."""
-    try:
-        pickle.dumps(loaded)
-    except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
+    error = pickling_error(loaded)
+    if error is not None:
         raise PluginError(
-            f"plugin {loaded.spec.name} cannot be sent to a job process ({type(exc).__name__});"
+            f"plugin {loaded.spec.name} cannot be sent to a job process ({type(error).__name__});"
             " make its object picklable or set work.job_processes: false"
-        ) from exc
+        ) from error
