@@ -10,6 +10,7 @@ resumes where the dead process stopped. Nothing here reads pixel data.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from infergate.config import AssemblySettings, Settings
 from infergate.logs import get_logger
+from infergate.ops.metrics import series_completed
 from infergate.plugins import LoadedPlugin
 from infergate.routing.decide import route
 from infergate.routing.facts import SeriesFacts, read_series_facts
@@ -107,20 +109,32 @@ def _complete(
         settings.routing.rules,
         None if enabled is None else frozenset(enabled),
     )
+    explained = [
+        {
+            "plugin": d.plugin,
+            "matched": d.matched,
+            "reason": d.reason,
+            "priority": d.priority,
+            "rules": {rule: list(lines) for rule, lines in d.explanation},
+        }
+        for d in decisions
+    ]
+    why = json.dumps({"trigger": trigger, "decisions": explained})
     jobs = [
-        NewJob(uuid.uuid4().hex, JobKind.INFERENCE, plugin=d.plugin, priority=d.priority)
+        NewJob(uuid.uuid4().hex, JobKind.INFERENCE, plugin=d.plugin, priority=d.priority, route=why)
         for d in decisions
         if d.matched
     ]
     unmatched = settings.routing.unmatched
     if not jobs and unmatched.action == "forward":
         # A job like any other, so a crash between completion and delivery loses nothing.
-        jobs = [NewJob(uuid.uuid4().hex, JobKind.FORWARD)]
+        jobs = [NewJob(uuid.uuid4().hex, JobKind.FORWARD, route=why)]
     with structlog.contextvars.bound_contextvars(
         series_uid=series.series_uid, study_uid=series.study_uid
     ):
         if not store.complete_series(series, jobs, now):
             return None
+        series_completed(trigger)
         log.info(
             "assembly.series.complete",
             instances=series.instance_count,
@@ -133,16 +147,7 @@ def _complete(
             "routing.series.routed",
             plugins=[job.plugin for job in jobs if job.kind is JobKind.INFERENCE],
             forward=any(job.kind is JobKind.FORWARD for job in jobs),
-            decisions=[
-                {
-                    "plugin": d.plugin,
-                    "matched": d.matched,
-                    "reason": d.reason,
-                    "priority": d.priority,
-                    "rules": {rule: list(lines) for rule, lines in d.explanation},
-                }
-                for d in decisions
-            ],
+            decisions=explained,
         )
         if not any(d.matched for d in decisions):
             destination = unmatched.destination

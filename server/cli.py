@@ -1,4 +1,5 @@
-"""The ``infergate`` command: ``serve``, ``check``, ``plugins`` and ``route explain``."""
+"""The ``infergate`` command: ``serve``, ``check``, ``plugins`` and ``route explain``;
+``jobs``, ``deliveries``, ``studies`` and ``selftest`` ask a running gateway."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from infergate import __version__
 from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
-from infergate.errors import ConfigError, InfergateError, ModelMismatchError
+from infergate.errors import ConfigError, InfergateError, ModelMismatchError, OpsClientError
 from infergate.export.scu import echo
 from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
@@ -25,10 +26,12 @@ from infergate.inference.triton import TritonClient
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
+from infergate.ops import commands
 from infergate.ops.health import Gateway
 from infergate.ops.http import OpsServer
 from infergate.ops.metrics import REGISTRY, LiveSources, PipelineCollector, job_ended
 from infergate.ops.retention import run_retention, sweep_orphans
+from infergate.ops.selftest import run_selftest
 from infergate.plugins import (
     LoadedPlugin,
     check_plugin_names,
@@ -40,6 +43,7 @@ from infergate.store import Store
 from infergate.work.job_process import start_forkserver
 from infergate.work.loops import StageLoop
 from infergate.work.scheduler import JobScheduler
+from infergate.work.states import JobState
 
 log = get_logger("infergate.cli")
 
@@ -290,27 +294,92 @@ def explain_routes(settings: Settings, path: Path, calling_ae: str, called_ae: s
     return 0
 
 
+def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``jobs``, ``deliveries``, ``studies`` and ``selftest``: they ask the running gateway."""
+    jobs = commands.add_parser("jobs", help="jobs of the running gateway: list, show ID, retry ID")
+    jobs.add_argument("action", nargs="?", choices=["show", "retry"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--state", choices=[s.value for s in JobState])
+    jobs.add_argument("--plugin")
+    jobs.add_argument("--since", help="changed since: 90m, 2h, 1d, or 2026-12-01T08:00")
+    deliveries = commands.add_parser(
+        "deliveries", help="deliveries of results: list, or replay ID | --all-dead"
+    )
+    deliveries.add_argument("action", nargs="?", choices=["replay"])
+    deliveries.add_argument("delivery_id", nargs="?")
+    deliveries.add_argument("--dead", action="store_true", help="only dead letters")
+    deliveries.add_argument("--all-dead", action="store_true", help="replay every dead letter")
+    deliveries.add_argument("--to", help="replay to this configured destination (AE title)")
+    studies = commands.add_parser("studies", help="per study: what arrived, ran, was delivered")
+    for sub in (jobs, deliveries, studies):
+        sub.add_argument("--config", type=Path, help="the running gateway's YAML settings")
+        sub.add_argument("--json", action="store_true", help="JSON instead of a table")
+        sub.add_argument("--limit", type=int, default=100, help="at most this many rows")
+    selftest = commands.add_parser(
+        "selftest", help="send a generated study through the running gateway and check it"
+    )
+    selftest.add_argument("--config", type=Path, help="the running gateway's YAML settings")
+    selftest.add_argument(
+        "--destination", help="also send the results to this configured destination (AE title)"
+    )
+    selftest.add_argument("--timeout", type=float, default=600.0, help="seconds to wait, in all")
+
+
+def _admin(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "selftest":
+        return run_selftest(settings, destination=args.destination, timeout_s=args.timeout)
+    if args.command == "studies":
+        return commands.studies(settings, limit=args.limit, as_json=args.json)
+    if args.command == "deliveries":
+        if args.action == "replay":
+            return commands.replay(settings, args.delivery_id, all_dead=args.all_dead, to=args.to)
+        return commands.deliveries(settings, dead=args.dead, limit=args.limit, as_json=args.json)
+    return _jobs(args, settings)
+
+
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action is not None and args.job_id is None:
+        raise OpsClientError(f"jobs {args.action} takes a job id")
+    if args.action == "show":
+        return commands.job_show(settings, args.job_id, as_json=args.json)
+    if args.action == "retry":
+        return commands.job_retry(settings, args.job_id)
+    return commands.jobs(
+        settings,
+        state=args.state,
+        plugin=args.plugin,
+        since=args.since,
+        limit=args.limit,
+        as_json=args.json,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="infergate", description="DICOM inference gateway")
     parser.add_argument("--version", action="version", version=f"infergate {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands_ = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("serve", "receive studies, run plugins on Triton, send results"),
         ("check", "check config, plugins and their Triton models, then exit"),
         ("plugins", "list installed plugins"),
         ("route", "explain routing: route explain PATH"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = commands_.add_parser(name, help=text)
         sub.add_argument("--config", type=Path, help="YAML settings file")
         if name == "route":
             sub.add_argument("action", choices=["explain"])
             sub.add_argument("path", type=Path, help="a DICOM file or a folder of them")
             sub.add_argument("--calling-ae", default="", help="as if sent by this AE title")
             sub.add_argument("--called-ae", help="as if sent to this AE title of ours")
+    _admin_parsers(commands_)
     args = parser.parse_args(argv)
     configure_logging()  # until the settings say otherwise; a config error is logged too
     try:
         settings = load_settings(args.config)
+        if args.command in _ASKING:
+            # What they print is for a person or a script; their log lines are warnings up.
+            configure_logging("warning", form=settings.logging.format)
+            return _admin(args, settings)
         configure_logging(settings.logging.level, form=settings.logging.format)
         if args.command == "plugins":
             return list_plugins()
@@ -323,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"{args.command}.failed", error=type(exc).__name__, reason=str(exc))
         print(f"infergate {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+
+
+# The commands that ask a running gateway (its ops endpoint) rather than being one.
+_ASKING = frozenset({"jobs", "deliveries", "studies", "selftest"})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -196,6 +197,10 @@ class IngestSettings(_Section):
     plain: bool = True
     # Called AE titles besides ae_title, each with its own plugins and destination.
     called_aes: tuple[CalledAE, ...] = ()
+    # The called AE title `infergate selftest` sends its generated study to: every
+    # plugin runs on it and its results stay on disk, never sent to a destination
+    # unless the selftest asks (--destination). None: no such title.
+    selftest_ae_title: str | None = Field(default="IG_SELFTEST", min_length=1, max_length=16)
 
     @model_validator(mode="after")
     def _some_listener(self) -> IngestSettings:
@@ -204,6 +209,8 @@ class IngestSettings(_Section):
         if self.tls is not None and self.plain and self.tls.port == self.port:
             raise ValueError(f"tls.port and port are both {self.port}")
         titles = [self.ae_title, *(c.ae_title for c in self.called_aes)]
+        if self.selftest_ae_title is not None:
+            titles.append(self.selftest_ae_title)
         if len(set(titles)) != len(titles):
             raise ValueError(f"called AE titles must differ: {titles}")
         return self
@@ -211,7 +218,10 @@ class IngestSettings(_Section):
     @property
     def called_ae_titles(self) -> frozenset[str]:
         """Every called AE title the listener answers to."""
-        return frozenset({self.ae_title, *(c.ae_title for c in self.called_aes)})
+        titles = {self.ae_title, *(c.ae_title for c in self.called_aes)}
+        if self.selftest_ae_title is not None:
+            titles.add(self.selftest_ae_title)
+        return frozenset(titles)
 
     def called_ae(self, title: str) -> CalledAE:
         """The settings of called AE title ``title``; ``ae_title`` (and an unknown one)
@@ -219,6 +229,8 @@ class IngestSettings(_Section):
         for entry in self.called_aes:
             if entry.ae_title == title:
                 return entry
+        if title == self.selftest_ae_title:
+            return CalledAE(ae_title=title, return_to_sender=False)
         return CalledAE(ae_title=self.ae_title)
 
     @property
@@ -466,12 +478,24 @@ class RetentionSettings(_Section):
 
 
 class OpsSettings(_Section):
-    """The ops HTTP endpoint: probes, metrics (``infergate.ops``)."""
+    """The ops HTTP endpoint: probes, metrics, the admin API and the status page
+    (``infergate.ops``)."""
 
     enabled: bool = True
     # Loopback unless told otherwise: what it serves is for the operators' own tools.
     host: str = "127.0.0.1"
     port: int = Field(default=9111, ge=1, le=65535)
+    # What the admin API asks of a request that changes state (a retry, a replay), as
+    # "Authorization: Bearer <token>"; None: every such request is refused. Best given
+    # in the environment: INFERGATE_OPS__TOKEN.
+    token: SecretStr | None = Field(default=None)
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
 
 
 class PluginSettings(_Section):
@@ -510,6 +534,11 @@ class Settings(BaseSettings):
     work: WorkSettings = WorkSettings()
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    def for_child_process(self) -> str:
+        """These settings as JSON for a process of ours (a listener, a job), without
+        the ops token, which they do not need (and which would be written masked)."""
+        return self.model_dump_json(exclude={"ops": {"token"}})
 
     def destination_for(self, called_ae: str) -> Destination | None:
         """Where the results of a series sent to ``called_ae`` go."""

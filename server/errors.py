@@ -21,6 +21,20 @@ class StoreError(InfergateError):
     """The state store could not record or read something."""
 
 
+class NotFoundError(StoreError):
+    """What an operator asked for (a job, a delivery) is not in the state store."""
+
+
+class RefusedError(InfergateError):
+    """An operator's request cannot be carried out as things stand (retrying a job
+    that is not failed, replaying a delivery that is not a dead letter); the message
+    says why."""
+
+
+class OpsClientError(InfergateError):
+    """A command could not get an answer from the running gateway's ops endpoint."""
+
+
 class SpoolError(InfergateError):
     """An instance could not be written durably to the spool."""
 

@@ -448,3 +448,28 @@ def copy_as_new_study(
         ds.save_as(target)
         copies.append(target)
     return study, copies
+
+
+# Where tests keep what a person may want to look at afterwards (screenshots).
+ARTIFACTS = Path(os.environ.get("INFERGATE_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def headless_page(url: str, screenshot_name: str) -> tuple[str, list[str]]:
+    """``url`` in Debian's headless chromium: its DOM after loading, and every console
+    message it logged (errors included); a screenshot is kept in ARTIFACTS."""
+    browser = require_program("chromium")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr"]
+    common += ["--v=0", "--window-size=1280,2200", "--no-first-run"]
+    dumped = subprocess.run(
+        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    )
+    shot = subprocess.run(
+        [*common, f"--screenshot={ARTIFACTS / screenshot_name}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    console = [line for line in (dumped.stderr + shot.stderr).splitlines() if ":CONSOLE" in line]
+    return dumped.stdout, console

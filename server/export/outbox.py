@@ -28,7 +28,10 @@ log = get_logger(__name__)
 def destination_of(settings: Settings, unplanned: UnplannedResult) -> Destination | None:
     """Where a result goes: a forwarded instance to ``routing.unmatched``'s destination;
     a job's result back to its sender when it returns to sender (and the sender has a
-    port), else to its called AE title's destination, else ``export.destination``."""
+    port), else to its called AE title's destination, else ``export.destination``;
+    nowhere for what the selftest sent (``ingest.selftest_ae_title``)."""
+    if unplanned.called_ae == settings.ingest.selftest_ae_title:
+        return None
     if unplanned.job_kind is JobKind.FORWARD:
         return settings.routing.unmatched.destination
     sender = settings.sender_destination(

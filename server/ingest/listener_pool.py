@@ -82,7 +82,7 @@ class ListenerPool:
         os.close(ready_write)
         try:
             if process.stdin is not None:  # always, with stdin=PIPE
-                process.stdin.write(self.settings.model_dump_json().encode())
+                process.stdin.write(self.settings.for_child_process().encode())
                 process.stdin.close()
             readable, _, _ = select.select([ready_read], [], [], READY_TIMEOUT_S)
             ready = bool(readable) and os.read(ready_read, 1) == b"1"

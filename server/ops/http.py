@@ -1,5 +1,6 @@
-"""The ops HTTP endpoint (``ops.host``:``ops.port``): ``/healthz``, ``/readyz`` and
-``/metrics``, served by uvicorn on a thread of the gateway, routed by Starlette.
+"""The ops HTTP endpoint (``ops.host``:``ops.port``): ``/healthz``, ``/readyz``,
+``/metrics`` and the admin API under ``/api`` (``ops.admin``), served by uvicorn on a
+thread of the gateway, routed by Starlette.
 
 Probes answer 200 or 503 with a JSON body of findings; metrics are prometheus-client's
 own ASGI app over the gateway's registry.
@@ -21,6 +22,7 @@ from starlette.routing import Mount, Route
 from infergate.config import OpsSettings
 from infergate.errors import ListenerError
 from infergate.logs import get_logger
+from infergate.ops import admin, page
 from infergate.ops.health import Finding, Gateway, liveness, readiness
 from infergate.ops.metrics import REGISTRY
 
@@ -51,9 +53,11 @@ def app(gateway: Gateway) -> Starlette:
 
     return Starlette(
         routes=[
+            Route("/", page.endpoint(gateway)),
             Route("/healthz", probe(liveness)),
             Route("/readyz", probe(readiness)),
             Mount("/metrics", make_asgi_app(registry=REGISTRY)),
+            *admin.routes(gateway),
         ]
     )
 

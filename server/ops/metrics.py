@@ -38,6 +38,13 @@ JOB_STAGE_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 600),
     registry=REGISTRY,
 )
+SERIES_COMPLETED = Counter(
+    "infergate_series_completed",
+    "Series that assembly found complete, by what completed them: quiet (the quiet"
+    " period passed), released (the sender released its association), max_age.",
+    ["trigger"],
+    registry=REGISTRY,
+)
 DELIVERY_ATTEMPTS = Counter(
     "infergate_delivery_attempts",
     "Delivery attempts by destination AE title and the class of their outcome"
@@ -59,6 +66,10 @@ def job_ended(plugin: str, state: str, timings_s: dict[str, float] | None = None
     JOBS_ENDED.labels(plugin, state).inc()
     for key, seconds in (timings_s or {}).items():
         JOB_STAGE_SECONDS.labels(plugin, key.removesuffix("_s")).observe(seconds)
+
+
+def series_completed(trigger: str) -> None:
+    SERIES_COMPLETED.labels(trigger).inc()
 
 
 def delivery_attempted(destination: str, outcome: str, seconds: float) -> None:

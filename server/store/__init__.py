@@ -2,22 +2,23 @@
 
 The connection, schema and durability settings are in ``store.db``, the association
 audit trail in ``store.associations``, the outbox (results and their deliveries) in
-``store.outbox``, what is finished and its removal in ``store.retention``. Each public
+``store.outbox``, what is finished and its removal in ``store.retention``, what the
+ops endpoint gauges in ``store.gauges`` and what an operator sees in ``store.views``. Each public
 method is one transaction.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from infergate.errors import StoreError
+from infergate.errors import NotFoundError, RefusedError
 from infergate.store.associations import AssociationRecords
 from infergate.store.db import set_state
 from infergate.store.gauges import GaugeRecords, PipelineGauges
-from infergate.store.outbox import OutboxRecords
 from infergate.store.retention import RetentionRecords
 from infergate.store.rows import (
     Arrival,
@@ -32,6 +33,7 @@ from infergate.store.rows import (
     SeriesRow,
     UnplannedResult,
 )
+from infergate.store.views import ViewRecords
 from infergate.work.states import (
     PRIORITY_OF_RANK,
     PRIORITY_RANK,
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 
-class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
+class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords):
     """Typed access to the state database. Safe to share between threads."""
 
     # -- ingest -----------------------------------------------------------------
@@ -128,7 +130,8 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
                 return False
             db.executemany(
                 "INSERT INTO jobs (job_id, series_uid, study_uid, generation, kind, plugin, state,"
-                " created_at, updated_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, updated_at, priority, route)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         job.job_id,
@@ -141,6 +144,7 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
                         now,
                         now,
                         PRIORITY_RANK[job.priority],
+                        job.route,
                     )
                     for job in jobs
                 ],
@@ -235,17 +239,24 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
                 parameters=(error, now),
             )
 
-    def finish_job(self, job_id: str, results: list[ResultRow], now: float) -> bool:
-        """Record a job's result files and mark it done, in one transaction; False (and
-        nothing recorded) if the job is no longer running, e.g. failed at its deadline."""
+    def finish_job(
+        self,
+        job_id: str,
+        results: list[ResultRow],
+        now: float,
+        timings_s: dict[str, float] | None = None,
+    ) -> bool:
+        """Record a job's result files (and its stage durations) and mark it done, in
+        one transaction; False (and nothing recorded) if the job is no longer running,
+        e.g. failed at its deadline."""
         with self._transaction() as db:
             if not self._set_job_state(
                 db,
                 job_id,
                 (JobState.RUNNING,),
                 JobState.DONE,
-                assignments="error = NULL, updated_at = ?",
-                parameters=(now,),
+                assignments="error = NULL, updated_at = ?, timings = ?",
+                parameters=(now, json.dumps(timings_s or {})),
             ):
                 return False
             db.executemany(
@@ -264,6 +275,46 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
                 ],
             )
             return True
+
+    def retry_failed_job(self, job_id: str, now: float) -> None:
+        """An operator's retry: a failed or dead job back in the queue as if new (its
+        attempts and interruptions forgotten), in one transaction.
+
+        Raises :class:`NotFoundError`, or :class:`RefusedError` when the job is not
+        failed nor dead (a done job's results are re-sent by replaying its delivery),
+        or when its series' instances are no longer on disk (retention removed them).
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state, series_uid FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job {job_id} in the state store")
+            state, series_uid = JobState(row[0]), row[1]
+            if state not in (JobState.FAILED, JobState.DEAD):
+                raise RefusedError(
+                    f"job {job_id} is {state.value}: only a failed or dead job is retried"
+                )
+            paths = [
+                Path(p)
+                for (p,) in db.execute(
+                    "SELECT path FROM instances WHERE series_uid = ?", (series_uid,)
+                )
+            ]
+            if not paths or not all(path.exists() for path in paths):
+                raise RefusedError(
+                    f"job {job_id} cannot run again: its series' instances are no longer"
+                    " on disk (retention removed them); send the series again"
+                )
+            self._set_job_state(
+                db,
+                job_id,
+                (state,),
+                JobState.QUEUED,
+                assignments="attempts = 0, interruptions = 0, error = NULL, not_before = NULL,"
+                " started_at = NULL, timings = NULL, updated_at = ?",
+                parameters=(now,),
+            )
 
     def requeue_jobs(self, job_ids: list[str], now: float) -> None:
         """Running → queued at an orderly stop, not counted as an interruption."""
@@ -349,7 +400,7 @@ class Store(AssociationRecords, OutboxRecords, RetentionRecords, GaugeRecords):
     def job(self, job_id: str) -> JobRow:
         rows = self._jobs_where("job_id = ?", (job_id,))
         if not rows:
-            raise StoreError(f"no job {job_id} in the state store")
+            raise NotFoundError(f"no job {job_id} in the state store")
         return rows[0]
 
     def jobs(self) -> list[JobRow]:

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     priority INTEGER NOT NULL DEFAULT 1,
     not_before REAL,
+    -- why it runs: routing's decision and how its series was completed (JSON)
+    route TEXT,
+    -- a done job's stage durations in seconds (JSON)
+    timings TEXT,
     UNIQUE (series_uid, generation, kind, plugin)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, created_at);
@@ -71,7 +75,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     outcome TEXT,  -- the class of the last attempt's outcome
     reason TEXT,
-    finished_at REAL
+    finished_at REAL,
+    -- a dead letter an operator replayed: the delivery that carries its objects now
+    replayed_to TEXT
 );
 -- One open delivery per study and destination: what becomes ready joins it.
 CREATE UNIQUE INDEX IF NOT EXISTS deliveries_open ON deliveries(
@@ -138,7 +144,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 6
+_VERSION = 7
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -155,15 +161,29 @@ def _migrate(db: sqlite3.Connection) -> None:
         ("results", "priority"): "INTEGER NOT NULL DEFAULT 1",
         ("jobs", "not_before"): "REAL",
     }
-    for (table, column), definition in added.items():
-        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    _add_columns(db, added)
     # Version 3 finds, for a series, the associations that sent it.
     db.execute("DROP INDEX IF EXISTS instances_by_series")
     db.execute("CREATE INDEX instances_by_series ON instances(series_uid, association_id)")
     if "kind" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
         _to_work_model(db)
+    # Version 7: what an operator sees of a job (its route, its stage times) and replays.
+    _add_columns(
+        db,
+        {
+            ("jobs", "route"): "TEXT",
+            ("jobs", "timings"): "TEXT",
+            ("deliveries", "replayed_to"): "TEXT",
+        },
+    )
     db.execute(f"PRAGMA user_version = {_VERSION}")
+
+
+def _add_columns(db: sqlite3.Connection, added: dict[tuple[str, str], str]) -> None:
+    """Each (table, column) with its definition, unless the table has it already."""
+    for (table, column), definition in added.items():
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _execute_script(db: sqlite3.Connection, script: str) -> None:

@@ -51,8 +51,9 @@ class GaugeRecords(Database):
             " ON v.delivery_id = d.delivery_id WHERE d.sop_instance_uid = r.sop_instance_uid"
             " ORDER BY v.created_at DESC LIMIT 1), ?) = ?),"
             " (SELECT COUNT(*) FROM jobs WHERE state = ?),"
-            " (SELECT COUNT(*) FROM deliveries WHERE state = ?),"
-            " (SELECT COUNT(*) FROM delivery_items WHERE state = ?)",
+            " (SELECT COUNT(*) FROM deliveries WHERE state = ? AND replayed_to IS NULL),"
+            " (SELECT COUNT(*) FROM delivery_items i JOIN deliveries v"
+            " ON v.delivery_id = i.delivery_id WHERE i.state = ? AND v.replayed_to IS NULL)",
             (
                 ResultState.PENDING.value,
                 ResultState.PENDING.value,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from infergate.config import Destination
-from infergate.errors import StoreError
+from infergate.errors import NotFoundError, RefusedError, StoreError
 from infergate.store.db import Database, set_state
 from infergate.store.rows import (
     DeliveryItem,
@@ -29,6 +29,7 @@ from infergate.work.states import (
     PRIORITY_RANK,
     DeliveryState,
     JobKind,
+    JobState,
     Priority,
     ResultKind,
     ResultState,
@@ -80,36 +81,79 @@ class OutboxRecords(Database):
         (creating it, due now), in one transaction; returns its id."""
         key = (study_uid, destination.ae_title, destination.host, destination.port, calling_ae)
         rank = min(PRIORITY_RANK[r.priority] for r in results)
+        uids = [r.sop_instance_uid for r in results]
+        with self._transaction() as db:
+            delivery_id = _add_to_open_delivery(db, key, rank, uids, now)
+            _mark_planned(db, uids, now, None)
+        return delivery_id
+
+    def replay_delivery(self, delivery_id: str, destination: Destination | None, now: float) -> str:
+        """An operator's replay of a dead letter: its objects not yet delivered go into
+        the open delivery of its study to ``destination`` (its own, when None), due
+        now, in one transaction; returns that delivery's id.
+
+        The dead delivery stays as the record of what happened, marked with the one
+        that carries its objects now, and is no longer counted as a dead letter.
+        Raises :class:`NotFoundError`, or :class:`RefusedError` when it is not a dead
+        letter (delivered, on its way, or replayed already).
+        """
         with self._transaction() as db:
             row = db.execute(
-                "SELECT delivery_id FROM deliveries WHERE study_uid = ? AND destination_ae = ?"
-                " AND destination_host = ? AND destination_port = ? AND calling_ae = ?"
-                " AND state IN (?, ?)",
-                (*key, *_OPEN),
+                "SELECT study_uid, destination_ae, destination_host, destination_port,"
+                " calling_ae, state, priority, replayed_to FROM deliveries"
+                " WHERE delivery_id = ?",
+                (delivery_id,),
             ).fetchone()
             if row is None:
-                delivery_id = uuid.uuid4().hex
-                db.execute(
-                    "INSERT INTO deliveries (delivery_id, study_uid, destination_ae,"
-                    " destination_host, destination_port, calling_ae, state, priority,"
-                    " created_at, updated_at, next_attempt_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (delivery_id, *key, DeliveryState.PENDING.value, rank, now, now, now),
+                raise NotFoundError(f"no delivery {delivery_id} in the state store")
+            study_uid, ae_title, host, port, calling_ae, state, rank, replayed_to = row
+            if replayed_to is not None:
+                raise RefusedError(f"delivery {delivery_id} was replayed already, as {replayed_to}")
+            if state != DeliveryState.DEAD.value:
+                raise RefusedError(
+                    f"delivery {delivery_id} is {state}, not a dead letter: nothing to replay"
                 )
-            else:
-                delivery_id = str(row[0])
-                db.execute(
-                    "UPDATE deliveries SET priority = MIN(priority, ?), updated_at = ?"
-                    " WHERE delivery_id = ?",
-                    (rank, now, delivery_id),
+            uids = [
+                str(uid)
+                for (uid,) in db.execute(
+                    "SELECT sop_instance_uid FROM delivery_items"
+                    " WHERE delivery_id = ? AND state != ?",
+                    (delivery_id, ResultState.DELIVERED.value),
                 )
-            db.executemany(
-                "INSERT OR REPLACE INTO delivery_items (delivery_id, sop_instance_uid, state)"
-                " VALUES (?, ?, ?)",
-                [(delivery_id, r.sop_instance_uid, ResultState.PENDING.value) for r in results],
+            ]
+            if not uids:
+                raise RefusedError(f"delivery {delivery_id} has no object left to send")
+            target = (ae_title, host, port) if destination is None else destination.key
+            replay_id = _add_to_open_delivery(db, (study_uid, *target, calling_ae), rank, uids, now)
+            db.execute(
+                "UPDATE deliveries SET replayed_to = ?, updated_at = ? WHERE delivery_id = ?",
+                (replay_id, now, delivery_id),
             )
-            _mark_planned(db, [r.sop_instance_uid for r in results], now, None)
-        return delivery_id
+        return replay_id
+
+    def send_job_results(
+        self, job_id: str, destination: Destination, calling_ae: str, now: float
+    ) -> str:
+        """Every result of a done job into the open delivery of its study to
+        ``destination`` (those kept on disk, or delivered elsewhere already), due now;
+        returns its id. Raises :class:`NotFoundError`, or :class:`RefusedError` when
+        the job is not done or made no result."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state, study_uid FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job {job_id} in the state store")
+            if row[0] != JobState.DONE.value:
+                raise RefusedError(f"job {job_id} is {row[0]}, not done: it has no results")
+            results = db.execute(
+                "SELECT sop_instance_uid, priority FROM results WHERE job_id = ?", (job_id,)
+            ).fetchall()
+            if not results:
+                raise RefusedError(f"job {job_id} made no result objects")
+            key = (row[1], *destination.key, calling_ae)
+            rank = min(rank for _, rank in results)
+            return _add_to_open_delivery(db, key, rank, [uid for uid, _ in results], now)
 
     def keep_results(self, uids: list[str], reason: str, now: float) -> None:
         """No destination for these: they stay on disk, and the reason is recorded."""
@@ -212,7 +256,7 @@ class OutboxRecords(Database):
     def delivery(self, delivery_id: str) -> DeliveryRow:
         rows = self._deliveries_where("delivery_id = ?", (delivery_id,))
         if not rows:
-            raise StoreError(f"no delivery {delivery_id} in the state store")
+            raise NotFoundError(f"no delivery {delivery_id} in the state store")
         return rows[0]
 
     def deliveries(self, state: DeliveryState | None = None) -> list[DeliveryRow]:
@@ -230,14 +274,23 @@ class OutboxRecords(Database):
             for uid, job_id, kind, path, rank in rows
         ]
 
-    def result_states(self) -> dict[str, ResultState]:
-        """Each result's state: its latest delivery item's, kept when it has no
-        destination, pending until planned."""
+    def result_states(
+        self, *, job_id: str | None = None, study_uid: str | None = None
+    ) -> dict[str, ResultState]:
+        """Each result's state (of one job's, or one study's, if given): its latest
+        delivery item's, kept when it has no destination, pending until planned."""
+        condition, parameters = "1 = 1", tuple[str, ...]()
+        if job_id is not None:
+            condition, parameters = "r.job_id = ?", (job_id,)
+        elif study_uid is not None:
+            condition = "r.job_id IN (SELECT job_id FROM jobs WHERE study_uid = ?)"
+            parameters = (study_uid,)
         rows = self._rows(
-            "SELECT r.sop_instance_uid, r.planned_at, r.kept_reason, (SELECT d.state FROM"
+            "SELECT r.sop_instance_uid, r.planned_at, r.kept_reason, (SELECT d.state FROM"  # noqa: S608 - constant
             " delivery_items d JOIN deliveries v ON v.delivery_id = d.delivery_id"
             " WHERE d.sop_instance_uid = r.sop_instance_uid ORDER BY v.created_at DESC LIMIT 1)"
-            " FROM results r"
+            f" FROM results r WHERE {condition}",
+            parameters,
         )
         states: dict[str, ResultState] = {}
         for uid, planned_at, kept_reason, item_state in rows:
@@ -262,6 +315,45 @@ def _unplanned(row: tuple[Any, ...]) -> UnplannedResult:
     uid, job_id, kind, path, rank, study_uid, called_ae, job_kind, calling_ae, sender = row
     result = ResultRow(uid, job_id, ResultKind(kind), Path(path), PRIORITY_OF_RANK[rank])
     return UnplannedResult(result, study_uid, called_ae, JobKind(job_kind), calling_ae, sender)
+
+
+def _add_to_open_delivery(
+    db: sqlite3.Connection,
+    key: tuple[str, str, str, int, str],
+    rank: int,
+    uids: list[str],
+    now: float,
+) -> str:
+    """Put the objects ``uids`` into the open delivery of ``key`` (study, destination
+    AE title, host, port, calling AE title), creating it due now; returns its id."""
+    row = db.execute(
+        "SELECT delivery_id FROM deliveries WHERE study_uid = ? AND destination_ae = ?"
+        " AND destination_host = ? AND destination_port = ? AND calling_ae = ?"
+        " AND state IN (?, ?)",
+        (*key, *_OPEN),
+    ).fetchone()
+    if row is None:
+        delivery_id = uuid.uuid4().hex
+        db.execute(
+            "INSERT INTO deliveries (delivery_id, study_uid, destination_ae,"
+            " destination_host, destination_port, calling_ae, state, priority,"
+            " created_at, updated_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (delivery_id, *key, DeliveryState.PENDING.value, rank, now, now, now),
+        )
+    else:
+        delivery_id = str(row[0])
+        db.execute(
+            "UPDATE deliveries SET priority = MIN(priority, ?), updated_at = ?"
+            " WHERE delivery_id = ?",
+            (rank, now, delivery_id),
+        )
+    db.executemany(
+        "INSERT OR REPLACE INTO delivery_items (delivery_id, sop_instance_uid, state)"
+        " VALUES (?, ?, ?)",
+        [(delivery_id, uid, ResultState.PENDING.value) for uid in uids],
+    )
+    return delivery_id
 
 
 def _mark_planned(db: sqlite3.Connection, uids: list[str], now: float, kept: str | None) -> None:

@@ -2,7 +2,7 @@
 
 A study is finished when nothing of it is still to do: no series receiving, no job
 queued or running, no result waiting to be planned, and every delivery delivered (a
-dead letter keeps its study until an operator replays or drops it). Its finishing time
+dead letter keeps its study until an operator replays it). Its finishing time
 is the latest of its last instance, its jobs' last change and its deliveries' ends.
 """
 
@@ -22,7 +22,8 @@ _UNFINISHED = """
     OR EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = :study AND j.state IN (:queued, :running))
     OR EXISTS (SELECT 1 FROM results r JOIN jobs j ON j.job_id = r.job_id
                WHERE j.study_uid = :study AND r.planned_at IS NULL)
-    OR EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid = :study AND d.state != :delivered)
+    OR EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid = :study AND d.state != :delivered
+               AND d.replayed_to IS NULL)
 """
 _STATES = {
     "receiving": SeriesState.RECEIVING.value,

@@ -170,3 +170,5 @@ class NewJob:
     kind: JobKind
     plugin: str = ""  # the plugin of an inference job
     priority: Priority = "normal"
+    # Why it runs: routing's decisions and how the series was completed (JSON text).
+    route: str | None = None

@@ -76,7 +76,7 @@ class JobProcess:
 
     def __init__(self, work: JobInput, plugin: LoadedPlugin, settings: Settings) -> None:
         self._context = _context()
-        self._arguments = (work, plugin, settings.model_dump_json())
+        self._arguments = (work, plugin, settings.for_child_process())
         self._process: Any = None
         self._killed = False
         self._lock = threading.Lock()  # a kill and the start do not cross

@@ -199,7 +199,7 @@ class JobScheduler:
         except Exception as exc:  # any failure of one job fails that job alone
             self._fail(job, f"the job failed: {unexpected(exc)}", exc)
             return
-        if not self._store.finish_job(job.job_id, results, time.time()):
+        if not self._store.finish_job(job.job_id, results, time.time(), timings):
             log.warning(
                 "inference.job.discarded",
                 plugin=job.plugin,

@@ -72,7 +72,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
     # Back to QUEUED: Triton unavailable (retry later) or the process died (recovery).
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.DEAD}),
-    JobState.DONE: frozenset({JobState.QUEUED}),  # an operator's retry
+    JobState.DONE: frozenset(),  # re-sending its results is a replay of their delivery
     JobState.FAILED: frozenset({JobState.QUEUED}),  # an operator's retry
     JobState.DEAD: frozenset({JobState.QUEUED}),  # an operator's retry
     ResultState.PENDING: frozenset({ResultState.DELIVERED, ResultState.DEAD, ResultState.KEPT}),
@@ -90,7 +90,8 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     ),
     DeliveryState.RETRY_WAIT: frozenset({DeliveryState.SENDING, DeliveryState.DEAD}),
     DeliveryState.DELIVERED: frozenset(),
-    DeliveryState.DEAD: frozenset({DeliveryState.PENDING}),  # replay
+    # A replay opens a new delivery; the dead one stays, the record of what happened.
+    DeliveryState.DEAD: frozenset(),
 }
 
 

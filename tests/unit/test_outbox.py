@@ -23,12 +23,20 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from infergate.config import Settings
+from infergate.errors import NotFoundError, RefusedError
 from infergate.export.outbox import deliver, plan
 from infergate.export.outcomes import OutcomeClass, classify_status
 from infergate.export.worker import ExportWorker
 from infergate.store import AssociationAudit, InstanceRecord, NewJob, ResultRow, Store
 from infergate.testing import ChestPhantom
-from infergate.work.states import DeliveryState, JobKind, Priority, ResultKind, ResultState
+from infergate.work.states import (
+    DeliveryState,
+    JobKind,
+    JobState,
+    Priority,
+    ResultKind,
+    ResultState,
+)
 from peers import free_port, wait_until
 
 _SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -470,3 +478,121 @@ def test_a_sender_without_a_port_gets_the_configured_destination(
     settings = pacs.settings(return_to_sender=True)  # the loopback peer has no port
     assert _send_all(store, settings) == [DeliveryState.DELIVERED]
     assert len(pacs.received) == 1
+
+
+def test_a_replayed_dead_letter_sends_only_what_was_not_delivered_and_only_once(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    """The PACS refused the SEG (not configured for it) and took the SR; the replay to
+    a second destination carries the SEG alone, and the dead letter is no longer one."""
+    store = Store(tmp_path / "s.db")
+    seg = _as_segmentation(small_phantom.paths[0], tmp_path / "seg.dcm")
+    seg_uid, sr_uid = _job_with_results(
+        store, "job", [(ResultKind.SEG, seg), (ResultKind.SR, small_phantom.paths[1])]
+    )
+    assert _send_all(store, pacs.settings()) == [DeliveryState.DEAD]
+    (dead,) = store.delivery_views(dead_only=True)
+    assert store.pipeline_gauges().dead_deliveries == 1
+    other = Pacs(sop_classes=(str(CTImageStorage), str(SegmentationStorage)), ae_title="OTHER")
+    target = other.settings().export.destination
+    assert target is not None
+    other.start()
+    try:
+        replay_id = store.replay_delivery(dead.delivery_id, target, time.time())
+        with pytest.raises(RefusedError, match="replayed already"):
+            store.replay_delivery(dead.delivery_id, target, time.time())
+        assert store.delivery_views(dead_only=True) == []
+        assert store.pipeline_gauges().dead_deliveries == 0
+        assert store.pipeline_gauges().dead_objects == 0
+        assert [i.sop_instance_uid for i in store.delivery_items(replay_id)] == [seg_uid]
+        assert store.claim_delivery(replay_id, now=time.time())
+        replayed = store.delivery(replay_id)
+        assert deliver(store, other.settings(), replayed) is DeliveryState.DELIVERED
+    finally:
+        other.stop()
+    assert [uid for uid, _ in other.received] == [seg_uid]
+    assert store.result_states() == {seg_uid: ResultState.DELIVERED, sr_uid: ResultState.DELIVERED}
+    assert store.delivery_view(dead.delivery_id).replayed_to == replay_id
+
+
+def test_only_a_dead_letter_is_replayed(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    assert _send_all(store, pacs.settings()) == [DeliveryState.DELIVERED]
+    (delivered,) = store.deliveries()
+    with pytest.raises(RefusedError, match="is delivered, not a dead letter"):
+        store.replay_delivery(delivered.delivery_id, None, 2.0)
+    with pytest.raises(NotFoundError):
+        store.replay_delivery("no-such-delivery", None, 2.0)
+
+
+def test_a_done_jobs_kept_results_are_sent_on_request(
+    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+) -> None:
+    """What the selftest does with --destination: results kept on disk (no
+    destination) go to the one named."""
+    store = Store(tmp_path / "s.db")
+    (uid,) = _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
+    plan(store, Settings(), time.time())
+    assert store.result_states() == {uid: ResultState.KEPT}
+    destination = pacs.settings().export.destination
+    assert destination is not None
+    delivery_id = store.send_job_results("job", destination, "INFERGATE", time.time())
+    assert store.claim_delivery(delivery_id, now=time.time())
+    assert deliver(store, pacs.settings(), store.delivery(delivery_id)) is DeliveryState.DELIVERED
+    assert [u for u, _ in pacs.received] == [uid]
+    with pytest.raises(NotFoundError):
+        store.send_job_results("nope", destination, "INFERGATE", 3.0)
+
+
+def test_an_operator_retries_a_failed_job_but_not_a_done_one_nor_one_without_its_files(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    _job_with_results(store, "done", [(ResultKind.SR, small_phantom.paths[0])])
+    with pytest.raises(RefusedError, match="only a failed or dead job is retried"):
+        store.retry_failed_job("done", 2.0)
+    # "done"'s instance is at /spool/x.dcm, which does not exist: a failed job there
+    # cannot run again.
+    series = store.job("done").series_uid
+    store.record_instance(
+        InstanceRecord(
+            "late.1", str(CTImageStorage), series, "st1", "CT", small_phantom.paths[1], 1,
+            "a", "SCANNER", "INFERGATE", "late",
+        ),
+        now=3.0,
+    )  # fmt: skip
+    (reopened,) = store.receiving_series()
+    assert store.complete_series(reopened, [NewJob("again", JobKind.INFERENCE, "p")], now=4.0)
+    store.start_job("again", 4.0)
+    assert store.fail_job("again", "it broke", 5.0)
+    with pytest.raises(RefusedError, match="no longer on disk"):
+        store.retry_failed_job("again", 6.0)
+    with pytest.raises(NotFoundError):
+        store.retry_failed_job("nope", 6.0)
+
+
+def test_a_failed_job_with_its_files_goes_back_in_the_queue_as_new(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    store = Store(tmp_path / "s.db")
+    store.record_instance(
+        InstanceRecord(
+            "i.1", str(CTImageStorage), "se", "st", "CT", small_phantom.paths[0], 1,
+            "a", "SCANNER", "INFERGATE", "h",
+        ),
+        now=1.0,
+    )  # fmt: skip
+    (series,) = store.receiving_series()
+    assert store.complete_series(series, [NewJob("job", JobKind.INFERENCE, "p")], now=2.0)
+    store.start_job("job", 3.0)
+    assert store.fail_job("job", "Triton refused", 4.0)
+    store.retry_failed_job("job", 5.0)
+    job = store.job("job")
+    assert (job.state, job.attempts, job.error) == (JobState.QUEUED, 0, None)
+    assert [j.job_id for j in store.runnable_jobs(now=6.0)] == ["job"]
+    (view,) = store.job_views(state=JobState.QUEUED)
+    assert view.job_id == "job"
+    assert store.job_views(state=JobState.FAILED) == []

@@ -85,6 +85,29 @@ def test_a_database_from_before_duplicate_detection_is_migrated(tmp_path: Path) 
     assert store.record_instance(_record("1.2"), now=3.0).arrival is Arrival.NEW
 
 
+def test_a_version_6_database_gets_routes_stage_times_and_replays(tmp_path: Path) -> None:
+    path = tmp_path / "v6.db"
+    Store(path).close()
+    old = sqlite3.connect(path)
+    for table, column in (("jobs", "route"), ("jobs", "timings"), ("deliveries", "replayed_to")):
+        old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    old.execute("PRAGMA user_version = 6")
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.record_instance(_record("1.1"), now=10.0)
+    (series,) = store.receiving_series()
+    job = NewJob(
+        "job1", JobKind.INFERENCE, "ct_lung", route='{"trigger": "quiet", "decisions": []}'
+    )
+    assert store.complete_series(series, [job], now=20.0)
+    assert store.start_job("job1", 21.0)
+    assert store.finish_job("job1", [], 22.0, {"volume_s": 0.5})
+    detail = store.job_detail("job1")
+    assert detail.route == {"trigger": "quiet", "decisions": []}
+    assert detail.job.timings_s == {"volume_s": 0.5}
+
+
 def test_series_completes_with_its_jobs_in_one_step(store: Store) -> None:
     store.record_instance(_record("1.1"), now=10.0)
     store.record_instance(_record("1.2"), now=11.0)
