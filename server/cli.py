@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client.multiprocess import MultiProcessCollector
+
 from infergate import __version__
 from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
@@ -185,6 +187,8 @@ def _start_ops(gateway: Gateway) -> OpsServer | None:
     sources = LiveSources(
         store=gateway.store,
         spool_dir_free=lambda: shutil.disk_usage(settings.storage.spool_dir).free,
+        spool_min_free=settings.ingest.min_free_bytes,
+        destinations=tuple(sorted({d.ae_title for d in settings.destinations()})),
         triton_ready=gateway.triton.is_ready,
         listener_processes=lambda: (
             gateway.listeners.alive(),
@@ -192,6 +196,9 @@ def _start_ops(gateway: Gateway) -> OpsServer | None:
         ),
     )
     REGISTRY.register(PipelineCollector(sources))
+    # Ingest's metrics, from the listener processes' files (prometheus-client has no
+    # annotations for this class).
+    MultiProcessCollector(REGISTRY, path=str(gateway.listeners.metrics_dir))  # type: ignore[no-untyped-call]
     server = OpsServer(settings.ops, gateway)
     server.start()
     return server

@@ -31,6 +31,7 @@ from infergate.ingest.admission import (
     decide,
 )
 from infergate.ingest.association import AssociationInfo
+from infergate.ingest.metrics import ASSOCIATIONS, rejection_reason
 from infergate.logs import get_logger
 from infergate.store import AssociationAudit, Store
 
@@ -104,7 +105,11 @@ class AssociationEvents:
                 TEMPORARY_CONGESTION,
                 "the state store is not available",
             )
-        if rejection is not None:
+        if rejection is None:
+            ASSOCIATIONS.labels("accepted", "").inc()
+        else:
+            reason = rejection_reason(rejection.source, rejection.diagnostic)
+            ASSOCIATIONS.labels("rejected", reason).inc()
             log.warning(
                 "ingest.association.rejected",
                 peer_address=request.address,
@@ -119,8 +124,9 @@ class AssociationEvents:
         return rejection
 
     def closed(self, info: AssociationInfo, outcome: str, reason: str | None) -> None:
-        if outcome == "rejected":  # audited as such when admission decided
+        if outcome == "rejected":  # audited and counted as such when admission decided
             return
+        ASSOCIATIONS.labels(outcome, "").inc()
         try:
             self.store.close_association(
                 info.association_id,
@@ -159,6 +165,7 @@ class AssociationEvents:
 
     def _record(self, info: AssociationInfo, outcome: str, reason: str) -> None:
         """An association that ended before it was requested (a refused handshake)."""
+        ASSOCIATIONS.labels(outcome, "TLS handshake").inc()
         audit = self._audit(info, outcome, reason)
         try:
             self.store.record_association(audit, ended_at=time.time())

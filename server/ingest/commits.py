@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infergate.errors import InfergateError
+from infergate.ingest.metrics import STORE_COMMIT_SECONDS
 from infergate.ingest.spool import Spool
 from infergate.store import ArrivalOutcome, InstanceRecord, Store
 
@@ -70,6 +72,7 @@ class InstanceCommitter:
         return waiting.result
 
     def _commit(self, group: list[_Waiting]) -> None:
+        started = time.perf_counter()
         try:
             finals = self.spool.place([w.partial for w in group])
             records = [
@@ -93,6 +96,7 @@ class InstanceCommitter:
                 waiting.error = InfergateError(f"commit failed: {type(exc).__name__}")
                 waiting.done = True
             raise
+        STORE_COMMIT_SECONDS.observe(time.perf_counter() - started)
         for waiting, record, outcome in zip(group, records, outcomes, strict=True):
             waiting.result = (record, outcome)
             waiting.done = True

@@ -17,10 +17,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from infergate.config import Settings
 from infergate.dicom.tls import server_context
 from infergate.errors import ListenerError
+from infergate.ingest.metrics import child_environment, prepare_folder
 from infergate.ingest.sockets import ListeningSockets
 from infergate.logs import get_logger
 from infergate.store import Store
@@ -47,6 +49,11 @@ class ListenerPool:
     _listeners: list[_Listener] = field(init=False, default_factory=list)
 
     @property
+    def metrics_dir(self) -> Path:
+        """Where the listener processes write their metrics (``ingest.metrics``)."""
+        return self.settings.storage.var_dir / "metrics"
+
+    @property
     def pids(self) -> list[int]:
         return [listener.process.pid for listener in self._listeners]
 
@@ -59,6 +66,7 @@ class ListenerPool:
         ingest = self.settings.ingest
         if ingest.tls is not None:
             server_context(ingest.tls)  # a bad certificate stops start here, not in each child
+        prepare_folder(self.metrics_dir)
         self._sockets = ListeningSockets.open(ingest)
         try:
             for index in range(ingest.listener_processes):
@@ -78,6 +86,7 @@ class ListenerPool:
             [sys.executable, "-m", "infergate.ingest.listener_process", *arguments],
             stdin=subprocess.PIPE,
             pass_fds=(ready_write, *(sock.fileno() for sock in sockets.all())),
+            env=child_environment(self.metrics_dir),
         )
         os.close(ready_write)
         try:

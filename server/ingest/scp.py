@@ -56,6 +56,7 @@ from infergate.ingest.association import (
 from infergate.ingest.association_events import AssociationEvents
 from infergate.ingest.commits import InstanceCommitter
 from infergate.ingest.guards import check_inflated_size
+from infergate.ingest.metrics import BYTES_RECEIVED, INSTANCES_RECEIVED, INSTANCES_REFUSED
 from infergate.ingest.received import read_header
 from infergate.ingest.sockets import ListeningSockets, accept_connections
 from infergate.ingest.spool import Spool
@@ -293,9 +294,12 @@ class StorageSCP:
                 error=type(exc).__name__,
                 status=f"0x{int(status):04X}",
             )
+            INSTANCES_REFUSED.labels(f"0x{int(status):04X}").inc()
             return int(status), str(exc)
         info.instances += 1
         info.bytes += record.size
+        INSTANCES_RECEIVED.inc()
+        BYTES_RECEIVED.inc(record.size)
         return int(Status.SUCCESS), None
 
     def _accept_instance(self, info: AssociationInfo, instance: ReceivedInstance) -> InstanceRecord:

@@ -84,8 +84,10 @@ class LiveSources:
 
     store: Store
     spool_dir_free: Callable[[], int]
+    spool_min_free: int
     triton_ready: Callable[[], bool]
     listener_processes: Callable[[], tuple[int, int]]  # (alive, configured)
+    destinations: tuple[str, ...] = ()  # the configured destinations' AE titles
 
 
 class PipelineCollector(Collector):
@@ -111,8 +113,17 @@ class PipelineCollector(Collector):
             " destination AE title.",
             labels=["state", "destination"],
         )
-        for (state, destination), count in sorted(gauges.deliveries_open.items()):
-            deliveries.add_metric([state, destination], count)
+        # Every configured destination in every open state, 0 included, so that a
+        # dashboard shows the quiet ones too.
+        keys = set(gauges.deliveries_open) | {
+            (state, ae_title)
+            for state in ("pending", "sending", "retry_wait")
+            for ae_title in self._sources.destinations
+        }
+        for state, destination in sorted(keys):
+            deliveries.add_metric(
+                [state, destination], gauges.deliveries_open.get((state, destination), 0)
+            )
         yield deliveries
         oldest = gauges.oldest_undelivered_at
         yield GaugeMetricFamily(
@@ -138,6 +149,11 @@ class PipelineCollector(Collector):
             "infergate_spool_free_bytes",
             "Free bytes on the spool's file system.",
             value=float(self._sources.spool_dir_free()),
+        )
+        yield GaugeMetricFamily(
+            "infergate_spool_min_free_bytes",
+            "Below this many free bytes ingest refuses instances (ingest.min_free_bytes).",
+            value=float(self._sources.spool_min_free),
         )
         alive, configured = self._sources.listener_processes()
         listeners = GaugeMetricFamily(

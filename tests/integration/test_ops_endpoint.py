@@ -6,9 +6,11 @@ Real peers: ``infergate serve`` with its embedded tritonserver, storescu, Orthan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +48,26 @@ def _failing(body: str) -> set[str]:
     return {c["check"] for c in json.loads(body)["checks"] if not c["ok"]}
 
 
+def _ingest_counted(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], instances: int, var_dir: Path
+) -> None:
+    """Ingest's metrics, counted in the listener processes: one study in one
+    association, and one association rejected."""
+    assert samples[("infergate_instances_received_total", ())] == instances
+    # The bytes as spooled (the file meta as Infergate writes it), as the store has them.
+    uri = f"file:{var_dir / 'infergate.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        (spooled,) = db.execute("SELECT SUM(size) FROM instances").fetchone()
+    assert samples[("infergate_received_bytes_total", ())] == spooled
+    associations = "infergate_associations_total"
+    assert samples[(associations, (("outcome", "accepted"), ("reason", "")))] == 1
+    assert samples[(associations, (("outcome", "released"), ("reason", "")))] == 1
+    rejected = (("outcome", "rejected"), ("reason", "Called AE title not recognised"))
+    assert samples[(associations, rejected)] == 1
+    assert samples[("infergate_store_commit_seconds_count", ())] >= 1
+    assert samples[("infergate_series_completed_total", (("trigger", "quiet"),))] == 1
+
+
 def test_probes_and_metrics_of_a_running_gateway(
     tmp_path: Path, orthanc: Orthanc, small_phantom: ChestPhantom
 ) -> None:
@@ -72,6 +94,15 @@ def test_probes_and_metrics_of_a_running_gateway(
 
         storescu(server.port, list(small_phantom.paths))
         server.wait_event("export.delivered", timeout=120, fail_on=("export.dead_letter",))
+        # An association to a called AE title the gateway does not have: rejected.
+        echo = subprocess.run(
+            ["echoscu", "-aec", "NOT_OURS", "127.0.0.1", str(server.port)],
+            capture_output=True,
+            env=PEER_ENV,
+            timeout=30,
+            check=False,
+        )
+        assert echo.returncode != 0
         status, text = server.http("/metrics")
         assert status == 200
         samples = _samples(text)
@@ -82,6 +113,7 @@ def test_probes_and_metrics_of_a_running_gateway(
         for stage in stages:
             key = ("infergate_job_stage_seconds_count", (("plugin", "ct_lung"), ("stage", stage)))
             assert samples[key] == 1, stage
+        _ingest_counted(samples, len(small_phantom.paths), tmp_path / "var")
         delivered = ("destination", orthanc.ae_title), ("outcome", "delivered")
         assert samples[("infergate_delivery_attempts_total", delivered)] == 1
         assert samples[("infergate_triton_up", ())] == 1

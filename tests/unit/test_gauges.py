@@ -19,8 +19,10 @@ def _scrape(store: Store) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
     sources = LiveSources(
         store=store,
         spool_dir_free=lambda: 12345,
+        spool_min_free=1000,
         triton_ready=lambda: False,
         listener_processes=lambda: (1, 2),
+        destinations=("PACS", "ARCHIVE"),
     )
     registry.register(PipelineCollector(sources))
     text = generate_latest(registry).decode()
@@ -51,9 +53,12 @@ def test_queue_depth_undelivered_age_and_what_is_down(tmp_path: Path) -> None:
     assert samples[(waiting, (("priority", "normal"), ("state", "running")))] == 0
     open_key = ("infergate_deliveries_open", (("destination", "PACS"), ("state", "pending")))
     assert samples[open_key] == 1
+    quiet = ("infergate_deliveries_open", (("destination", "ARCHIVE"), ("state", "retry_wait")))
+    assert samples[quiet] == 0
     assert samples[("infergate_oldest_undelivered_result_age_seconds", ())] > 1e9  # since 100
     assert samples[("infergate_triton_up", ())] == 0
     assert samples[("infergate_spool_free_bytes", ())] == 12345
+    assert samples[("infergate_spool_min_free_bytes", ())] == 1000
     assert samples[("infergate_listener_processes", (("status", "up"),))] == 1
     assert samples[("infergate_listener_processes", (("status", "configured"),))] == 2
     assert samples[("infergate_dead_letters", (("kind", "delivery"),))] == 0
