@@ -134,7 +134,7 @@ def _complete(
     ):
         if not store.complete_series(series, jobs, now):
             return None
-        series_completed(trigger)
+        series_completed(trigger, now - series.last_received_at, [job.plugin for job in jobs])
         log.info(
             "assembly.series.complete",
             instances=series.instance_count,

@@ -32,8 +32,10 @@ JOBS_ENDED = Counter(
 )
 JOB_STAGE_SECONDS = Histogram(
     "infergate_job_stage_seconds",
-    "How long each stage of a finished job took, by plugin and stage (volume,"
-    " preprocess, inference: Triton transfer and compute, postprocess, encode, write).",
+    "How long each stage of a job took, by plugin and stage: assembly_wait (from the"
+    " series' last instance to its completion), then, for a finished job, volume,"
+    " preprocess, inference (the Triton round trip: transfer, queue and compute),"
+    " postprocess, encode, write.",
     ["plugin", "stage"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 600),
     registry=REGISTRY,
@@ -68,8 +70,12 @@ def job_ended(plugin: str, state: str, timings_s: dict[str, float] | None = None
         JOB_STAGE_SECONDS.labels(plugin, key.removesuffix("_s")).observe(seconds)
 
 
-def series_completed(trigger: str) -> None:
+def series_completed(trigger: str, waited_s: float, plugins: list[str]) -> None:
+    """Count a completed series; its wait from the last instance to completion is
+    each of its jobs' first stage (``assembly_wait``)."""
     SERIES_COMPLETED.labels(trigger).inc()
+    for plugin in plugins:
+        JOB_STAGE_SECONDS.labels(plugin, "assembly_wait").observe(waited_s)
 
 
 def delivery_attempted(destination: str, outcome: str, seconds: float) -> None:

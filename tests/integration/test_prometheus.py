@@ -66,13 +66,15 @@ def test_the_rules_and_the_scrape_config_pass_promtool() -> None:
 class Prometheus:
     """A Prometheus of its own: config, storage and a loopback port in a folder."""
 
-    def __init__(self, folder: Path, target: str) -> None:
+    def __init__(self, folder: Path, target: str, triton_target: str) -> None:
         self.port = free_port()
         folder.mkdir()
         config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(PROMETHEUS_DIR / "infergate-rules.yml")]
-        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        infergate, triton = config["scrape_configs"]
+        infergate["static_configs"] = [{"targets": [target]}]
+        triton["static_configs"] = [{"targets": [triton_target]}]
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.process = subprocess.Popen(
             [
@@ -134,7 +136,11 @@ def _without_series_uid(source: Path, folder: Path) -> Path:
 def test_prometheus_scrapes_a_study_through_the_gateway_and_promql_counts_it(
     tmp_path: Path, gateway: InfergateProcess, small_phantom: ChestPhantom
 ) -> None:
-    prometheus = Prometheus(tmp_path / "prometheus", gateway.ops_url.removeprefix("http://"))
+    prometheus = Prometheus(
+        tmp_path / "prometheus",
+        gateway.ops_url.removeprefix("http://"),
+        f"127.0.0.1:{gateway.config['triton']['metrics_port']}",
+    )
     try:
         wait_until(lambda: prometheus.value('up{job="infergate"}') == 1, 60, "a first scrape")
         storescu(gateway.port, list(small_phantom.paths))
@@ -159,6 +165,8 @@ def test_prometheus_scrapes_a_study_through_the_gateway_and_promql_counts_it(
             ('sum(infergate_delivery_attempts_total{outcome="delivered"})', 1),
             ("sum(infergate_instances_refused_total)", 1),
             ('sum(infergate_job_stage_seconds_count{stage="inference"})', 1),
+            ('sum(infergate_job_stage_seconds_count{stage="assembly_wait"})', 1),
+            ('up{job="triton"}', 1),
         ):
             wait_until(lambda q=promql, e=expected: counted(q, e), 30, f"{promql} == {expected}")
         assert prometheus.value("infergate_oldest_undelivered_result_age_seconds") == 0
@@ -179,5 +187,17 @@ def test_prometheus_scrapes_a_study_through_the_gateway_and_promql_counts_it(
                 wanted.update(re.findall(r"\binfergate_[a-z_]+", target["expr"]))
         assert len(wanted) > 15
         assert wanted <= served, wanted - served
+        # Triton's own, which the dashboard shows beside them, from its metrics port.
+        requests = prometheus.value('sum(nv_inference_request_success{model="ct_lung_seg"})')
+        assert requests is not None
+        assert requests >= 1
+        triton_wanted = {
+            name
+            for panel in dashboard["panels"]
+            for target in panel["targets"]
+            for name in re.findall(r"\bnv_[a-z_]+", target["expr"])
+        }
+        assert triton_wanted
+        assert triton_wanted <= served, triton_wanted - served
     finally:
         prometheus.stop()
