@@ -105,29 +105,20 @@ def job_show(settings: Settings, job_id: str, *, as_json: bool) -> int:
     print(
         f"    sent to {job['called_ae']}), priority {job['priority']}, attempts {job['attempts']}"
     )
-    stages = [
-        [
-            "received",
-            _when(job["first_received_at"]),
-            _took(job["first_received_at"], job["last_received_at"]),
-        ],
-        [
-            "complete, queued",
-            _when(job["completed_at"]),
-            _took(job["last_received_at"], job["completed_at"]),
-        ],
-        ["started", _when(job["started_at"]), _took(job["completed_at"], job["started_at"])],
-        [
-            f"ended ({job['state']})",
-            _when(job["updated_at"]),
-            _took(job["started_at"], job["updated_at"]),
-        ],
+    # Each stage from its start to the next one's.
+    marks = [
+        ("receiving", job["first_received_at"], job["last_received_at"]),
+        ("assembly wait", job["last_received_at"], job["completed_at"]),
+        ("queued", job["completed_at"], job["started_at"]),
+        ("running", job["started_at"], job["updated_at"] if job["state"] != "running" else None),
     ]
+    stages = [[name, _when(start), _took(start, end)] for name, start, end in marks]
     stages += [
         [f"  {name.removesuffix('_s')}", "", f"{s:.2f} s"] for name, s in job["timings_s"].items()
     ]
+    stages.append([f"ended: {job['state']}", _when(job["updated_at"]), ""])
     print()
-    print(tabulate(stages, headers=["stage", "at", "took"]))
+    print(tabulate(stages, headers=["stage", "from", "for"]))
     route = detail["route"]
     if route:
         print()
@@ -136,7 +127,9 @@ def job_show(settings: Settings, job_id: str, *, as_json: bool) -> int:
             verdict = "runs" if decision["matched"] else "does not run"
             print(f"  {decision['plugin']} {verdict}: {decision['reason']}")
             for rule, lines in decision["rules"].items():
-                print(f"    {rule}: {'; '.join(lines)}")
+                print(f"    rule {rule}:")
+                for line in lines:
+                    print(f"      {line}")
     print()
     results = [[r["kind"], r["sop_instance_uid"], r["state"]] for r in detail["results"]]
     print(

@@ -27,6 +27,7 @@ from infergate.plugins import discover, enabled_plugins
 from infergate.routing.decide import route
 from infergate.routing.facts import series_facts
 from infergate.testing import (
+    RIGHT_PARIETAL,
     PhantomIdentity,
     write_chest_ct,
     write_chest_radiograph,
@@ -133,8 +134,14 @@ def _chest_ct(folder: Path) -> tuple[tuple[Path, ...], str]:
 
 
 def _head_ct(folder: Path) -> tuple[tuple[Path, ...], str]:
+    # With a hyperdensity, so that a bleed model has something to segment.
     written = write_head_ct(
-        folder, slices=16, size=128, pixel_spacing=1.8, identity=SELFTEST_IDENTITY
+        folder,
+        (RIGHT_PARIETAL,),
+        slices=16,
+        size=128,
+        pixel_spacing=1.8,
+        identity=SELFTEST_IDENTITY,
     )
     return written.paths, written.study_uid
 
@@ -199,7 +206,7 @@ def _wait_for_jobs(
                 f"{k.removesuffix('_s')} {v:.2f} s" for k, v in job["timings_s"].items()
             )
             _say(
-                f"{job['plugin']} done",
+                f"{job['plugin']} done on the {study.name}",
                 f"{', '.join(kinds)} in {job['updated_at'] - job['last_received_at']:.1f} s"
                 f" after the last instance ({timings})",
             )
