@@ -450,6 +450,20 @@ def copy_as_new_study(
     return study, copies
 
 
+def poisoned_copy(paths: list[Path], folder: Path) -> tuple[str, list[Path]]:
+    """The instances at ``paths`` as a new study with a non-number in Rescale Slope
+    (DS), as a broken modality writes it; returns its study UID and the copies."""
+
+    def marked(ds: pydicom.Dataset) -> None:
+        ds.RescaleSlope = "7.77"
+
+    study_uid, copies = copy_as_new_study(paths, folder, marked)
+    for path in copies:
+        # pydicom will not write a bad DS: the header is before the pixels.
+        path.write_bytes(path.read_bytes().replace(b"7.77", b"abcd", 1))
+    return study_uid, copies
+
+
 # Where tests keep what a person may want to look at afterwards (screenshots).
 ARTIFACTS = Path(os.environ.get("INFERGATE_TEST_ARTIFACTS", REPO / "test-artifacts"))
 

@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 
 from infergate.testing import ChestPhantom
@@ -26,9 +25,9 @@ from peers import (
     REPO,
     InfergateProcess,
     Orthanc,
-    copy_as_new_study,
     headless_page,
     infergate_config,
+    poisoned_copy,
     process_name,
     process_tree,
     storescu,
@@ -82,18 +81,6 @@ def _post(server: InfergateProcess, path: str, token: str | None) -> tuple[int, 
         return error.code, json.loads(error.read())
 
 
-def _poisoned(phantom: ChestPhantom, folder: Path) -> tuple[str, list[Path]]:
-    """The phantom as a new study with a non-number in Rescale Slope (DS)."""
-
-    def marked(ds: pydicom.Dataset) -> None:
-        ds.RescaleSlope = "7.77"
-
-    study_uid, paths = copy_as_new_study(list(phantom.paths), folder, marked)
-    for path in paths:
-        path.write_bytes(path.read_bytes().replace(b"7.77", b"abcd", 1))
-    return study_uid, paths
-
-
 def _no_patient_data(text: str, phantom: ChestPhantom) -> None:
     identity = phantom.identity
     for value in (
@@ -115,7 +102,7 @@ def test_a_failed_job_is_listed_with_its_reason_and_a_retry_needs_the_token(
     server.workdir.mkdir()
     try:
         server.start()
-        study_uid, paths = _poisoned(small_phantom, tmp_path / "poisoned")
+        study_uid, paths = poisoned_copy(list(small_phantom.paths), tmp_path / "poisoned")
         storescu(server.port, paths)
         server.wait_event("inference.job.failed", timeout=120, fail_on=())
         storescu(server.port, list(small_phantom.paths))

@@ -26,6 +26,7 @@ from peers import (
     copy_as_new_study,
     free_port,
     infergate_config,
+    poisoned_copy,
     process_name,
     process_tree,
     require_program,
@@ -54,20 +55,6 @@ PresentationContexts = NoSegmentation
 """
 
 
-def _poisoned_copy(phantom: ChestPhantom, folder: Path) -> list[Path]:
-    """The phantom with a non-number in Rescale Slope (DS), as a broken modality writes
-    it, under new UIDs so that it is a study of its own."""
-
-    def marked(ds: pydicom.Dataset) -> None:
-        ds.RescaleSlope = "7.77"
-
-    _, paths = copy_as_new_study(list(phantom.paths), folder, marked)
-    for path in paths:
-        # pydicom will not write a bad DS: the header is before the pixels.
-        path.write_bytes(path.read_bytes().replace(b"7.77", b"abcd", 1))
-    return paths
-
-
 @pytest.fixture
 def server(tmp_path: Path, orthanc: Orthanc) -> Iterator[InfergateProcess]:
     process = InfergateProcess(
@@ -82,7 +69,7 @@ def test_a_poisoned_instance_fails_its_job_and_the_next_study_gets_its_results(
     server: InfergateProcess, orthanc: Orthanc, small_phantom: ChestPhantom, tmp_path: Path
 ) -> None:
     server.start()
-    storescu(server.port, _poisoned_copy(small_phantom, tmp_path / "poisoned"))
+    storescu(server.port, poisoned_copy(list(small_phantom.paths), tmp_path / "poisoned")[1])
     (failed,) = server.wait_event("inference.job.failed", timeout=120, fail_on=())
     assert failed["reason"].startswith("volume building failed: ValueError raised in")
     assert "abcd" not in failed["reason"]  # the value is not repeated anywhere
