@@ -116,6 +116,11 @@ class Destination(_Section):
         """Who it is, as a delivery records it."""
         return (self.ae_title, self.host, self.port)
 
+    @property
+    def described(self) -> str:
+        """It as logs, answers and pages name it: "AE at host:port"."""
+        return f"{self.ae_title} at {self.host}:{self.port}"
+
 
 class CalledAE(_Section):
     """A further called AE title on the listener, with settings of its own.

@@ -109,7 +109,7 @@ def send_objects(  # noqa: PLR0911 - each early return is one way an association
     if not outgoing:
         return AttemptOutcome(tuple(outcomes))
     contexts = {item.context_key: item.syntaxes for item in outgoing}
-    where = f"{destination.ae_title} at {destination.host}:{destination.port}"
+    where = destination.described
     if len(contexts) > _MAX_CONTEXTS:
         return AttemptOutcome(
             tuple(outcomes),
@@ -150,7 +150,7 @@ def send_objects(  # noqa: PLR0911 - each early return is one way an association
 def echo(destination: Destination, calling_ae: str, timeout_s: float) -> str | None:
     """C-ECHO ``destination``: None when it answered success, else why not (refused,
     no answer, a status other than success)."""
-    where = f"{destination.ae_title} at {destination.host}:{destination.port}"
+    where = destination.described
     syntaxes: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     assoc = _associate(destination, calling_ae, {(Verification, ""): syntaxes}, timeout_s, where)
     if isinstance(assoc, tuple):

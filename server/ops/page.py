@@ -15,7 +15,7 @@ from starlette.responses import HTMLResponse
 
 from infergate import __version__
 from infergate.ops.health import Gateway, readiness
-from infergate.store.views import HourView
+from infergate.store.views import DestinationView, HourView
 
 _HOURS = 12  # the chart's span
 _ENVIRONMENT = Environment(
@@ -77,6 +77,18 @@ def _age(at: float | None) -> str:
     return "" if at is None else f"{max(0.0, time.time() - at):.0f} s"
 
 
+def _destinations(gateway: Gateway) -> list[DestinationView]:
+    """Every destination deliveries went to, and every configured one besides."""
+    seen = gateway.store.destination_views()
+    named = {view.destination for view in seen}
+    for destination in gateway.settings.destinations():
+        name = destination.described
+        if name not in named:
+            named.add(name)
+            seen.append(DestinationView(name, 0, None, 0, None, None, None))
+    return seen
+
+
 def status_page(gateway: Gateway) -> HTMLResponse:
     store = gateway.store
     gauges = store.pipeline_gauges()
@@ -94,7 +106,7 @@ def status_page(gateway: Gateway) -> HTMLResponse:
         ],
         jobs=store.job_views(limit=20),
         dead=store.delivery_views(dead_only=True, limit=50),
-        destinations=store.destination_views(),
+        destinations=_destinations(gateway),
         oldest_undelivered=_age(gauges.oldest_undelivered_at),
         bars=bars,
         top_jobs=top_jobs,

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from infergate.config import Destination
 from infergate.errors import NotFoundError
 from infergate.store.outbox import OutboxRecords
 from infergate.work.states import PRIORITY_OF_RANK, JobState
@@ -247,7 +248,7 @@ class ViewRecords(OutboxRecords):
             outcome, reason = last[0] if last else (None, None)
             views.append(
                 DestinationView(
-                    f"{ae_title} at {host}:{port}",
+                    Destination(ae_title=ae_title, host=host, port=port).described,
                     open_count,
                     oldest,
                     dead,
@@ -307,7 +308,7 @@ class ViewRecords(OutboxRecords):
         return DeliveryView(
             delivery_id,
             study_uid,
-            f"{ae_title} at {host}:{port}",
+            Destination(ae_title=ae_title, host=host, port=port).described,
             calling_ae,
             state,
             PRIORITY_OF_RANK[rank],
