@@ -180,9 +180,16 @@ def test_clients_without_a_trusted_certificate_are_refused(
         )
         if assoc.is_established:
             assoc.abort()
+        # The listener's handshake thread logs and audits the refusal on its own time
+        # (the client may have seen the alert first).
+        refused = wait_until(
+            lambda: next((e for e in logs if e["event"] == "ingest.tls.refused"), None),
+            10,
+            "ingest.tls.refused",
+        )
     assert not established
-    refused = next(e for e in logs if e["event"] == "ingest.tls.refused")
     assert reason in refused["reason"]
+    wait_until(listener.store.associations, 10, "the refusal's audit row")
     (audit,) = listener.store.associations()
     assert (audit.tls, audit.outcome) == (True, "rejected")
     assert reason in (audit.reason or "")
