@@ -51,12 +51,18 @@ log = get_logger("infergate.cli")
 
 
 @contextlib.contextmanager
-def triton_for(settings: Settings) -> Iterator[tuple[TritonClient, EmbeddedTriton | None]]:
+def triton_for(
+    settings: Settings, plugins: list[LoadedPlugin]
+) -> Iterator[tuple[TritonClient, EmbeddedTriton | None]]:
     """A client for the configured Triton, and the embedded one when Infergate runs it
-    (started here, stopped on leaving)."""
+    (started here with the models of ``plugins``, stopped on leaving)."""
     embedded = None
     if settings.triton.mode == "embedded":
-        embedded = EmbeddedTriton(settings.triton, settings.storage.var_dir / "triton")
+        embedded = EmbeddedTriton(
+            settings.triton,
+            settings.storage.var_dir / "triton",
+            models=tuple(p.spec.model_name for p in plugins),
+        )
         embedded.start()
     if settings.triton.use_shared_memory:
         remove_stale_regions()
@@ -111,7 +117,7 @@ def serve(settings: Settings) -> int:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
     if settings.work.job_processes:
         start_forkserver()  # it warms up while Triton starts
-    with triton_for(settings) as (client, embedded):
+    with triton_for(settings, plugins) as (client, embedded):
         check_plugins(client, plugins)
         _recover_work(store, settings)
         scheduler = JobScheduler(settings, store, plugins, client)
@@ -253,7 +259,7 @@ def check(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     if not plugins:
         log.warning("check.no_plugins")
-    with triton_for(settings) as (client, _):
+    with triton_for(settings, plugins) as (client, _):
         check_plugins(client, plugins)
     unreachable = 0
     for destination in settings.destinations():

@@ -89,8 +89,13 @@ def _alive(pid: int) -> bool:
 class EmbeddedTriton:
     """The ``tritonserver`` process; ``start()`` returns when it is ready."""
 
-    def __init__(self, settings: TritonSettings, work_dir: Path) -> None:
+    def __init__(
+        self, settings: TritonSettings, work_dir: Path, models: tuple[str, ...] | None = None
+    ) -> None:
         self._settings = settings
+        # The models to load (explicit model control: only what the enabled plugins
+        # call, which starts sooner and holds less memory); None: the whole repository.
+        self._models = models
         # tritonserver runs in work_dir; every path it is given must be absolute.
         self._work_dir = work_dir.resolve()
         self._process: subprocess.Popen[bytes] | None = None
@@ -134,6 +139,9 @@ class EmbeddedTriton:
             # serve no one, so Triton waits this long for them, not its default 30 s.
             f"--exit-timeout-secs={_EXIT_TIMEOUT_S}",
         ]
+        if self._models is not None:
+            command.append("--model-control-mode=explicit")
+            command.extend(f"--load-model={name}" for name in sorted(set(self._models)))
         self._work_dir.mkdir(parents=True, exist_ok=True)
         self._clear_stale(backends)
         with self.log_path.open("ab") as log_file:
@@ -151,6 +159,7 @@ class EmbeddedTriton:
             pid=self._process.pid,
             grpc_port=self._settings.grpc_port,
             model_repository=str(repository),
+            models="all" if self._models is None else sorted(set(self._models)),
             log_file=str(self.log_path),
         )
         self._wait_ready()

@@ -42,6 +42,15 @@ class _Listener:
 
 
 @dataclass
+class _Launched:
+    """A listener process started, not yet known to be ready."""
+
+    index: int
+    process: subprocess.Popen[bytes]
+    ready_fd: int  # it writes b"1" here once it accepts connections
+
+
+@dataclass
 class ListenerPool:
     settings: Settings
     store: Store
@@ -68,43 +77,66 @@ class ListenerPool:
             server_context(ingest.tls)  # a bad certificate stops start here, not in each child
         prepare_folder(self.metrics_dir)
         self._sockets = ListeningSockets.open(ingest)
-        try:
-            for index in range(ingest.listener_processes):
-                self._listeners.append(self._spawn(index, self._sockets))
-        except ListenerError:
+        # All launched first, then awaited: they start (import, open the store) in
+        # parallel.
+        launched = [self._launch(i, self._sockets) for i in range(ingest.listener_processes)]
+        failure: ListenerError | None = None
+        for each in launched:
+            if failure is not None:  # one failed: the others are not kept
+                os.close(each.ready_fd)
+                each.process.kill()
+                each.process.wait()
+                continue
+            try:
+                self._listeners.append(self._ready(each))
+            except ListenerError as exc:
+                failure = exc
+        if failure is not None:
             self.stop()
-            raise
+            raise failure
         log.info("ingest.listeners.ready", processes=len(self._listeners), pids=self.pids)
 
     def _spawn(self, index: int, sockets: ListeningSockets) -> _Listener:
+        return self._ready(self._launch(index, sockets))
+
+    def _launch(self, index: int, sockets: ListeningSockets) -> _Launched:
+        """Start listener ``index``, its settings on its stdin; not waiting for it."""
         ready_read, ready_write = os.pipe()
         arguments = ["--index", str(index), "--ready-fd", str(ready_write)]
         for flag, sock in (("--plain-fd", sockets.plain), ("--tls-fd", sockets.tls)):
             if sock is not None:
                 arguments += [flag, str(sock.fileno())]
-        process = subprocess.Popen(  # noqa: S603 - our own module, with our interpreter
-            [sys.executable, "-m", "infergate.ingest.listener_process", *arguments],
-            stdin=subprocess.PIPE,
-            pass_fds=(ready_write, *(sock.fileno() for sock in sockets.all())),
-            env=child_environment(self.metrics_dir),
-        )
-        os.close(ready_write)
         try:
-            if process.stdin is not None:  # always, with stdin=PIPE
-                process.stdin.write(self.settings.for_child_process().encode())
-                process.stdin.close()
-            readable, _, _ = select.select([ready_read], [], [], READY_TIMEOUT_S)
-            ready = bool(readable) and os.read(ready_read, 1) == b"1"
+            process = subprocess.Popen(  # noqa: S603 - our own module, with our interpreter
+                [sys.executable, "-m", "infergate.ingest.listener_process", *arguments],
+                stdin=subprocess.PIPE,
+                pass_fds=(ready_write, *(sock.fileno() for sock in sockets.all())),
+                env=child_environment(self.metrics_dir),
+            )
         finally:
-            os.close(ready_read)
+            os.close(ready_write)
+        if process.stdin is not None:  # always, with stdin=PIPE
+            process.stdin.write(self.settings.for_child_process().encode())
+            process.stdin.close()
+        return _Launched(index, process, ready_read)
+
+    def _ready(self, launched: _Launched) -> _Listener:
+        """Wait for a launched listener to say it accepts connections; kill it and
+        raise :class:`ListenerError` when it does not."""
+        process = launched.process
+        try:
+            readable, _, _ = select.select([launched.ready_fd], [], [], READY_TIMEOUT_S)
+            ready = bool(readable) and os.read(launched.ready_fd, 1) == b"1"
+        finally:
+            os.close(launched.ready_fd)
         if not ready:
             process.kill()
             process.wait()
             raise ListenerError(
-                f"listener process {index} did not start (exit code {process.returncode});"
-                " its log lines above say why"
+                f"listener process {launched.index} did not start (exit code"
+                f" {process.returncode}); its log lines above say why"
             )
-        return _Listener(index, process, time.monotonic())
+        return _Listener(launched.index, process, time.monotonic())
 
     def alive(self) -> int:
         """Listener processes running now (bound to the listening sockets)."""

@@ -92,6 +92,7 @@ def _no_patient_data(text: str, phantom: ChestPhantom) -> None:
         assert value not in text
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_listed_with_its_reason_and_a_retry_needs_the_token(
     tmp_path: Path, orthanc: Orthanc, small_phantom: ChestPhantom
 ) -> None:
@@ -190,21 +191,6 @@ def _retry_needs_the_token(
     assert again.returncode == 1
     assert "only a failed or dead job is retried" in again.stderr
     assert _cli(server, "jobs", "show", "no-such-job").returncode == 1
-
-
-def test_without_a_token_in_the_settings_every_change_is_refused(tmp_path: Path) -> None:
-    server = InfergateProcess(tmp_path / "infergate", infergate_config(tmp_path / "var", None))
-    server.workdir.mkdir()
-    try:
-        server.start()
-        status, body = _post(server, "/api/deliveries/replay-dead", TOKEN)
-        assert status == 403
-        assert "ops.token is not set" in body["error"]
-        refused = [e for e in server.events() if e["event"] == "ops.change.refused"]
-        assert refused
-        assert refused[0]["reason"] == "no ops.token set"
-    finally:
-        server.stop()
 
 
 def test_a_dead_letter_replayed_to_a_destination_that_accepts_arrives_once(

@@ -153,6 +153,7 @@ def test_probes_and_metrics_of_a_running_gateway(
 def test_the_ops_endpoint_can_be_turned_off(tmp_path: Path) -> None:
     config = infergate_config(tmp_path / "var", None)
     config["ops"]["enabled"] = False
+    config["plugins"] = {"enabled": ["ct_lung"]}
     server = InfergateProcess(tmp_path / "infergate", config)
     server.workdir.mkdir()
     try:

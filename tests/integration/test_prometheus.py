@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -123,6 +124,23 @@ def gateway(tmp_path: Path, orthanc: Orthanc) -> Iterator[InfergateProcess]:
     server.stop()
 
 
+def _changes_are_refused_without_a_token(gateway: InfergateProcess) -> None:
+    """This gateway's settings have no ops.token: every state change is refused (403),
+    whatever token the request brings, and the log says why."""
+    request = urllib.request.Request(
+        gateway.ops_url + "/api/deliveries/replay-dead",
+        data=b"{}",
+        headers={"Authorization": "Bearer " + "t" * 24, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
+    assert "ops.token is not set" in json.loads(refused.value.read())["error"]
+    (logged,) = [e for e in gateway.events() if e["event"] == "ops.change.refused"]
+    assert logged["reason"] == "no ops.token set"
+
+
 def _without_series_uid(source: Path, folder: Path) -> Path:
     """An instance ingest must refuse: it names no series."""
     ds = pydicom.dcmread(source)
@@ -170,6 +188,7 @@ def test_prometheus_scrapes_a_study_through_the_gateway_and_promql_counts_it(
         ):
             wait_until(lambda q=promql, e=expected: counted(q, e), 30, f"{promql} == {expected}")
         assert prometheus.value("infergate_oldest_undelivered_result_age_seconds") == 0
+        _changes_are_refused_without_a_token(gateway)
         rules = prometheus.api("rules")["groups"]
         assert len(rules[0]["rules"]) == 8
         assert all(rule["health"] == "ok" for rule in rules[0]["rules"]), rules
