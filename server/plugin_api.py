@@ -16,20 +16,71 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+# Coded concepts, from pydicom's dictionary (DICOM PS3.16) through infergate.codes: a
+# plugin names the ones it needs by keyword, dicom_code("SCT", "Lung"), or takes these.
+from infergate.codes import (
+    ABSENT,
+    ANATOMICAL_STRUCTURE,
+    BILATERAL,
+    BRAIN,
+    FINDING,
+    HEMORRHAGE,
+    IMAGING_PROCEDURE,
+    LATERALITY,
+    LEFT,
+    LUNG,
+    MILLILITER,
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+    NO_UNITS,
+    PERCENT,
+    PRESENT,
+    PRIVATE_SCHEME,
+    RIGHT,
+    VOLUME,
+    Code,
+    dicom_code,
+    listed_code,
+)
+
+__all__ = [
+    "ABSENT",
+    "ANATOMICAL_STRUCTURE",
+    "API_VERSION",
+    "BILATERAL",
+    "BRAIN",
+    "FINDING",
+    "HEMORRHAGE",
+    "IMAGING_PROCEDURE",
+    "LATERALITY",
+    "LEFT",
+    "LUNG",
+    "MILLILITER",
+    "MORPHOLOGICALLY_ABNORMAL_STRUCTURE",
+    "NO_UNITS",
+    "PERCENT",
+    "PRESENT",
+    "PRIVATE_SCHEME",
+    "RIGHT",
+    "VOLUME",
+    "Code",
+    "Evaluation",
+    "Findings",
+    "Measurement",
+    "Plugin",
+    "PluginSpec",
+    "SegmentSpec",
+    "Series",
+    "TensorSpec",
+    "TritonDatatype",
+    "dicom_code",
+    "listed_code",
+]
+
 API_VERSION = 1
 
 TritonDatatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
 ]
-
-
-@dataclass(frozen=True)
-class Code:
-    """A coded concept: code value, coding scheme designator, code meaning."""
-
-    value: str
-    scheme: str
-    meaning: str
 
 
 @dataclass(frozen=True)
@@ -50,9 +101,12 @@ class SegmentSpec:
     category: Code
     type: Code
     algorithm_type: Literal["AUTOMATIC", "SEMIAUTOMATIC"] = "AUTOMATIC"
-    # Where in the body the segment is (the SR's finding site); None: ``type`` is the
-    # anatomy itself (an organ segmentation).
+    # Where in the body the segment is (the SEG's anatomic region, the SR's finding
+    # site); None: ``type`` is the anatomy itself (an organ segmentation).
     site: Code | None = None
+    # The side of a paired organ (RIGHT, LEFT, BILATERAL): the SEG's property type
+    # modifier and the laterality of the SR's finding site (a right lung is LUNG, RIGHT).
+    laterality: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +123,7 @@ class PluginSpec:
     segments: tuple[SegmentSpec, ...] = ()
     model_version: str = ""
     # The procedure the report is about (TID 1500 "Procedure reported").
-    procedure: Code = Code("363679005", "SCT", "Imaging procedure")
+    procedure: Code = IMAGING_PROCEDURE
     api_version: int = API_VERSION
     # The series the plugin runs on unless a rule in routing.rules names it: a mapping
     # as in a rule's ``when`` (modality, image_type, series_description, not, ...).
@@ -172,16 +226,3 @@ class Plugin(Protocol):
     def postprocess(
         self, series: Series, outputs: Mapping[str, npt.NDArray[np.generic]]
     ) -> Findings: ...
-
-
-# Codes used by several plugins (SNOMED CT and UCUM, as in DICOM PS3.16).
-ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
-VOLUME = Code("118565006", "SCT", "Volume")
-MILLILITER = Code("mL", "UCUM", "milliliter")
-FINDING = Code("121071", "DCM", "Finding")
-PRESENT = Code("52101004", "SCT", "Present")
-ABSENT = Code("2667000", "SCT", "Absent")
-LATERALITY = Code("272741003", "SCT", "Laterality")
-RIGHT = Code("24028007", "SCT", "Right")
-LEFT = Code("7771000", "SCT", "Left")
-RIGHT_AND_LEFT = Code("51440002", "SCT", "Right and left")

@@ -1,7 +1,7 @@
 """The ct_head_bleed plugin: head CT in HU to the model, candidate hyperdensities back.
 
 Each candidate becomes a segment of the SEG, with its volume and its side in the SR;
-the series gets a qualitative "Intracranial hemorrhage: present / absent". When a
+the series gets a qualitative "Hemorrhage: present / absent". When a
 candidate is present the results are urgent.
 """
 
@@ -14,14 +14,16 @@ import numpy.typing as npt
 
 from infergate.plugin_api import (
     ABSENT,
+    BILATERAL,
+    BRAIN,
+    HEMORRHAGE,
     LATERALITY,
     LEFT,
     MILLILITER,
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     PRESENT,
     RIGHT,
-    RIGHT_AND_LEFT,
     VOLUME,
-    Code,
     Evaluation,
     Findings,
     Measurement,
@@ -29,12 +31,10 @@ from infergate.plugin_api import (
     SegmentSpec,
     Series,
     TensorSpec,
+    dicom_code,
 )
 
 MAX_CANDIDATES = 8
-INTRACRANIAL_HEMORRHAGE = Code("1386000", "SCT", "Intracranial hemorrhage")
-MORPHOLOGICALLY_ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
-BRAIN = Code("12738006", "SCT", "Brain")
 # A candidate with at least this fraction of its voxels on each side of the midline
 # is on both sides.
 BOTH_SIDES_FRACTION = 0.2
@@ -71,13 +71,13 @@ SPEC = PluginSpec(
         SegmentSpec(
             number,
             f"Hyperdense candidate {number}",
-            MORPHOLOGICALLY_ALTERED,
-            INTRACRANIAL_HEMORRHAGE,
+            MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            HEMORRHAGE,
             site=BRAIN,
         )
         for number in range(1, MAX_CANDIDATES + 1)
     ),
-    procedure=Code("408754009", "SCT", "CT of head"),
+    procedure=dicom_code("LN", "HeadCT"),
 )
 
 
@@ -115,13 +115,13 @@ class CtHeadBleedPlugin:
         numbers = [int(n) for n in np.unique(labels) if 0 < n <= MAX_CANDIDATES]
         if not numbers:
             return Findings(
-                evaluations=(Evaluation(INTRACRANIAL_HEMORRHAGE, ABSENT),),
+                evaluations=(Evaluation(HEMORRHAGE, ABSENT),),
                 summary={"candidates": 0},
             )
         head = series.volume > HEAD_HU
         midline = float(np.median(_patient_x(series, head))) if head.any() else 0.0
         measurements: list[Measurement] = []
-        evaluations = [Evaluation(INTRACRANIAL_HEMORRHAGE, PRESENT)]
+        evaluations = [Evaluation(HEMORRHAGE, PRESENT)]
         volumes: dict[str, float | str] = {}
         for number in numbers:
             mask = labels == number
@@ -129,7 +129,7 @@ class CtHeadBleedPlugin:
             measurements.append(Measurement(number, VOLUME, volume_ml, MILLILITER))
             left = float(np.mean(_patient_x(series, mask) > midline))
             if min(left, 1.0 - left) >= BOTH_SIDES_FRACTION:
-                side = RIGHT_AND_LEFT
+                side = BILATERAL
             else:
                 side = LEFT if left > 0.5 else RIGHT
             evaluations.append(Evaluation(LATERALITY, side, number))

@@ -10,9 +10,11 @@ import numpy.typing as npt
 from infergate.plugin_api import (
     ABSENT,
     ANATOMICAL_STRUCTURE,
+    LEFT,
+    LUNG,
     MILLILITER,
+    RIGHT,
     VOLUME,
-    Code,
     Evaluation,
     Findings,
     Measurement,
@@ -24,7 +26,6 @@ from infergate.plugin_api import (
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
-LUNG = Code("39607008", "SCT", "Lung")
 # Below this a candidate is not an adult lung (air in sinuses, bowel, a pneumatocele).
 MIN_LUNG_ML = 200.0
 
@@ -50,12 +51,8 @@ SPEC = PluginSpec(
     ),
     outputs=(TensorSpec("LUNG_LABELS", "UINT8", (-1, -1, -1)),),
     segments=(
-        SegmentSpec(
-            RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, Code("3341006", "SCT", "Right lung")
-        ),
-        SegmentSpec(
-            LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, Code("44029006", "SCT", "Left lung")
-        ),
+        SegmentSpec(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, LUNG, laterality=RIGHT),
+        SegmentSpec(LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, LUNG, laterality=LEFT),
     ),
 )
 

@@ -17,7 +17,11 @@ import numpy.typing as npt
 
 from infergate.plugin_api import (
     ABSENT,
+    LUNG,
+    NO_UNITS,
+    PERCENT,
     PRESENT,
+    PRIVATE_SCHEME,
     Code,
     Evaluation,
     Findings,
@@ -25,22 +29,19 @@ from infergate.plugin_api import (
     PluginSpec,
     Series,
     TensorSpec,
+    dicom_code,
+    listed_code,
 )
 
-# Codes this plugin's findings need that DICOM and SNOMED CT do not define live in
-# Infergate's own coding scheme (a private scheme: its designator starts with 99).
-SCHEME = "99INFERGATE"
-INVERTED_GRAYSCALE = Code("IG-INVERTED", SCHEME, "Grayscale inverted against Photometric")
-EXPOSURE_CLIPPING = Code("IG-CLIPPED", SCHEME, "Exposure clipped in lung fields")
-ROTATION_INDEX = Code("IG-ROTIDX", SCHEME, "Mediastinal offset (rotation index)")
-CLIPPED_PERCENT = Code("IG-CLIPPCT", SCHEME, "Lung field pixels clipped")
-POSITIONING = Code("111209", "DCM", "Positioning")
-IMAGE_QUALITY = Code("111101", "DCM", "Image Quality")
-MEETS_STANDARD = Code("111237", "DCM", "Usable - Meets the quality control standard")
-FAILS_STANDARD = Code("111236", "DCM", "Usable - Does not meet the quality control standard")
-LUNG = Code("39607008", "SCT", "Lung")
-NO_UNITS = Code("1", "UCUM", "no units")
-PERCENT = Code("%", "UCUM", "percent")
+# Concepts no public coding scheme has are Infergate's private codes (infergate.codes).
+INVERTED_GRAYSCALE = listed_code(PRIVATE_SCHEME, "IG-INVERTED")
+EXPOSURE_CLIPPING = listed_code(PRIVATE_SCHEME, "IG-CLIPPED")
+ROTATION_INDEX = listed_code(PRIVATE_SCHEME, "IG-ROTIDX")
+CLIPPED_PERCENT = listed_code(PRIVATE_SCHEME, "IG-CLIPPCT")
+POSITIONING = dicom_code("DCM", "Positioning")
+IMAGE_QUALITY = dicom_code("DCM", "ImageQuality")
+MEETS_STANDARD = dicom_code("DCM", "UsableMeetsTheQualityControlStandard")
+FAILS_STANDARD = dicom_code("DCM", "UsableDoesNotMeetTheQualityControlStandard")
 
 # Decision thresholds on the model's outputs (see the model card).
 INVERSION_MARGIN = 0.05  # |score| below this: the check cannot tell
@@ -68,7 +69,7 @@ SPEC = PluginSpec(
         TensorSpec("ROTATION_INDEX", "FP32", (-1,)),
         TensorSpec("CLIPPED_FRACTION", "FP32", (-1,)),
     ),
-    procedure=Code("399208008", "SCT", "Plain chest X-ray"),
+    procedure=listed_code("SCT", "399208008"),  # Plain chest X-ray
     # Each image is checked alone: over gRPC, a series of images goes one per request.
     slice_chunk=1,
 )

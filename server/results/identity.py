@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 
+from infergate.codes import ARTIFICIAL_INTELLIGENCE, PROCESSING_EQUIPMENT, Code
 from infergate.config import DeviceSettings
-from infergate.plugin_api import Code, PluginSpec
+from infergate.plugin_api import PluginSpec
 
 
 def derived_uid(root: str, job_id: str, purpose: str) -> str:
@@ -62,7 +62,7 @@ def algorithm(spec: PluginSpec) -> hd.AlgorithmIdentificationSequence:
     """The plugin as DICOM's Algorithm Identification (IHE AIR)."""
     return hd.AlgorithmIdentificationSequence(
         name=spec.name,
-        family=PydicomCode("123109", "DCM", "Artificial Intelligence"),
+        family=coded(ARTIFICIAL_INTELLIGENCE),
         version=spec.version,
         source="Infergate plugin",
     )
@@ -75,6 +75,6 @@ def contributing_equipment(device: DeviceSettings, spec: PluginSpec) -> hd.Contr
         manufacturer_model_name=device.manufacturer_model_name,
         software_versions=f"{spec.name} {spec.version}",
         device_serial_number=device.device_serial_number,
-        purpose_of_reference=PydicomCode("109104", "DCM", "Processing Equipment"),
+        purpose_of_reference=coded(PROCESSING_EQUIPMENT),
         institution_name=device.institution_name,
     )

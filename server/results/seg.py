@@ -44,18 +44,22 @@ def build_segmentation(
     descriptions = []
     for plugin_number, seg_number in numbering.items():
         segment = spec.segment(plugin_number)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=seg_number,
-                segment_label=segment.label,
-                segmented_property_category=coded(segment.category),
-                segmented_property_type=coded(segment.type),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues[segment.algorithm_type],
-                algorithm_identification=algorithm(spec),
-                tracking_uid=identity.uid(f"segment-{plugin_number}"),
-                tracking_id=segment.label,
-            )
+        description = hd.seg.SegmentDescription(
+            segment_number=seg_number,
+            segment_label=segment.label,
+            segmented_property_category=coded(segment.category),
+            segmented_property_type=coded(segment.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues[segment.algorithm_type],
+            algorithm_identification=algorithm(spec),
+            tracking_uid=identity.uid(f"segment-{plugin_number}"),
+            tracking_id=segment.label,
+            anatomic_regions=None if segment.site is None else [coded(segment.site)],
         )
+        if segment.laterality is not None:
+            # highdicom takes no modifier; the attribute is the standard's (C.8.20.2).
+            (property_type,) = description.SegmentedPropertyTypeCodeSequence
+            property_type.SegmentedPropertyTypeModifierCodeSequence = [coded(segment.laterality)]
+        descriptions.append(description)
     device = identity.device
     try:
         return hd.seg.Segmentation(

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from infergate.errors import ResultEncodingError
-from infergate.plugin_api import Evaluation, Findings, Measurement, PluginSpec
+from infergate.plugin_api import Evaluation, Findings, Measurement, PluginSpec, SegmentSpec
 from infergate.results.identity import ResultIdentity, coded, contributing_equipment
 from infergate.results.seg import seg_segment_numbers
 from infergate.results.sources import SourceSlices
@@ -53,6 +53,15 @@ def _about(
     return measurements, evaluations
 
 
+def _finding_site(segment: SegmentSpec) -> hd.sr.FindingSite:
+    """Where the segment is (its site, or the anatomy it is), with its side if paired."""
+    side = segment.laterality
+    return hd.sr.FindingSite(
+        anatomic_location=coded(segment.site or segment.type),
+        laterality=None if side is None else coded(side),
+    )
+
+
 def _segment_groups(
     source: SourceSlices,
     seg: Dataset,
@@ -86,7 +95,12 @@ def _segment_groups(
                 ),
                 finding_type=coded(segment.type),
                 finding_sites=[
-                    hd.sr.FindingSite(anatomic_location=coded(segment.site or segment.type))
+                    hd.sr.FindingSite(
+                        anatomic_location=coded(segment.site or segment.type),
+                        laterality=None
+                        if segment.laterality is None
+                        else coded(segment.laterality),
+                    )
                 ],
                 algorithm_id=_algorithm_id(spec),
                 measurements=measurements or None,
@@ -192,6 +206,11 @@ def build_report(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultEncodingError(f"SR for plugin {spec.name} cannot be built: {exc}") from exc
+    # General Equipment as complete as the SEG's (highdicom's SR takes the
+    # manufacturer alone; these are the module's own attributes, PS3.3 C.7.5.1).
+    report_object.ManufacturerModelName = device.manufacturer_model_name
+    report_object.DeviceSerialNumber = device.device_serial_number
+    report_object.SoftwareVersions = device.software_versions
     _identify_private_schemes(report_object, findings)
     return report_object
 

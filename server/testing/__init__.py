@@ -1,6 +1,8 @@
 """What a plugin author (and Infergate's own tests) need: synthetic series builders (chest
-and head CT, chest radiograph) and the conformance check every plugin must pass."""
+and head CT, chest radiograph), the conformance check every plugin must pass, and the
+check of every code in the objects it makes."""
 
+from infergate.testing.coded import code_problems
 from infergate.testing.conformance import check_plugin, synthetic_series
 from infergate.testing.head_phantom import (
     LEFT_FRONTAL,
@@ -21,6 +23,7 @@ __all__ = [
     "Hyperdensity",
     "PhantomIdentity",
     "check_plugin",
+    "code_problems",
     "synthetic_series",
     "write_chest_ct",
     "write_chest_radiograph",

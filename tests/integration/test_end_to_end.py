@@ -14,7 +14,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from infergate.testing import ChestPhantom, HeadPhantom, write_chest_radiograph
+from infergate.plugin_api import LATERALITY as LATERALITY_CODE
+from infergate.testing import ChestPhantom, HeadPhantom, code_problems, write_chest_radiograph
 from infergate.testing.multiframe import write_multiframe_ct
 from peers import (
     InfergateProcess,
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 VOLUME = "118565006"
 FINDING_SITE = "363698007"
+LATERALITY = LATERALITY_CODE.value
 
 
 @pytest.fixture
@@ -50,7 +52,8 @@ def _fetch(orthanc: Orthanc, study_uid: str, modality: str, folder: Path) -> lis
 
 
 def _sr_volumes(sr: Dataset) -> dict[str, float]:
-    """Finding site meaning -> Volume (mL), from each measurement group of a TID 1500 SR."""
+    """Finding site -> Volume (mL), from each measurement group of a TID 1500 SR; a
+    site with a laterality as "Right lung"."""
     volumes: dict[str, float] = {}
     for item in walk_content(sr.ContentSequence):
         if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
@@ -60,6 +63,13 @@ def _sr_volumes(sr: Dataset) -> dict[str, float]:
             code = child.ConceptNameCodeSequence[0].CodeValue
             if child.ValueType == "CODE" and code == FINDING_SITE:
                 site = child.ConceptCodeSequence[0].CodeMeaning
+                sides = [
+                    modifier.ConceptCodeSequence[0].CodeMeaning
+                    for modifier in child.get("ContentSequence", [])
+                    if modifier.ConceptNameCodeSequence[0].CodeValue == LATERALITY
+                ]
+                if sides:
+                    site = f"{sides[0]} {site.lower()}"
             if child.ValueType == "NUM" and code == VOLUME:
                 volume = float(child.MeasuredValueSequence[0].NumericValue)
         if site is not None and volume is not None:
@@ -156,6 +166,8 @@ def test_phantom_study_gets_seg_and_sr_in_the_same_study(
 
     assert dciodvfy_errors(segs[0]) == []
     assert dciodvfy_errors(srs[0]) == []
+    assert code_problems(seg) == []
+    assert code_problems(sr) == []
 
     events = {e["event"] for e in infergate.events()}
     assert {
@@ -195,7 +207,7 @@ def test_real_head_ct_reports_no_lungs(
             if item.ValueType == "CODE"
         }
     assert ("Lung", "Absent") in findings
-    assert ("Intracranial hemorrhage", "Absent") in findings
+    assert ("Hemorrhage", "Absent") in findings
     done = {e["plugin"]: e for e in infergate.wait_event("inference.job.findings", 5, count=2)}
     assert done["ct_lung"]["lungs_found"] == 0
     assert done["ct_head_bleed"]["candidates"] == 0

@@ -4,9 +4,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from infergate.plugin_api import ABSENT, Series
+from infergate.plugin_api import ABSENT, LUNG, Series
 from infergate_plugins.ct_lung import plugin
-from infergate_plugins.ct_lung.plugin import LEFT_LUNG, LUNG, RIGHT_LUNG
+from infergate_plugins.ct_lung.plugin import LEFT_LUNG, RIGHT_LUNG
 
 
 def _series(row_x: float) -> Series:

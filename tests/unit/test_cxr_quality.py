@@ -15,19 +15,17 @@ import pytest
 from infergate.config import DeviceSettings
 from infergate.errors import ResultEncodingError
 from infergate.inference.volume import load_series
-from infergate.plugin_api import PRESENT, Code, Evaluation, Findings
+from infergate.plugin_api import LUNG, PRESENT, PRIVATE_SCHEME, Code, Evaluation, Findings
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
-from infergate.testing import check_plugin, write_chest_radiograph
+from infergate.testing import check_plugin, code_problems, write_chest_radiograph
 from infergate.work.states import ResultKind
 from infergate_plugins.cxr_quality import plugin
 from infergate_plugins.cxr_quality.plugin import (
     EXPOSURE_CLIPPING,
     IMAGE_QUALITY,
     INVERTED_GRAYSCALE,
-    LUNG,
     POSITIONING,
-    SCHEME,
 )
 from peers import dciodvfy_errors, walk_content
 
@@ -139,7 +137,8 @@ def test_each_image_gets_its_own_findings_and_an_sr_that_references_it(
     path = write_result(tmp_path / "out", sr)
     assert dciodvfy_errors(path) == []
     report = pydicom.dcmread(path)
-    assert report.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == SCHEME
+    assert report.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+    assert code_problems(report) == []
     # One group per image, each referencing its image, with that image's verdicts.
     groups = {}
     for item in walk_content(report.ContentSequence):

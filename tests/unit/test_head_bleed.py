@@ -14,12 +14,11 @@ import pytest
 
 from infergate.config import DeviceSettings
 from infergate.inference.volume import load_series
-from infergate.plugin_api import LEFT, RIGHT, Series
+from infergate.plugin_api import HEMORRHAGE, LEFT, RIGHT, Series
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
-from infergate.testing import HeadPhantom, check_plugin, write_head_ct
+from infergate.testing import HeadPhantom, check_plugin, code_problems, write_head_ct
 from infergate_plugins.ct_head_bleed import plugin
-from infergate_plugins.ct_head_bleed.plugin import INTRACRANIAL_HEMORRHAGE
 from peers import dciodvfy_errors, walk_content
 
 
@@ -44,9 +43,7 @@ def test_inserted_hyperdensities_are_found_with_their_volume_and_side(
     assert volumes == {1: pytest.approx(right_ml, rel=0.1), 2: pytest.approx(left_ml, rel=0.1)}
     sides = {e.segment_number: e.value for e in findings.evaluations if e.segment_number}
     assert sides == {1: RIGHT, 2: LEFT}
-    assert (INTRACRANIAL_HEMORRHAGE, "Present") in {
-        (e.name, e.value.meaning) for e in findings.evaluations
-    }
+    assert (HEMORRHAGE, "Present") in {(e.name, e.value.meaning) for e in findings.evaluations}
     assert findings.urgent
     assert findings.label_map is not None
     assert findings.segment_numbers == (1, 2)
@@ -59,9 +56,7 @@ def test_a_head_without_hyperdensity_is_absent_and_not_urgent(
     series = load_series(list(head.paths)).series
     findings = plugin.postprocess(series, _infer(bleed_model, series))
     assert findings.label_map is None
-    assert [(e.name, e.value.meaning) for e in findings.evaluations] == [
-        (INTRACRANIAL_HEMORRHAGE, "Absent")
-    ]
+    assert [(e.name, e.value.meaning) for e in findings.evaluations] == [(HEMORRHAGE, "Absent")]
     assert not findings.urgent
 
 
@@ -130,15 +125,25 @@ def test_seg_and_sr_of_a_bleed_are_valid(
     sr_path = write_result(tmp_path / "out", sr)
     assert dciodvfy_errors(seg_path) == []
     assert dciodvfy_errors(sr_path) == []
-    labels = [s.SegmentLabel for s in pydicom.dcmread(seg_path).SegmentSequence]
-    assert labels == ["Hyperdense candidate 1", "Hyperdense candidate 2"]
+    segments = pydicom.dcmread(seg_path).SegmentSequence
+    assert [s.SegmentLabel for s in segments] == [
+        "Hyperdense candidate 1",
+        "Hyperdense candidate 2",
+    ]
+    # A hemorrhage is a morphologically abnormal structure, in the brain.
+    for segment in segments:
+        assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Hemorrhage"
+        assert segment.AnatomicRegionSequence[0].CodeMeaning == "Brain"
+    for path in (seg_path, sr_path):
+        assert code_problems(pydicom.dcmread(path)) == []
     content = list(walk_content(pydicom.dcmread(sr_path).ContentSequence))
     codes = {
         (i.ConceptNameCodeSequence[0].CodeMeaning, i.ConceptCodeSequence[0].CodeMeaning)
         for i in content
         if i.ValueType == "CODE"
     }
-    assert ("Intracranial hemorrhage", "Present") in codes
+    assert ("Hemorrhage", "Present") in codes
     assert ("Finding Site", "Brain") in codes
     assert ("Laterality", "Right") in codes
     assert ("Laterality", "Left") in codes

@@ -17,7 +17,7 @@ from infergate.inference.volume import LoadedSeries, load_series
 from infergate.plugin_api import MILLILITER, VOLUME, Findings, Measurement
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import DEIDENTIFICATION_UNSTATED, encode, write_result
-from infergate.testing import ChestPhantom
+from infergate.testing import ChestPhantom, code_problems
 from infergate.work.states import ResultKind
 from infergate_plugins.ct_lung import plugin
 from infergate_plugins.ct_lung.plugin import LEFT_LUNG, RIGHT_LUNG
@@ -66,8 +66,28 @@ def test_seg_and_sr_are_valid_and_reference_the_source(
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == small_phantom.study_uid
     assert seg.SeriesNumber == 9001
     assert sr.SeriesNumber == 9002
-    assert seg.DeviceSerialNumber == "SN-42"
+    # General Equipment, the same in both.
+    for obj in (seg, sr):
+        assert obj.DeviceSerialNumber == "SN-42"
+        assert obj.ManufacturerModelName == seg.ManufacturerModelName
+        assert obj.SoftwareVersions == seg.SoftwareVersions
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Right lung", "Left lung"]
+    # A lung with its side: the property type Lung, modified by the laterality.
+    for segment, side in zip(seg.SegmentSequence, ("Right", "Left"), strict=True):
+        (property_type,) = segment.SegmentedPropertyTypeCodeSequence
+        assert property_type.CodeMeaning == "Lung"
+        assert property_type.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == side
+    sites = [
+        (
+            item.ConceptCodeSequence[0].CodeMeaning,
+            item.ContentSequence[0].ConceptCodeSequence[0].CodeMeaning,
+        )
+        for item in walk_content(sr.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Finding Site"
+    ]
+    assert sites == [("Lung", "Right"), ("Lung", "Left")]
+    assert code_problems(seg) == []
+    assert code_problems(sr) == []
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ct_lung", "1.0.0")
     for obj in (seg, sr):
