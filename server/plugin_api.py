@@ -138,6 +138,21 @@ class PluginSpec:
     # the volume may go as chunks of this many slices, several requests in flight,
     # the outputs joined along their first axis. None: always one request.
     slice_chunk: int | None = None
+    # What a radiologist reads in the viewer's series list: the result's subject in
+    # words ("Lung segmentation"); "" : the plugin's name.
+    title: str = ""
+    # Not cleared for clinical use (a reference or research plugin): the results'
+    # series descriptions say so. A plugin its makers cleared sets it False.
+    investigational: bool = True
+
+    def series_description(self, kind: str) -> str:
+        """The Series Description of its results of ``kind`` ("SEG", "SR"): that they
+        come from an algorithm, what about and, unless cleared, not for clinical use;
+        at most 64 characters (LO)."""
+        subject = self.title or self.name
+        caveat = ", not for clinical use" if self.investigational else ""
+        suffix = f" (AI {kind}{caveat})"
+        return subject[: 64 - len(suffix)] + suffix
 
     def segment(self, number: int) -> SegmentSpec:
         for seg in self.segments:

@@ -45,6 +45,7 @@ SPEC = PluginSpec(
     name="ct_head_bleed",
     version="1.0.0",
     description="Head CT triage: candidate intracranial hyperdensities of blood density",
+    title="Head CT hemorrhage triage",
     modalities=frozenset({"CT"}),
     model_name="ct_head_bleed",
     # Head CTs (by body part or description), not scout views; triage is urgent.

@@ -33,6 +33,7 @@ SPEC = PluginSpec(
     name="ct_lung",
     version="1.0.0",
     description="Left and right lung segmentation on chest CT by density and morphology",
+    title="Lung segmentation",
     modalities=frozenset({"CT"}),
     model_name="ct_lung_seg",
     # Any CT but scout views: a head CT gets "lungs absent", which is an answer too.

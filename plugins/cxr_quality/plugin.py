@@ -52,6 +52,7 @@ SPEC = PluginSpec(
     name="cxr_quality",
     version="1.0.0",
     description="Chest radiograph quality: inverted grayscale, rotation, exposure clipping",
+    title="Chest radiograph quality",
     modalities=frozenset({"CR", "DX"}),
     model_name="cxr_quality",
     # Frontal chest radiographs: chest by body part or description, not a lateral view.

@@ -78,7 +78,7 @@ def build_segmentation(
             institution_name=device.institution_name,
             content_description=f"{spec.name} {spec.version}"[:64],
             content_label=spec.name.upper().replace("-", "_")[:16],
-            series_description=f"AI {spec.name} segmentation"[:64],
+            series_description=spec.series_description("SEG"),
             contributing_equipment=[contributing_equipment(device, spec)],
         )
     except (ValueError, TypeError, AttributeError) as exc:

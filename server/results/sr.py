@@ -200,7 +200,7 @@ def build_report(
             is_final=False,
             is_verified=False,
             institution_name=device.institution_name,
-            series_description=f"AI {spec.name} report"[:64],
+            series_description=spec.series_description("SR"),
             contributing_equipment=[contributing_equipment(device, spec)],
             previous_versions=None if earlier is None else [earlier],
         )

@@ -65,6 +65,9 @@ def test_seg_and_sr_are_valid_and_reference_the_source(
 
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == small_phantom.study_uid
     assert seg.SeriesNumber == 9001
+    # Which algorithm, about what, and that it is not for clinical use.
+    assert seg.SeriesDescription == "Lung segmentation (AI SEG, not for clinical use)"
+    assert sr.SeriesDescription == "Lung segmentation (AI SR, not for clinical use)"
     assert sr.SeriesNumber == 9002
     # General Equipment, the same in both.
     for obj in (seg, sr):
@@ -212,3 +215,14 @@ def test_results_of_a_resampled_volume_lie_on_the_acquired_slices(
     # The label map shifted back: the segment moves one row per slice with the tilt.
     rows = [int(np.nonzero(frame.any(axis=1))[0][0]) for frame in expected if frame.any()]
     assert rows == list(range(rows[0], rows[0] - len(rows), -1))
+
+
+def test_a_series_description_fits_its_64_characters_and_keeps_the_caveat() -> None:
+    long = dataclasses.replace(
+        plugin.spec, title="A very long account of what this model does " * 3
+    )
+    description = long.series_description("SEG")
+    assert len(description) == 64
+    assert description.endswith(" (AI SEG, not for clinical use)")
+    cleared = dataclasses.replace(plugin.spec, investigational=False)
+    assert cleared.series_description("SR") == "Lung segmentation (AI SR)"
