@@ -26,6 +26,7 @@ import pydicom
 import yaml
 
 from infergate.config import TritonSettings
+from infergate.testing import PhantomIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 # Real DICOM data that no one on this project wrote, with its licence and origin.
@@ -448,6 +449,17 @@ def copy_as_new_study(
         ds.save_as(target)
         copies.append(target)
     return study, copies
+
+
+def assert_no_patient_data(text: str, identity: PhantomIdentity) -> None:
+    """None of the sentinel patient values written into a phantom appear in ``text``."""
+    for value in (
+        identity.patient_name,
+        identity.patient_id,
+        identity.accession_number,
+        identity.patient_birth_date,
+    ):
+        assert value not in text
 
 
 def poisoned_copy(paths: list[Path], folder: Path) -> tuple[str, list[Path]]:

@@ -24,6 +24,7 @@ from peers import (
     PEER_ENV,
     InfergateProcess,
     Orthanc,
+    assert_no_patient_data,
     free_port,
     infergate_config,
     process_name,
@@ -124,14 +125,8 @@ def test_probes_and_metrics_of_a_running_gateway(
         assert samples[queued] == 0
         # Nothing of the patient's in any answer.
         answers = text + server.http("/healthz")[1] + server.http("/readyz")[1]
-        identity = small_phantom.identity
-        for value in (
-            identity.patient_name,
-            identity.patient_id,
-            identity.accession_number,
-            small_phantom.study_uid,
-        ):
-            assert value not in answers
+        assert_no_patient_data(answers, small_phantom.identity)
+        assert small_phantom.study_uid not in answers  # UIDs are not labels
 
         # The embedded tritonserver killed: not ready within seconds, ready again once
         # the watchdog has started it again.
