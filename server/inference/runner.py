@@ -48,6 +48,10 @@ def step(name: str) -> Iterator[None]:
         raise JobStepError(f"{name} failed: {unexpected(exc)}") from exc
 
 
+# Series numbers of one plugin's results and the next plugin's are this far apart.
+SERIES_STEP = 10
+
+
 @dataclass(frozen=True)
 class JobInput:
     """What a job needs from the store, read before it runs: it runs apart from it."""
@@ -55,6 +59,10 @@ class JobInput:
     job: JobRow
     paths: list[Path]  # the series' instances in the spool
     supersedes: str | None  # the earlier job whose results these replace
+    # The plugin's place among the enabled plugins (by name): its results' series
+    # numbers are results.*_series_number + 10 times it, so that two plugins' results
+    # in one study never share a series number.
+    plugin_rank: int = 0
 
 
 def run_job(
@@ -107,8 +115,8 @@ def run_job(
         job_id=job.job_id,
         uid_root=settings.results.uid_root,
         device=settings.results.device,
-        seg_series_number=settings.results.seg_series_number,
-        sr_series_number=settings.results.sr_series_number,
+        seg_series_number=settings.results.seg_series_number + SERIES_STEP * work.plugin_rank,
+        sr_series_number=settings.results.sr_series_number + SERIES_STEP * work.plugin_rank,
         supersedes=work.supersedes,
     )
     with step("encoding"):

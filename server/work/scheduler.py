@@ -220,6 +220,7 @@ class JobScheduler:
             job=job,
             paths=self._store.instance_paths(job.series_uid),
             supersedes=self._store.superseded_job(job.job_id),
+            plugin_rank=sorted(self._plugins).index(plugin.spec.name),
         )
         if not self._settings.work.job_processes:
             return run_job(work, plugin, self._triton, self._settings)

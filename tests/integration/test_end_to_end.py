@@ -195,6 +195,14 @@ def test_real_head_ct_reports_no_lungs(
     assert _fetch(orthanc, study_uid, "SEG", tmp_path) == []
     srs = _fetch(orthanc, study_uid, "SR", tmp_path)
     assert len(srs) == 2
+    # Two plugins' reports in one study: each its own series number and description.
+    # The default SR number is 9002; the plugins in name order add 10 each.
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in srs]
+    reports = {str(ds.SeriesDescription): int(ds.SeriesNumber) for ds in headers}
+    assert reports == {
+        "Head CT hemorrhage triage (AI SR, not for clinical use)": 9002,
+        "Lung segmentation (AI SR, not for clinical use)": 9012,
+    }
     findings = set()
     for path in srs:
         sr = pydicom.dcmread(path)
