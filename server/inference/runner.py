@@ -98,7 +98,7 @@ def run_job(
     inputs = _plugin_step(spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series))
     lap("preprocess_s")
     with step("inference"):
-        outputs = triton.infer(
+        inference = triton.infer(
             spec.model_name,
             inputs,
             tuple(t.name for t in spec.outputs),
@@ -108,7 +108,9 @@ def run_job(
         )
     lap("inference_s")
     findings = _plugin_step(
-        spec.name, "postprocess", lambda: plugin.plugin.postprocess(loaded.series, outputs)
+        spec.name,
+        "postprocess",
+        lambda: plugin.plugin.postprocess(loaded.series, inference.outputs),
     )
     lap("postprocess_s")
     identity = ResultIdentity(
@@ -118,6 +120,7 @@ def run_job(
         seg_series_number=settings.results.seg_series_number + SERIES_STEP * work.plugin_rank,
         sr_series_number=settings.results.sr_series_number + SERIES_STEP * work.plugin_rank,
         supersedes=work.supersedes,
+        model_version=inference.model_version,
     )
     with step("encoding"):
         encoded = encode(loaded, findings, spec, identity)

@@ -157,8 +157,9 @@ class TritonClient:
         version: str = "",
         timeout_s: float | None = None,
         slice_chunk: int | None = None,
-    ) -> dict[str, npt.NDArray[np.generic]]:
-        """Run the model on ``inputs`` within ``timeout_s`` (default: the client's).
+    ) -> Inference:
+        """Run the model on ``inputs`` within ``timeout_s`` (default: the client's): its
+        outputs, and the version of it that Triton ran.
 
         Through shared memory, one request. Over gRPC, one request, or, when
         ``slice_chunk`` says the model takes slices alone, chunks of that many slices
@@ -179,8 +180,10 @@ class TritonClient:
         if slice_chunk is not None:
             parts = split_slices(inputs, slice_chunk)
             if len(parts) > 1:
-                return join_slices(
-                    self._infer_in_flight(model, parts, outputs, version, deadline), outputs
+                answers = self._infer_in_flight(model, parts, outputs, version, deadline)
+                ran = sorted({answer.model_version for answer in answers})
+                return Inference(
+                    join_slices([answer.outputs for answer in answers], outputs), ",".join(ran)
                 )
         return self._infer(model, _grpc_inputs(inputs), outputs, version, deadline)
 
@@ -191,7 +194,7 @@ class TritonClient:
         outputs: tuple[str, ...],
         version: str,
         deadline: float,
-    ) -> dict[str, npt.NDArray[np.generic]]:
+    ) -> Inference:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         try:
             result = self._client.infer(
@@ -203,7 +206,7 @@ class TritonClient:
             )
         except InferenceServerException as exc:
             raise _translated(exc, model, deadline) from exc
-        return _output_arrays(result, model, outputs)
+        return _answer(result, model, outputs)
 
     def _infer_in_flight(
         self,
@@ -212,10 +215,10 @@ class TritonClient:
         outputs: tuple[str, ...],
         version: str,
         deadline: float,
-    ) -> list[dict[str, npt.NDArray[np.generic]]]:
+    ) -> list[Inference]:
         """Each of ``parts`` as its own asynchronous request, ``max_in_flight`` at a time;
-        their outputs in order, or the first failure once none is in flight."""
-        results: list[dict[str, npt.NDArray[np.generic]] | None] = [None] * len(parts)
+        their answers in order, or the first failure once none is in flight."""
+        results: list[Inference | None] = [None] * len(parts)
         failures: list[InferenceServerException | InferenceError] = []
         slots = threading.Semaphore(self.max_in_flight)
         finished = threading.Semaphore(0)
@@ -228,7 +231,7 @@ class TritonClient:
                 if error is not None:
                     failures.append(error)
                 else:
-                    results[index] = _output_arrays(result, model, outputs)
+                    results[index] = _answer(result, model, outputs)
             except InferenceError as exc:
                 failures.append(exc)
             finally:
@@ -279,16 +282,23 @@ def _grpc_inputs(inputs: Mapping[str, npt.NDArray[np.generic]]) -> list[grpcclie
     return request_inputs
 
 
-def _output_arrays(
-    result: grpcclient.InferResult, model: str, outputs: tuple[str, ...]
-) -> dict[str, npt.NDArray[np.generic]]:
+@dataclass(frozen=True)
+class Inference:
+    """What one inference gave: the named outputs, and the model version that ran
+    (several, comma-separated, should a model change between a job's chunks)."""
+
+    outputs: dict[str, npt.NDArray[np.generic]]
+    model_version: str
+
+
+def _answer(result: grpcclient.InferResult, model: str, outputs: tuple[str, ...]) -> Inference:
     arrays: dict[str, npt.NDArray[np.generic]] = {}
     for name in outputs:
         array = result.as_numpy(name)
         if array is None:
             raise InferenceError(f"Triton model '{model}' returned no output '{name}'")
         arrays[name] = array
-    return arrays
+    return Inference(arrays, str(result.get_response().model_version))
 
 
 def _translated(exc: InferenceServerException, model: str, deadline: float) -> InferenceError:

@@ -37,9 +37,17 @@ class ResultIdentity:
     # The job of the series' earlier generation, same plugin, whose results these
     # supersede (a late instance made the series run again); None for the first.
     supersedes: str | None = None
+    # The version of the Triton model that ran ("" when unknown).
+    model_version: str = ""
 
     def uid(self, purpose: str) -> str:
         return derived_uid(self.uid_root, self.job_id, purpose)
+
+    def device_uid(self, spec: PluginSpec) -> str:
+        """The algorithm as a device (the SR's observer, IHE AI Results): one UID per
+        plugin version and model version, the same for every job they run."""
+        what = f"{spec.name} {spec.version} {spec.model_name} {self.model_version}"
+        return derived_uid(self.uid_root, what, "device")
 
     def predecessor_sr(self, study_uid: str) -> Dataset | None:
         """What the SR of the superseded job was, for the new SR's Predecessor Documents
@@ -58,14 +66,20 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def algorithm(spec: PluginSpec) -> hd.AlgorithmIdentificationSequence:
-    """The plugin as DICOM's Algorithm Identification (IHE AIR)."""
+def algorithm(spec: PluginSpec, model_version: str) -> hd.AlgorithmIdentificationSequence:
+    """The plugin as DICOM's Algorithm Identification (IHE AIR), with the Triton model
+    and the version of it that ran as its parameters."""
     return hd.AlgorithmIdentificationSequence(
         name=spec.name,
         family=coded(ARTIFICIAL_INTELLIGENCE),
         version=spec.version,
         source="Infergate plugin",
+        parameters=model_parameters(spec, model_version),
     )
+
+
+def model_parameters(spec: PluginSpec, model_version: str) -> dict[str, str]:
+    return {"triton_model": spec.model_name, "triton_model_version": model_version or "unknown"}
 
 
 def contributing_equipment(device: DeviceSettings, spec: PluginSpec) -> hd.ContributingEquipment:

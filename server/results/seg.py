@@ -50,7 +50,7 @@ def build_segmentation(
             segmented_property_category=coded(segment.category),
             segmented_property_type=coded(segment.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues[segment.algorithm_type],
-            algorithm_identification=algorithm(spec),
+            algorithm_identification=algorithm(spec, identity.model_version),
             tracking_uid=identity.uid(f"segment-{plugin_number}"),
             tracking_id=segment.label,
             anatomic_regions=None if segment.site is None else [coded(segment.site)],

@@ -18,17 +18,32 @@ from pydicom.sr.codedict import codes
 
 from infergate.errors import ResultEncodingError
 from infergate.plugin_api import Evaluation, Findings, Measurement, PluginSpec, SegmentSpec
-from infergate.results.identity import ResultIdentity, coded, contributing_equipment
+from infergate.results.identity import (
+    ResultIdentity,
+    coded,
+    contributing_equipment,
+    model_parameters,
+)
 from infergate.results.seg import seg_segment_numbers
 from infergate.results.sources import SourceSlices
 
 
-def _algorithm_id(spec: PluginSpec) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=spec.name, version=spec.version)
+def _algorithm_id(spec: PluginSpec, identity: ResultIdentity) -> hd.sr.AlgorithmIdentification:
+    parameters = model_parameters(spec, identity.model_version)
+    return hd.sr.AlgorithmIdentification(
+        name=spec.name,
+        version=spec.version,
+        parameters=[f"{key}={value}" for key, value in parameters.items()],
+    )
 
 
 def _about(
-    findings: Findings, spec: PluginSpec, *, segment: int | None, image: int | None = None
+    findings: Findings,
+    spec: PluginSpec,
+    identity: ResultIdentity,
+    *,
+    segment: int | None,
+    image: int | None = None,
 ) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
     """The measurements and qualitative evaluations of ``findings`` about ``segment``,
     or, when it is None, about ``image`` (None: the whole series), as TID 1500 content."""
@@ -40,7 +55,10 @@ def _about(
 
     measurements = [
         hd.sr.Measurement(
-            name=coded(m.name), value=m.value, unit=coded(m.unit), algorithm_id=_algorithm_id(spec)
+            name=coded(m.name),
+            value=m.value,
+            unit=coded(m.unit),
+            algorithm_id=_algorithm_id(spec, identity),
         )
         for m in findings.measurements
         if wanted(m)
@@ -81,7 +99,7 @@ def _segment_groups(
             hd.sr.SourceImageForSegmentation.from_source_image(ds, referenced_frame_numbers=frames)
             for ds, frames in source.references(present)
         ]
-        measurements, evaluations = _about(findings, spec, segment=plugin_number)
+        measurements, evaluations = _about(findings, spec, identity, segment=plugin_number)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -102,7 +120,7 @@ def _segment_groups(
                         else coded(segment.laterality),
                     )
                 ],
-                algorithm_id=_algorithm_id(spec),
+                algorithm_id=_algorithm_id(spec, identity),
                 measurements=measurements or None,
                 qualitative_evaluations=evaluations or None,
             )
@@ -119,7 +137,7 @@ def _unsegmented_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """The findings about one image (``image_index``) or, when it is None, about the
     whole series; None when there are none."""
-    measurements, evaluations = _about(findings, spec, segment=None, image=image_index)
+    measurements, evaluations = _about(findings, spec, identity, segment=None, image=image_index)
     if not evaluations and not measurements:
         return None
     if image_index is None:
@@ -135,7 +153,7 @@ def _unsegmented_group(
         ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label),
-        algorithm_id=_algorithm_id(spec),
+        algorithm_id=_algorithm_id(spec, identity),
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,
         source_images=sources,
@@ -174,8 +192,8 @@ def build_report(
         observer = hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=identity.uid("device-observer"),
-                name=f"{device.manufacturer_model_name} {spec.name}"[:64],
+                uid=identity.device_uid(spec),
+                name=f"{device.manufacturer_model_name} {spec.name} {spec.version}"[:64],
                 manufacturer_name=device.manufacturer,
                 model_name=device.manufacturer_model_name,
                 serial_number=device.device_serial_number,

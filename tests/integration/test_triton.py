@@ -73,7 +73,9 @@ def test_inference_through_triton_matches_the_phantom(
     triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
     loaded = load_series(list(small_phantom.paths))
-    outputs = triton.infer("ct_lung_seg", plugin.preprocess(loaded.series), ("LUNG_LABELS",))
+    answer = triton.infer("ct_lung_seg", plugin.preprocess(loaded.series), ("LUNG_LABELS",))
+    assert answer.model_version == "1"  # the version Triton ran, as the results record it
+    outputs = answer.outputs
     labels = outputs["LUNG_LABELS"]
     assert labels.shape == loaded.series.volume.shape
     assert labels.dtype == np.uint8
@@ -110,11 +112,11 @@ def test_shared_memory_and_grpc_give_the_same_answer_and_leave_nothing(
 ) -> None:
     inputs = plugin.preprocess(load_series(list(small_phantom.paths)).series)
     before = _our_regions()
-    shared = triton.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
+    shared = triton.infer("ct_lung_seg", inputs, ("LUNG_LABELS",)).outputs
     assert triton.shared_memory  # it did not fall back
     plain = TritonClient(triton.url, timeout_s=60)
     try:
-        grpc = plain.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
+        grpc = plain.infer("ct_lung_seg", inputs, ("LUNG_LABELS",)).outputs
         # Nothing stays registered with Triton, or in /dev/shm, after a request.
         assert plain._client.get_system_shared_memory_status(as_json=True) == {}
     finally:
@@ -137,7 +139,7 @@ def test_a_region_that_cannot_be_made_falls_back_to_grpc(
     inputs = plugin.preprocess(load_series(list(small_phantom.paths)).series)
     try:
         with capture_logs() as logs:
-            labels = client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))["LUNG_LABELS"]
+            labels = client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",)).outputs["LUNG_LABELS"]
             client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
     finally:
         client.close()
@@ -163,9 +165,11 @@ def test_chunks_in_flight_give_the_answer_of_one_request(triton: TritonClient) -
     names = ("INVERSION_SCORE", "ROTATION_INDEX", "CLIPPED_FRACTION")
     plain = TritonClient(triton.url, timeout_s=60, max_in_flight=2)
     try:
-        whole = plain.infer("cxr_quality", {"IMAGE": images}, names)
+        whole = plain.infer("cxr_quality", {"IMAGE": images}, names).outputs
         before = _requests_served(plain, "cxr_quality")
-        chunked = plain.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
+        answer = plain.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
+        assert answer.model_version == "1"
+        chunked = answer.outputs
         assert _requests_served(plain, "cxr_quality") == before + 5
         triton.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
         assert _requests_served(plain, "cxr_quality") == before + 6

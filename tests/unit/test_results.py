@@ -226,3 +226,27 @@ def test_a_series_description_fits_its_64_characters_and_keeps_the_caveat() -> N
     assert description.endswith(" (AI SEG, not for clinical use)")
     cleared = dataclasses.replace(plugin.spec, investigational=False)
     assert cleared.series_description("SR") == "Lung segmentation (AI SR)"
+
+
+def test_the_results_name_the_model_version_that_ran_and_one_device_per_version(
+    small_phantom: ChestPhantom,
+) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    findings = _findings(loaded, (1, 2))
+    ran = dataclasses.replace(_identity("job-1"), model_version="3")
+    seg, sr = (r.dataset for r in encode(loaded, findings, plugin.spec, ran))
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert "triton_model_version=3" in algorithm.AlgorithmParameters
+    assert "triton_model=ct_lung_seg" in algorithm.AlgorithmParameters
+    # The algorithm as the SR's observer device: one UID per plugin and model version.
+    again = dataclasses.replace(_identity("job-2"), model_version="3")
+    newer = dataclasses.replace(_identity("job-3"), model_version="4")
+    assert ran.device_uid(plugin.spec) == again.device_uid(plugin.spec)
+    assert ran.device_uid(plugin.spec) != newer.device_uid(plugin.spec)
+    device_uids = [
+        item.UID
+        for item in walk_content(sr.ContentSequence)
+        if item.ValueType == "UIDREF"
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Device Observer UID"
+    ]
+    assert device_uids == [ran.device_uid(plugin.spec)]
