@@ -14,6 +14,12 @@ from infergate.errors import OpsClientError
 _TIMEOUT_S = 30.0
 
 
+def local_address(host: str) -> str:
+    """Where this machine reaches a server of its own bound to ``host``: loopback for
+    one listening on every address."""
+    return "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
+
+
 class OpsClient:
     def __init__(self, settings: OpsSettings) -> None:
         if not settings.enabled:
@@ -21,7 +27,7 @@ class OpsClient:
                 "the ops endpoint is turned off (ops.enabled: false): there is no gateway to ask"
             )
         # A gateway listening on every address is reached on loopback.
-        host = "127.0.0.1" if settings.host in {"0.0.0.0", "::", ""} else settings.host  # noqa: S104
+        host = local_address(settings.host)
         if ":" in host:
             host = f"[{host}]"
         self.base_url = f"http://{host}:{settings.port}"

@@ -22,7 +22,7 @@ import pydicom
 from infergate.config import Destination, Settings
 from infergate.errors import OpsClientError
 from infergate.export.scu import send_objects
-from infergate.ops.client import OpsClient
+from infergate.ops.client import OpsClient, local_address
 from infergate.plugins import discover, enabled_plugins
 from infergate.routing.decide import route
 from infergate.routing.facts import series_facts
@@ -154,10 +154,9 @@ def _radiograph(folder: Path) -> tuple[tuple[Path, ...], str]:
 
 
 def _send(settings: Settings, title: str, studies: list[Generated]) -> None:
-    host = settings.ingest.host
     listener = Destination(
         ae_title=title,
-        host="127.0.0.1" if host in {"0.0.0.0", "::", ""} else host,  # noqa: S104
+        host=local_address(settings.ingest.host),
         port=settings.ingest.port,
     )
     for study in studies:
