@@ -3,7 +3,8 @@
 DICOM's own codes (DCM), SNOMED CT (SCT), LOINC (LN) and UCUM units come from
 pydicom's code dictionary, which is generated from DICOM PS3.16: a code is named by
 its keyword (``dicom_code("SCT", "Lung")``), never typed as a triple. The few that
-dictionary lacks are in :data:`NOT_IN_DICTIONARY`, each with where it comes from, and
+dictionary lacks are in :data:`NOT_IN_DICTIONARY`, each with where it comes from (and
+those it names otherwise than the templates do in :data:`TEMPLATE_MEANINGS`), and
 Infergate's private codes (scheme ``99INFERGATE``) in :data:`PRIVATE`; nothing else is
 written by hand. :func:`known_meanings` is what the tests check every code of every
 object we produce against.
@@ -44,6 +45,18 @@ NOT_IN_DICTIONARY: dict[tuple[str, str], str] = {
     ("SCT", "399208008"): "Plain chest X-ray",
     # The language highdicom writes for a report's content (TID 1204), RFC 5646.
     ("RFC5646", "en-US"): "English (United States)",
+    # The units of an Image Library entry's descriptors (TID 1602: rows and columns,
+    # the direction cosines of Image Orientation), as PS3.16's template gives them.
+    ("UCUM", "{pixels}"): "Pixels",
+    ("UCUM", "{-1:1}"): "{-1:1}",
+}
+
+# Codes the dictionary has under another display name than the one PS3.16's template
+# tables give them, which highdicom's template classes write.
+TEMPLATE_MEANINGS: dict[tuple[str, str], str] = {
+    # The Image Library's entries (TID 1601 row 1): "Source"; the code table's display
+    # name is "Source (attribute)".
+    ("SCT", "260753009"): "Source",
 }
 
 PRIVATE_SCHEME = "99INFERGATE"
@@ -79,9 +92,11 @@ def known_meanings(scheme: str, value: str) -> frozenset[str]:
     what it lacks and for private codes; empty when no one knows the code."""
     if scheme == PRIVATE_SCHEME:
         return frozenset({PRIVATE[value]}) if value in PRIVATE else frozenset()
-    listed = NOT_IN_DICTIONARY.get((scheme, value))
     found = _dictionary().get((scheme, value), frozenset())
-    return found | {listed} if listed is not None else found
+    for listed in (NOT_IN_DICTIONARY, TEMPLATE_MEANINGS):
+        if (scheme, value) in listed:
+            found |= {listed[scheme, value]}
+    return found
 
 
 # -- what Infergate itself writes ------------------------------------------------

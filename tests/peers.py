@@ -395,12 +395,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
-def walk_content(items: Any) -> Iterator[Any]:
-    """Every SR content item below ``items``, depth first."""
+def walk_content(items: Any, *, library: bool = True) -> Iterator[Any]:
+    """Every SR content item below ``items``, depth first; with ``library=False``
+    none of the Image Library's (TID 1600), which lists every source image."""
     for item in items:
+        if not library and item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library":
+            continue
         yield item
         if "ContentSequence" in item:
-            yield from walk_content(item.ContentSequence)
+            yield from walk_content(item.ContentSequence, library=library)
 
 
 def pip_install(source: Path, target: Path, build: Path) -> Path:

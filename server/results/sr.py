@@ -1,7 +1,9 @@
 """A TID 1500 measurement report (Comprehensive 3D SR) through highdicom's constructors.
 
-Each measured segment becomes a volumetric measurement group that references the
-SEG segment and the source images it covers; findings about one image (a
+The Image Library (TID 1600) lists the source images. Each measured segment becomes
+a volumetric measurement group that references the SEG segment and the source images
+it covers, and a planar group with its outline on the slice where it is largest (a
+SCOORD polygon, for viewers that draw no SEG); findings about one image (a
 radiograph's quality) become a measurement group that references that image, and
 findings about the whole series a measurement group of their own. All source images and the SEG are
 recorded as evidence.
@@ -24,6 +26,8 @@ from infergate.results.identity import (
     contributing_equipment,
     model_parameters,
 )
+from infergate.results.library import library_images
+from infergate.results.outline import outline
 from infergate.results.seg import seg_segment_numbers
 from infergate.results.sources import SourceSlices
 
@@ -112,17 +116,46 @@ def _segment_groups(
                     source_images=covered,
                 ),
                 finding_type=coded(segment.type),
-                finding_sites=[
-                    hd.sr.FindingSite(
-                        anatomic_location=coded(segment.site or segment.type),
-                        laterality=None
-                        if segment.laterality is None
-                        else coded(segment.laterality),
-                    )
-                ],
+                finding_sites=[_finding_site(segment)],
                 algorithm_id=_algorithm_id(spec, identity),
                 measurements=measurements or None,
                 qualitative_evaluations=evaluations or None,
+            )
+        )
+    return groups
+
+
+def _outline_groups(
+    source: SourceSlices, findings: Findings, spec: PluginSpec, identity: ResultIdentity
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Each segment's outline on the slice where it is largest (TID 1410, a SCOORD
+    polygon on that source image), for viewers that draw no SEG."""
+    if findings.label_map is None:
+        return []
+    groups = []
+    for plugin_number in sorted(seg_segment_numbers(findings)):
+        segment = spec.segment(plugin_number)
+        shape = outline(findings.label_map == plugin_number)
+        if shape is None:
+            continue
+        ((ds, frames),) = source.references([shape.slice_index])
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,  # closed: a polygon
+            graphic_data=shape.points,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                ds, referenced_frame_numbers=frames
+            ),
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=identity.uid(f"segment-{plugin_number}-outline"),
+                    identifier=f"{segment.label}, largest slice",
+                ),
+                referenced_region=region,
+                finding_type=coded(segment.type),
+                finding_sites=[_finding_site(segment)],
+                algorithm_id=_algorithm_id(spec, identity),
             )
         )
     return groups
@@ -174,11 +207,13 @@ def build_report(
     device = identity.device
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     ] = []
     try:
         if seg is not None:
             groups.extend(_segment_groups(source, seg, findings, spec, identity))
+            groups.extend(_outline_groups(source, findings, spec, identity))
         for image_index, slices in sorted((images or {}).items()):
             shown = source.references(slices)
             group = _unsegmented_group(findings, spec, identity, image_index, shown)
@@ -203,6 +238,7 @@ def build_report(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=coded(spec.procedure),
             imaging_measurements=groups,
+            referenced_images=library_images(source.instances) or None,
         )
         evidence = [*source.instances, seg] if seg is not None else source.instances
         earlier = identity.predecessor_sr(str(source.instances[0].StudyInstanceUID))

@@ -55,7 +55,7 @@ def _sr_volumes(sr: Dataset) -> dict[str, float]:
     """Finding site -> Volume (mL), from each measurement group of a TID 1500 SR; a
     site with a laterality as "Right lung"."""
     volumes: dict[str, float] = {}
-    for item in walk_content(sr.ContentSequence):
+    for item in walk_content(sr.ContentSequence, library=False):
         if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
             continue
         site = volume = None
@@ -81,7 +81,7 @@ def _sr_groups(sr: Dataset) -> list[dict[str, object]]:
     """Each container of an SR as {concept name meaning: value}: text, number, code
     meaning, and the referenced instance of an image item under "image"."""
     groups = []
-    for item in walk_content(sr.ContentSequence):
+    for item in walk_content(sr.ContentSequence, library=False):
         if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
             continue
         group: dict[str, object] = {}

@@ -82,3 +82,7 @@ def test_every_listed_code_says_it_is_not_in_the_dictionary_for_a_reason() -> No
     """A code in NOT_IN_DICTIONARY that pydicom's dictionary has after all belongs there."""
     for (scheme, value), meaning in codes.NOT_IN_DICTIONARY.items():
         assert codes.known_meanings(scheme, value) == {meaning}, (scheme, value)
+    for (scheme, value), meaning in codes.TEMPLATE_MEANINGS.items():
+        dictionary = codes.known_meanings(scheme, value) - {meaning}
+        assert dictionary, f"{scheme} {value}: pydicom's dictionary lacks it"
+        assert meaning not in dictionary

@@ -141,7 +141,7 @@ def test_each_image_gets_its_own_findings_and_an_sr_that_references_it(
     assert code_problems(report) == []
     # One group per image, each referencing its image, with that image's verdicts.
     groups = {}
-    for item in walk_content(report.ContentSequence):
+    for item in walk_content(report.ContentSequence, library=False):
         if item.ValueType != "CONTAINER" or "ContentSequence" not in item:
             continue
         images = {

@@ -80,11 +80,20 @@ def test_seg_and_sr_of_a_multiframe_source_refer_to_its_frames(
     report = pydicom.dcmread(sr_path)
     cited = [
         item.ReferencedSOPSequence[0]
-        for item in walk_content(report.ContentSequence)
+        for item in walk_content(report.ContentSequence, library=False)
         if item.ValueType == "IMAGE"
         and item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID != written.SOPInstanceUID
     ]
     assert cited
+    # The Image Library describes the instance from its functional groups.
+    spacing = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in walk_content(report.ContentSequence)
+        if item.ValueType == "NUM"
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Horizontal Pixel Spacing"
+    ]
+    shared = source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert spacing == [float(shared.PixelSpacing[1])]
     assert {c.ReferencedSOPInstanceUID for c in cited} == {source.SOPInstanceUID}
     assert all("ReferencedFrameNumber" in c for c in cited)
 

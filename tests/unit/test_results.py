@@ -88,7 +88,8 @@ def test_seg_and_sr_are_valid_and_reference_the_source(
         for item in walk_content(sr.ContentSequence)
         if item.ConceptNameCodeSequence[0].CodeMeaning == "Finding Site"
     ]
-    assert sites == [("Lung", "Right"), ("Lung", "Left")]
+    # Each lung twice: its volume group and its outline on its largest slice.
+    assert sites == [("Lung", "Right"), ("Lung", "Left")] * 2
     assert code_problems(seg) == []
     assert code_problems(sr) == []
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
@@ -111,7 +112,7 @@ def test_seg_and_sr_are_valid_and_reference_the_source(
     numbers = [
         float(item.MeasuredValueSequence[0].NumericValue)
         for item in walk_content(sr.ContentSequence)
-        if item.ValueType == "NUM"
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeMeaning == "Volume"
     ]
     assert len(numbers) == 2
 
@@ -250,3 +251,71 @@ def test_the_results_name_the_model_version_that_ran_and_one_device_per_version(
         and item.ConceptNameCodeSequence[0].CodeMeaning == "Device Observer UID"
     ]
     assert device_uids == [ran.device_uid(plugin.spec)]
+
+
+def test_the_sr_lists_its_images_and_outlines_each_segment_on_its_largest_slice(
+    small_phantom: ChestPhantom,
+) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    label_map = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
+    label_map[10:20, 100:150, 40:100] = RIGHT_LUNG
+    label_map[14, 90:160, 30:110] = RIGHT_LUNG  # slice 14: the largest
+    label_map[14, 10:20, 10:20] = RIGHT_LUNG  # a small island there, not outlined
+    findings = Findings(
+        label_map=label_map,
+        segment_numbers=(RIGHT_LUNG,),
+        measurements=(Measurement(RIGHT_LUNG, VOLUME, 1.0, MILLILITER),),
+    )
+    _, sr = (_round_trip(r.dataset) for r in encode(loaded, findings, plugin.spec, _identity()))
+
+    (library,) = [
+        item
+        for item in walk_content(sr.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
+    ]
+    listed = {
+        entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for entry in walk_content(library.ContentSequence)
+        if entry.ValueType == "IMAGE"
+    }
+    assert listed == {str(ds.SOPInstanceUID) for ds in loaded.headers}
+
+    (scoord,) = [item for item in walk_content(sr.ContentSequence) if item.ValueType == "SCOORD"]
+    assert scoord.GraphicType == "POLYLINE"
+    points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+    assert (points[0] == points[-1]).all()  # closed
+    # Column then row, pixel edges: the region's 80 columns and 70 rows exactly.
+    assert (points[:, 0].min(), points[:, 0].max()) == (30.0, 110.0)
+    assert (points[:, 1].min(), points[:, 1].max()) == (90.0, 160.0)
+    (image,) = scoord.ContentSequence
+    assert (
+        image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == loaded.headers[14].SOPInstanceUID
+    )
+
+
+def test_an_image_the_library_cannot_describe_is_left_out_of_it_not_the_report(
+    small_phantom: ChestPhantom,
+) -> None:
+    loaded = load_series(list(small_phantom.paths))
+    del loaded.headers[3].SliceThickness  # Type 2: a scanner may leave it out
+    findings = _findings(loaded, (RIGHT_LUNG,))
+    _, sr = (_round_trip(r.dataset) for r in encode(loaded, findings, plugin.spec, _identity()))
+    (library,) = [
+        item
+        for item in walk_content(sr.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
+    ]
+    listed = {
+        entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for entry in walk_content(library.ContentSequence)
+        if entry.ValueType == "IMAGE"
+    }
+    assert listed == {str(ds.SOPInstanceUID) for ds in loaded.headers} - {
+        str(loaded.headers[3].SOPInstanceUID)
+    }
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert str(loaded.headers[3].SOPInstanceUID) in evidence

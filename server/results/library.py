@@ -1,0 +1,84 @@
+"""What an SR's Image Library (TID 1600) says of each source image.
+
+highdicom's Image Library reads each image's descriptors (TID 1602-1604) from the
+dataset's top level. An enhanced multi-frame image keeps them in its functional
+groups, and a received image may lack one (Slice Thickness is Type 2): such an
+image is described from its functional groups, and one whose descriptors cannot be
+found at all is left out of the library rather than failing the report (it stays in
+the evidence and in each measurement's references).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from pydicom.dataset import Dataset
+
+# TID 1604 (cross-sectional) and TID 1603 (projection radiography), by the modalities
+# highdicom describes as each, with how many values each attribute must have.
+_CROSS_SECTIONAL = {"CT", "MR", "PT"}
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+_DESCRIPTORS = {
+    "cross-sectional": {
+        "PixelSpacing": 2,
+        "ImageOrientationPatient": 6,
+        "ImagePositionPatient": 3,
+        "SliceThickness": 1,
+    },
+    "projection": {"PatientOrientation": 2, "ImagerPixelSpacing": 2},
+}
+_ALWAYS = ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns")
+
+
+def _places(ds: Dataset) -> Iterator[Dataset]:
+    """Where an attribute may be: the top level, then the shared functional groups'
+    macros, then the first frame's."""
+    yield ds
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if ds.get(groups):
+            for element in ds[groups].value[0]:
+                if element.VR == "SQ" and element.value:
+                    yield element.value[0]
+
+
+def _value(ds: Dataset, keyword: str, count: int) -> object | None:
+    for place in _places(ds):
+        value = place.get(keyword)
+        if value in (None, ""):
+            continue
+        values = list(value) if count > 1 else [value]
+        if len(values) == count:
+            found: object = value
+            return found
+    return None
+
+
+def described(ds: Dataset) -> Dataset | None:
+    """The attributes the library entry of ``ds`` is made of, or None when one of
+    them is missing."""
+    view = Dataset()
+    for keyword in _ALWAYS:
+        if keyword not in ds or ds.get(keyword) in (None, ""):
+            return None
+        setattr(view, keyword, ds[keyword].value)
+    if ds.get("FrameOfReferenceUID"):
+        view.FrameOfReferenceUID = ds.FrameOfReferenceUID
+    modality = str(ds.Modality)
+    kind = (
+        "cross-sectional"
+        if modality in _CROSS_SECTIONAL
+        else "projection"
+        if modality in _PROJECTION
+        else None
+    )
+    for keyword, count in _DESCRIPTORS.get(kind or "", {}).items():
+        value = _value(ds, keyword, count)
+        if value is None:
+            return None
+        setattr(view, keyword, value)
+    return view
+
+
+def library_images(instances: Sequence[Dataset]) -> list[Dataset]:
+    """The source instances the Image Library can describe, as highdicom reads them."""
+    return [view for view in map(described, instances) if view is not None]
