@@ -284,7 +284,7 @@ def list_plugins() -> int:
         print(f"{spec.name} {spec.version}")
         print(f"  {spec.description}")
         print(f"  modalities: {', '.join(sorted(spec.modalities))}")
-        rule = json.dumps(spec.rule) if spec.rule else "its modalities"
+        rule = json.dumps(spec.rule) if spec.rule else "acquired images of its modalities"
         print(f"  default rule ({spec.priority}): {rule}")
         print(
             f"  Triton model: {spec.model_name}"

@@ -44,6 +44,7 @@ from infergate.codes import (
 
 __all__ = [
     "ABSENT",
+    "ACQUIRED_IMAGES",
     "ANATOMICAL_STRUCTURE",
     "API_VERSION",
     "BILATERAL",
@@ -77,6 +78,22 @@ __all__ = [
 ]
 
 API_VERSION = 1
+
+# A test for a rule (``PluginSpec.rule``, ``{"all": [ACQUIRED_IMAGES], ...}``): images
+# the examination itself made. Image Type PRIMARY: an ORIGINAL image, or one a lossy
+# compression has since marked DERIVED (DCMTK's dcmcjpeg does, PS3.3 C.7.6.1.1.2);
+# not SECONDARY images a scanner or workstation adds afterwards (dose screens, screen
+# saves), not localizers, not reformats or projections (MPR, MIP). A plugin that ships
+# no rule runs on these images of its modalities.
+ACQUIRED_IMAGES: dict[str, object] = {
+    "image_type": ["PRIMARY"],
+    "not": {
+        "any": [
+            {"image_type": [value]}
+            for value in ("SECONDARY", "LOCALIZER", "REFORMATTED", "MPR", "MIP", "PROJECTION IMAGE")
+        ]
+    },
+}
 
 TritonDatatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
@@ -185,6 +202,11 @@ class Series:
     # ImagePositionPatient of the first slice, in mm.
     origin: tuple[float, float, float]
     projection: bool = False
+    # A volume resampled along the normal (uneven gaps between acquired slices): for
+    # each slice, True when no acquired slice lies there, its values blended from the
+    # acquired slices either side. Empty when every slice was acquired. A finding that
+    # lies only in such slices is what interpolation made, not what the scanner saw.
+    interpolated: tuple[bool, ...] = ()
 
     @property
     def voxel_volume_ml(self) -> float:

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from infergate.plugin_api import (
     ABSENT,
+    ACQUIRED_IMAGES,
     BILATERAL,
     BRAIN,
     HEMORRHAGE,
@@ -51,6 +52,7 @@ SPEC = PluginSpec(
     # Head CTs (by body part or description), not scout views; triage is urgent.
     rule={
         "modality": ["CT"],
+        "all": [ACQUIRED_IMAGES],  # no dose screen, no reformat
         "any": [
             {"body_part": ["HEAD", "BRAIN", "SKULL"]},
             {"series_description": r"(?i)\b(head|brain|cranial|skull|cerebr)"},
@@ -96,6 +98,17 @@ def _patient_x(series: Series, mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.fl
     return x
 
 
+def _interpolated_only(
+    series: Series, labels: npt.NDArray[np.uint8], numbers: list[int]
+) -> set[int]:
+    """The candidates of ``numbers`` that lie only in interpolated slices."""
+    if not any(series.interpolated):
+        return set()
+    acquired = ~np.asarray(series.interpolated, dtype=bool)
+    seen = np.unique(labels[acquired])
+    return {n for n in numbers if n not in seen}
+
+
 class CtHeadBleedPlugin:
     """See the README beside this file for intended use and limits."""
 
@@ -114,10 +127,15 @@ class CtHeadBleedPlugin:
                 f"CANDIDATE_LABELS has shape {labels.shape}, volume {series.volume.shape}"
             )
         numbers = [int(n) for n in np.unique(labels) if 0 < n <= MAX_CANDIDATES]
+        # A candidate in no acquired slice (all of it in slices blended across a wide
+        # gap) is interpolation's partial-volume brightness, not what the scanner saw:
+        # not a finding, least of all an urgent one.
+        blended = _interpolated_only(series, labels, numbers)
+        numbers = [n for n in numbers if n not in blended]
         if not numbers:
             return Findings(
                 evaluations=(Evaluation(HEMORRHAGE, ABSENT),),
-                summary={"candidates": 0},
+                summary={"candidates": 0, "interpolated_only": len(blended)},
             )
         head = series.volume > HEAD_HU
         midline = float(np.median(_patient_x(series, head))) if head.any() else 0.0
@@ -144,6 +162,7 @@ class CtHeadBleedPlugin:
             evaluations=tuple(evaluations),
             summary={
                 "candidates": len(numbers),
+                "interpolated_only": len(blended),
                 "total_ml": round(sum(m.value for m in measurements), 2),
                 **volumes,
             },

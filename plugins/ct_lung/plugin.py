@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 from infergate.plugin_api import (
     ABSENT,
+    ACQUIRED_IMAGES,
     ANATOMICAL_STRUCTURE,
     LEFT,
     LUNG,
@@ -28,6 +29,14 @@ RIGHT_LUNG = 1
 LEFT_LUNG = 2
 # Below this a candidate is not an adult lung (air in sinuses, bowel, a pneumatocele).
 MIN_LUNG_ML = 200.0
+# Plausibility by anatomy and position, not volume alone: a lung lies in a thorax,
+# whose width at the lung's rows is an adult's (a head is at most ~170 mm across) ...
+MIN_THORAX_WIDTH_MM = 200.0
+BODY_HU = -500.0
+# ... and to one side of the body's midline: its centre at least this fraction of the
+# body's width away from the body's centre (a lung's is about a quarter; the air of a
+# skull phantom, or of a stomach, is centred).
+MIN_LUNG_OFFSET = 0.08
 
 SPEC = PluginSpec(
     name="ct_lung",
@@ -36,9 +45,17 @@ SPEC = PluginSpec(
     title="Lung segmentation",
     modalities=frozenset({"CT"}),
     model_name="ct_lung_seg",
-    # Any CT but scout views: a head CT gets "lungs absent", which is an answer too.
+    # Acquired axial CT of the chest: by Body Part Examined or, where a scanner leaves
+    # that empty, the series description; not derived images (a dose screen, a
+    # reformat) nor scout views. A hospital's own rule (routing.rules) may say otherwise.
     rule={
         "modality": ["CT"],
+        "orientation": ["axial"],
+        "all": [ACQUIRED_IMAGES],
+        "any": [
+            {"body_part": ["CHEST", "THORAX", "LUNG", "CHESTABDOMEN", "CHESTABDPELVIS"]},
+            {"series_description": r"(?i)\b(chest|thorax|thoracic|lung|pulmonary)"},
+        ],
         "not": {
             "any": [
                 {"image_type": ["LOCALIZER"]},
@@ -75,32 +92,59 @@ class CtLungPlugin:
         labels = np.asarray(outputs["LUNG_LABELS"], dtype=np.uint8)
         if labels.shape != series.volume.shape:
             raise ValueError(f"LUNG_LABELS has shape {labels.shape}, volume {series.volume.shape}")
-        # The model numbers lungs by column; the row direction says which is the patient's
-        # left (+x in DICOM patient coordinates).
+        # The row direction says which way the columns run: towards the patient's left
+        # (+x in DICOM patient coordinates) or right.
         columns_point_left = series.row_direction[0] >= 0
-        first, second = (RIGHT_LUNG, LEFT_LUNG) if columns_point_left else (LEFT_LUNG, RIGHT_LUNG)
         label_map = np.zeros(labels.shape, dtype=np.uint8)
-        measurements: list[Measurement] = []
-        numbers: list[int] = []
-        volumes: dict[str, float] = {}
-        for model_label, segment in ((1, first), (2, second)):
+        summary: dict[str, float | int | str] = {}
+        for model_label in (1, 2):
             mask = labels == model_label
             volume_ml = float(mask.sum()) * series.voxel_volume_ml
-            volumes[f"candidate_{model_label}_ml"] = round(volume_ml, 1)
+            summary[f"candidate_{model_label}_ml"] = round(volume_ml, 1)
             if volume_ml < MIN_LUNG_ML:
                 continue
-            label_map[mask] = segment
-            numbers.append(segment)
-            measurements.append(Measurement(segment, VOLUME, round(volume_ml, 1), MILLILITER))
-        numbers.sort()
-        measurements.sort(key=lambda m: m.segment_number or 0)
-        evaluations: tuple[Evaluation, ...] = ()
-        if not numbers:
-            evaluations = (Evaluation(LUNG, ABSENT),)
+            offset, width_mm = _lateral_position(series, mask)
+            if width_mm < MIN_THORAX_WIDTH_MM:
+                summary[f"candidate_{model_label}_not_a_lung"] = "body too narrow for a thorax"
+                continue
+            if abs(offset) < MIN_LUNG_OFFSET:
+                summary[f"candidate_{model_label}_not_a_lung"] = "on the body's midline"
+                continue
+            # Its side, each candidate by its own position: a single lung is labelled
+            # by the side it is on, and two parts of one lung are that lung.
+            on_left = (offset > 0) == columns_point_left
+            label_map[mask] = LEFT_LUNG if on_left else RIGHT_LUNG
+        numbers = tuple(n for n in (RIGHT_LUNG, LEFT_LUNG) if (label_map == n).any())
+        measurements = tuple(
+            Measurement(
+                n,
+                VOLUME,
+                round(float((label_map == n).sum()) * series.voxel_volume_ml, 1),
+                MILLILITER,
+            )
+            for n in numbers
+        )
+        evaluations: tuple[Evaluation, ...] = () if numbers else (Evaluation(LUNG, ABSENT),)
         return Findings(
             label_map=label_map if numbers else None,
-            segment_numbers=tuple(numbers),
-            measurements=tuple(measurements),
+            segment_numbers=numbers,
+            measurements=measurements,
             evaluations=evaluations,
-            summary={"lungs_found": len(numbers), **volumes},
+            summary={"lungs_found": len(numbers), **summary},
         )
+
+
+def _lateral_position(series: Series, mask: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """Where the candidate ``mask`` lies across the body, in the slices and rows it
+    spans (no table there): its centre's distance from the body's centre in columns,
+    as a fraction of the body's width (negative: towards column 0), and that width
+    in mm."""
+    slices = np.nonzero(mask.any(axis=(1, 2)))[0]
+    rows = np.nonzero(mask.any(axis=(0, 2)))[0]
+    body = series.volume[slices[0] : slices[-1] + 1, rows[0] : rows[-1] + 1] > BODY_HU
+    columns = np.nonzero(body.any(axis=(0, 1)) | mask.any(axis=(0, 1)))[0]
+    first, last = int(columns[0]), int(columns[-1])
+    width = last - first + 1
+    centre = (first + last) / 2.0
+    candidate_centre = float(np.nonzero(mask)[2].mean())
+    return (candidate_centre - centre) / width, width * series.spacing[2]

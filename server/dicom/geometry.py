@@ -24,12 +24,28 @@ def is_projection(ds: Dataset) -> bool:
     return str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES
 
 
+def _orientation(ds: Dataset) -> Sequence[float] | None:
+    """Image Orientation (Patient): at the top level, or, in a multi-frame image, in
+    its shared functional groups or its first frame's (PS3.3 C.7.6.16.2.4)."""
+    iop = ds.get("ImageOrientationPatient")
+    if iop is not None:
+        return [float(v) for v in iop]
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(groups)
+        if not items:
+            continue
+        planes = items[0].get("PlaneOrientationSequence")
+        if planes and planes[0].get("ImageOrientationPatient") is not None:
+            return [float(v) for v in planes[0].ImageOrientationPatient]
+    return None
+
+
 def orientation_of(ds: Dataset) -> str:
     """The anatomical plane of an image from its row and column direction cosines;
     ``projection`` for a projection radiograph, which lies in no plane of the patient."""
     if is_projection(ds):
         return "projection"
-    iop = ds.get("ImageOrientationPatient")
+    iop = _orientation(ds)
     if iop is None or len(iop) != 6:
         return "unknown"
     normal = np.cross([float(v) for v in iop[:3]], [float(v) for v in iop[3:]])

@@ -226,6 +226,7 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
             float(slices[0].position[1]),
             float(slices[0].position[2]),
         ),
+        interpolated=_interpolated(placements, len(stack)) if irregular else (),
     )
     return LoadedSeries(
         series=series,
@@ -235,6 +236,12 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
         resampled="; ".join(changes) or None,
         frames=tuple(s.frame for s in slices),
     )
+
+
+def _interpolated(placements: tuple[Placement, ...], count: int) -> tuple[bool, ...]:
+    """For each of ``count`` grid slices, whether no acquired slice lies at it."""
+    acquired = {round(p.index) for p in placements}
+    return tuple(i not in acquired for i in range(count))
 
 
 def _one_multiframe_at_most(slices: list[Slice]) -> None:

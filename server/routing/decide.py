@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infergate.plugin_api import ACQUIRED_IMAGES
 from infergate.plugins import LoadedPlugin
 from infergate.routing.facts import SeriesFacts
 from infergate.routing.rules import Condition, Rule, evaluate
@@ -30,12 +31,16 @@ class Decision:
     explanation: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
+# What a plugin that ships no rule runs on: acquired images of its modalities.
+ACQUIRED = Condition.model_validate(ACQUIRED_IMAGES)
+
+
 def default_rule(loaded: LoadedPlugin) -> Rule:
     """The rule a plugin runs under when no configured rule names it: the one its spec
-    ships, or else its modalities."""
+    ships, or else acquired images of its modalities (``plugin_api.ACQUIRED_IMAGES``)."""
     spec = loaded.spec
     when = (
-        Condition(modality=tuple(sorted(spec.modalities)))
+        Condition(modality=tuple(sorted(spec.modalities)), all=(ACQUIRED,))
         if spec.rule is None
         else Condition.model_validate(spec.rule)
     )

@@ -26,11 +26,12 @@ from infergate.errors import PluginError
 from infergate.plugin_api import Findings, Plugin, PluginSpec, Series, TensorSpec
 from infergate.plugins import pickling_error, validate
 
-_SHAPE = (8, 32, 32)  # slices, rows, columns of the synthetic series
+_SHAPE = (8, 32, 64)  # slices, rows, columns of the synthetic series
 
 
 def synthetic_series(modality: str, shape: tuple[int, int, int] = _SHAPE) -> Series:
-    """A small series of ``modality``: air around a body-like block (CT values in HU).
+    """A small series of ``modality``: air around a body-like block (CT values in HU),
+    280 mm across, as wide as an adult's trunk.
 
     For a projection modality (CR, DX, ...) one image, as displayed: a bright block
     on a dark background.
@@ -50,11 +51,11 @@ def synthetic_series(modality: str, shape: tuple[int, int, int] = _SHAPE) -> Ser
         )
     volume = np.full(shape, -1000.0, dtype=np.float32)
     _, rows, columns = shape
-    volume[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 40.0
+    volume[:, rows // 4 : 3 * rows // 4, columns // 8 : 7 * columns // 8] = 40.0
     return Series(
         modality=modality,
         volume=volume,
-        spacing=(10.0, 5.0, 5.0),  # 0.25 mL voxels: the block is ~500 mL
+        spacing=(10.0, 5.0, 5.0),  # 0.25 mL voxels
         row_direction=(1.0, 0.0, 0.0),
         column_direction=(0.0, 1.0, 0.0),
         origin=(0.0, 0.0, 0.0),
@@ -113,7 +114,8 @@ def _check_tensors(
 
 def _model_outputs(spec: PluginSpec, series: Series) -> list[dict[str, npt.NDArray[np.generic]]]:
     """Outputs as the declared model could return them: zeros, then, for each declared
-    segment, its number over the body-like block of the synthetic series."""
+    segment, its number over a block of ~500 mL in the body, right of its midline (an
+    organ of one side, a lesion)."""
     fills = [0] + [segment.number for segment in spec.segments]
     variants = []
     for fill in fills:
@@ -127,7 +129,7 @@ def _model_outputs(spec: PluginSpec, series: Series) -> list[dict[str, npt.NDArr
             array = np.zeros(shape, dtype=dtype)
             if array.ndim == 3:
                 _, rows, columns = array.shape
-                array[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = fill
+                array[:, rows // 4 : 3 * rows // 4, columns // 4 : columns // 2] = fill
             else:
                 array[...] = fill
             outputs[tensor.name] = array

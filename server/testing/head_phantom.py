@@ -72,8 +72,10 @@ def write_head_ct(
     noise_hu: float = 5.0,
     seed: int = 11,
     identity: PhantomIdentity | None = None,
+    air_filled: bool = False,
 ) -> HeadPhantom:
-    """Write a synthetic axial head CT into ``directory`` and return its truth."""
+    """Write a synthetic axial head CT into ``directory`` and return its truth;
+    ``air_filled``: a skull phantom's, air inside the bone (no brain)."""
     ident = identity or PhantomIdentity()
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -86,8 +88,8 @@ def write_head_ct(
     volume[ellipsoid(grid, centre, (78.0, 98.0, 95.0))] = SCALP_HU
     volume[ellipsoid(grid, centre, (73.0, 93.0, 90.0))] = BONE_HU
     brain = ellipsoid(grid, centre, (66.0, 86.0, 83.0))
-    volume[brain] = BRAIN_HU
-    for x in (-9.0, 9.0):
+    volume[brain] = AIR_HU if air_filled else BRAIN_HU
+    for x in () if air_filled else (-9.0, 9.0):
         volume[ellipsoid(grid, (x, -5.0, 15.0), (5.0, 22.0, 12.0))] = CSF_HU
     voxel_ml = pixel_spacing * pixel_spacing * slice_spacing / 1000.0
     truth = []

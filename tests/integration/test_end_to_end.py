@@ -183,13 +183,18 @@ def test_phantom_study_gets_seg_and_sr_in_the_same_study(
 def test_real_head_ct_reports_no_lungs(
     infergate: InfergateProcess, orthanc: Orthanc, head_ct: list[Path], tmp_path: Path
 ) -> None:
-    """A head is not a chest: the lung plugin must say so, not crash or invent lungs."""
+    """A head is not a chest: ct_lung's own rule does not take it, and run on it by a
+    hospital's rule anyway, the lung plugin must say so, not crash or invent lungs."""
     study_uid = pydicom.dcmread(head_ct[0], stop_before_pixels=True).StudyInstanceUID
     # Relative, like the default var_dir: the server resolves it in its working directory.
     infergate.config["storage"]["var_dir"] = "var"
+    # A site that sends every CT to ct_lung (its default rule wants a chest).
+    infergate.config["routing"] = {
+        "rules": [{"name": "every-ct", "plugins": ["ct_lung"], "when": {"modality": ["CT"]}}]
+    }
     infergate.start()
     storescu(infergate.port, head_ct)
-    # Both CT plugins run on a head CT; each sends one SR and nothing else.
+    # Both CT plugins run on the head CT; each sends one SR and nothing else.
     assert _wait_sent_kinds(infergate, 2, timeout=180) == ["sr", "sr"]
 
     assert _fetch(orthanc, study_uid, "SEG", tmp_path) == []

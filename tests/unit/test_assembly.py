@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ from infergate_plugins.ct_lung import plugin as ct_lung
 from peers import free_port, storescu, wait_until
 
 SETTINGS = Settings(assembly=AssemblySettings(quiet_period_s=10.0))
+
+
+class _AnyCT:
+    """ct_lung routed on any CT: these series' headers are not on disk (routing sees
+    the modality alone), and these tests are about assembly, not ct_lung's rule."""
+
+    spec = replace(ct_lung.spec, rule={"modality": ["CT"]})
+    preprocess = staticmethod(ct_lung.preprocess)
+    postprocess = staticmethod(ct_lung.postprocess)
 
 
 def _receive(
@@ -46,7 +56,7 @@ def _receive(
 
 def test_series_completes_after_the_quiet_period_and_is_routed(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
-    plugins = [LoadedPlugin(ct_lung, "test")]
+    plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "ct-series", "CT", at=100.0)
     _receive(store, "2.1", "mr-series", "MR", at=100.0)
     assert complete_quiet_series(store, plugins, 105.0, SETTINGS) == []
@@ -69,7 +79,7 @@ def test_a_called_ae_title_runs_only_its_plugins(tmp_path: Path) -> None:
         ),
     )
     store = Store(tmp_path / "s.db")
-    plugins = [LoadedPlugin(ct_lung, "test")]
+    plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "to-no-ai", "CT", at=100.0, called="NO_AI")
     _receive(store, "2.1", "to-lung", "CT", at=100.0, called="LUNG")
     with structlog.testing.capture_logs() as logs:
@@ -131,7 +141,7 @@ def test_the_release_hint_is_off_unless_configured() -> None:
 def test_series_of_a_study_complete_together(tmp_path: Path) -> None:
     settings = Settings(assembly=AssemblySettings(quiet_period_s=10.0, scope="study"))
     store = Store(tmp_path / "s.db")
-    plugins = [LoadedPlugin(ct_lung, "test")]
+    plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "chest", "CT", at=100.0)
     _receive(store, "2.1", "scout", "CT", at=108.0)  # same study, later
     assert complete_quiet_series(store, plugins, 112.0, settings) == []

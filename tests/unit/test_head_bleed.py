@@ -60,6 +60,46 @@ def test_a_head_without_hyperdensity_is_absent_and_not_urgent(
     assert not findings.urgent
 
 
+def _blended(interpolated: tuple[bool, ...]) -> Series:
+    """A 12-slice head-like volume resampled across uneven gaps: ``interpolated``
+    says which slices no acquired slice lies at."""
+    volume = np.full((12, 64, 64), -1000.0, dtype=np.float32)
+    volume[:, 8:56, 8:56] = 35.0
+    return Series(
+        modality="CT",
+        volume=volume,
+        spacing=(1.0, 1.0, 1.0),
+        row_direction=(1.0, 0.0, 0.0),
+        column_direction=(0.0, 1.0, 0.0),
+        origin=(0.0, 0.0, 0.0),
+        interpolated=interpolated,
+    )
+
+
+def test_a_candidate_only_in_interpolated_slices_raises_no_finding() -> None:
+    """The review's case: resampling a head CT with 1 to 7 mm gaps made bright
+    partial-volume spots near the vertex, three "Present" candidates, urgent."""
+    gaps = tuple(i in (4, 5, 6, 7, 8) for i in range(12))  # a wide gap, blended
+    labels = np.zeros((12, 64, 64), dtype=np.uint8)
+    labels[5:8, 20:26, 20:26] = 1  # only in the blended slices
+    findings = plugin.postprocess(_blended(gaps), {"CANDIDATE_LABELS": labels})
+    assert [(e.name, e.value.meaning) for e in findings.evaluations] == [(HEMORRHAGE, "Absent")]
+    assert not findings.urgent
+    assert findings.summary == {"candidates": 0, "interpolated_only": 1}
+    # One that an acquired slice shows as well is a finding, and the blended one is not.
+    labels[2:5, 40:46, 40:46] = 2
+    findings = plugin.postprocess(_blended(gaps), {"CANDIDATE_LABELS": labels})
+    assert findings.segment_numbers == (2,)
+    assert findings.urgent
+    assert findings.label_map is not None
+    assert set(np.unique(findings.label_map)) == {0, 2}
+    assert findings.summary["interpolated_only"] == 1
+    # Every slice acquired: the same candidate is a finding.
+    labels[2:5] = 0
+    findings = plugin.postprocess(_blended(()), {"CANDIDATE_LABELS": labels})
+    assert findings.segment_numbers == (1,)
+
+
 def test_the_real_head_ct_has_no_candidate(bleed_model: ModuleType, head_ct: list[Path]) -> None:
     """One real, normal head CT (thick slices, skull base, vertex): no false candidate."""
     series = load_series(head_ct).series

@@ -13,8 +13,11 @@ import pytest
 from infergate.config import DeviceSettings
 from infergate.errors import VolumeError
 from infergate.inference.volume import load_series
+from infergate.plugins import LoadedPlugin
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
+from infergate.routing.decide import route
+from infergate.routing.facts import series_facts
 from infergate.testing import ChestPhantom
 from infergate.testing.multiframe import write_multiframe_ct
 from infergate_plugins.ct_lung import plugin
@@ -130,3 +133,14 @@ def test_a_frame_without_a_position_is_named(multiframe: Path, tmp_path: Path) -
     ds.save_as(path)
     with pytest.raises(VolumeError, match="frame 7 has no Plane Orientation or Plane Position"):
         load_series([path])
+
+
+def test_routing_sees_a_multiframe_series_plane_from_its_functional_groups(
+    multiframe: Path,
+) -> None:
+    header = pydicom.dcmread(multiframe, stop_before_pixels=True)
+    assert "ImageOrientationPatient" not in header
+    facts = series_facts([header])
+    assert facts.orientation == "axial"
+    [decision] = route(facts, [LoadedPlugin(plugin, "test")])
+    assert decision.matched  # ct_lung: acquired axial chest CT (by its description)

@@ -67,7 +67,7 @@ class _Broken:
         ("name", "inputs are ['HU', 'SPACING_MM']"),
         ("mutates", "volume was changed by the plugin"),
         ("segment", "findings name segments [7]"),
-        ("shape", "label map is uint8 (8, 10, 32)"),
+        ("shape", "label map is uint8 (8, 10, 64)"),
         ("measurement", "a measurement is about segment 9"),
         ("image", "a measurement is about image 8; the series has 8"),
     ],

@@ -42,22 +42,41 @@ def test_in_repo_plugins_are_found_through_entry_points() -> None:
 
 def test_a_triage_plugin_runs_urgent_on_head_cts_only() -> None:
     plugins = [LoadedPlugin(ct_head_bleed, "test")]
-    head = SeriesFacts("CT", "", "HEAD", "", (), "axial", 30, 5.0, True, "SCANNER", "INFERGATE")
+    head = SeriesFacts("CT", "", "HEAD", "", ACQUIRED, "axial", 30, 5.0, True, "SCANNER", "AI")
     [decision] = route(head, plugins)
     assert (decision.matched, decision.priority) == (True, "urgent")
-    described = SeriesFacts("CT", "", "", "Routine Brain 5mm", (), "axial", 30, 5.0, True)
+    described = SeriesFacts("CT", "", "", "Routine Brain 5mm", ACQUIRED, "axial", 30, 5.0, True)
     assert route(described, plugins)[0].matched
     assert not route(_facts("CT"), plugins)[0].matched
     scout = SeriesFacts("CT", "", "HEAD", "", ("ORIGINAL", "LOCALIZER"), "axial", 1, 1.0, True)
     assert not route(scout, plugins)[0].matched
+    # A scanner's dose screen in the head study: derived, secondary.
+    dose = SeriesFacts("CT", "", "HEAD", "Exam Summary", DOSE_SCREEN, "unknown", 1, None, True)
+    assert not route(dose, plugins)[0].matched
 
 
-def _facts(modality: str) -> SeriesFacts:
-    return SeriesFacts(modality, "", "", "", (), "axial", 100, 1.0, True, "SCANNER", "INFERGATE")
+ACQUIRED = ("ORIGINAL", "PRIMARY", "AXIAL")
+DOSE_SCREEN = ("DERIVED", "SECONDARY", "SCREEN SAVE")
 
 
-def test_a_plugin_no_rule_names_runs_on_its_modalities_and_says_why() -> None:
-    plugins = [LoadedPlugin(ct_lung, "test")]
+def _facts(
+    modality: str, body_part: str = "", image_type: tuple[str, ...] = ACQUIRED
+) -> SeriesFacts:
+    return SeriesFacts(
+        modality, "", body_part, "", image_type, "axial", 100, 1.0, True, "SCANNER", "AI"
+    )
+
+
+class _NoRule:
+    """ct_lung as a plugin that ships no rule of its own."""
+
+    spec = replace(ct_lung.spec, rule=None)
+    preprocess = staticmethod(ct_lung.preprocess)
+    postprocess = staticmethod(ct_lung.postprocess)
+
+
+def test_a_plugin_without_a_rule_runs_on_acquired_images_of_its_modalities() -> None:
+    plugins = [LoadedPlugin(_NoRule(), "test")]
     [ct] = route(_facts("CT"), plugins)
     assert (ct.plugin, ct.matched, ct.rule, ct.priority) == (
         "ct_lung",
@@ -65,23 +84,44 @@ def test_a_plugin_no_rule_names_runs_on_its_modalities_and_says_why() -> None:
         "ct_lung (default)",
         "normal",
     )
-    assert ct.explanation == (
-        (
-            "ct_lung (default)",
-            (
-                "pass modality CT in ['CT']",
-                "pass not:",
-                "  FAIL any of:",
-                "    FAIL image type (none) lacks ['LOCALIZER']",
-                "    FAIL series description '' does not match"
-                " '(?i)scout|localizer|topogram|surview'",
-            ),
-        ),
+    ((name, lines),) = ct.explanation
+    assert name == "ct_lung (default)"
+    assert lines[:4] == (
+        "pass modality CT in ['CT']",
+        "pass all of:",
+        "  pass image type ORIGINAL\\PRIMARY\\AXIAL has ['PRIMARY']",
+        "  pass not:",
     )
+    assert "      FAIL image type ORIGINAL\\PRIMARY\\AXIAL lacks ['SECONDARY']" in lines
     [mr] = route(_facts("MR"), plugins)
     assert (mr.plugin, mr.matched) == ("ct_lung", False)
     assert "no rule matched" in mr.reason
     assert mr.explanation[0][1][0] == "FAIL modality MR not in ['CT']"
+    [dose] = route(_facts("CT", image_type=DOSE_SCREEN), plugins)
+    assert not dose.matched
+    [scout] = route(_facts("CT", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), plugins)
+    assert not scout.matched
+    # Lossy compression marks an acquired image DERIVED (dcmcjpeg does); still acquired.
+    [lossy] = route(_facts("CT", image_type=("DERIVED", "PRIMARY", "AXIAL")), plugins)
+    assert lossy.matched
+    [mpr] = route(_facts("CT", image_type=("DERIVED", "PRIMARY", "MPR")), plugins)
+    assert not mpr.matched
+
+
+def test_ct_lung_runs_on_acquired_axial_chest_ct_and_says_why_not_on_a_head() -> None:
+    plugins = [LoadedPlugin(ct_lung, "test")]
+    [chest] = route(_facts("CT", "CHEST"), plugins)
+    assert (chest.matched, chest.rule) == (True, "ct_lung (default)")
+    described = replace(_facts("CT"), series_description="Thorax routine 1.25mm")
+    assert route(described, plugins)[0].matched
+    [head] = route(_facts("CT", "HEAD"), plugins)
+    assert not head.matched
+    lines = head.explanation[0][1]
+    assert "  FAIL body part HEAD not in" in " ".join(lines)
+    [dose] = route(_facts("CT", "CHEST", DOSE_SCREEN), plugins)
+    assert not dose.matched
+    reformat = replace(_facts("CT", "CHEST"), orientation="coronal")
+    assert not route(reformat, plugins)[0].matched
 
 
 def test_validation_refuses_broken_plugins() -> None:

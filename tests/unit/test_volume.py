@@ -143,6 +143,9 @@ def test_uneven_gaps_are_resampled_or_refused(small_phantom: ChestPhantom, tmp_p
         atol=1e-3,
     )
     assert [p.index for p in loaded.placements][:3] == pytest.approx([0.0, 2.0, 3.0])
+    # The plugin is told which slices are blends: those no acquired slice lies at.
+    assert loaded.series.interpolated == tuple(i % 3 == 1 for i in range(len(ordered)))
+    assert straight.series.interpolated == ()
     assert loaded.source_label_frames(np.zeros(loaded.series.volume.shape, np.uint8)).shape[0] == (
         len(kept)
     )
