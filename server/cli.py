@@ -21,6 +21,7 @@ from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
 from infergate.errors import ConfigError, InfergateError, ModelMismatchError, OpsClientError
 from infergate.export.scu import echo
+from infergate.export.stow import reach
 from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
@@ -136,7 +137,7 @@ def serve(settings: Settings) -> int:
             listener_processes=settings.ingest.listener_processes,
             inference_slots=settings.work.slots,
             plugins=[p.spec.name for p in plugins],
-            results_to=[f"{d.ae_title} at {d.host}:{d.port}" for d in settings.destinations()],
+            results_to=[d.described for d in settings.destinations()],
             ops=f"http://{settings.ops.host}:{settings.ops.port}" if settings.ops.enabled else None,
         )
         # The main thread only waits and watches; the signal handler only sets `stop`.
@@ -263,7 +264,11 @@ def check(settings: Settings) -> int:
         check_plugins(client, plugins)
     unreachable = 0
     for destination in settings.destinations():
-        reason = echo(destination, settings.ingest.ae_title, settings.export.timeout_s)
+        reason = (
+            reach(destination, settings.export.timeout_s)
+            if destination.dicomweb
+            else echo(destination, settings.ingest.ae_title, settings.export.timeout_s)
+        )
         if reason is None:
             log.info("check.destination.answered", destination=destination.ae_title)
         else:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -100,16 +101,75 @@ class DestinationTls(_Section):
 
 
 class Destination(_Section):
-    """A DICOM node that receives results."""
+    """A node that receives results: a DICOM node (``ae_title``, ``host``, ``port``)
+    or a DICOMweb service (``stow_url``: STOW-RS), as operators know it."""
 
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(ge=1, le=65535)
+    # A DICOM node's AE title; for a DICOMweb service the name deliveries, commands
+    # (``--to``) and pages call it by (its URL's host unless set).
+    ae_title: str = Field(default="", max_length=16)
+    host: str = ""
+    port: int = Field(default=0, ge=0, le=65535)
     tls: DestinationTls | None = None
+    # A DICOMweb service's base URL, e.g. https://pacs.example.org/dicom-web: results
+    # are POSTed to {stow_url}/studies (STOW-RS, PS3.18 10.5).
+    stow_url: str | None = None
+    # HTTP authentication of a DICOMweb service: basic (username and password) or a
+    # bearer token; and the CAs its https certificate must chain to (PEM bundle; the
+    # system's trusted CAs if not set).
+    username: str | None = None
+    password: SecretStr | None = None
+    bearer_token: SecretStr | None = None
+    ca: AbsolutePath | None = None
     # Where its deliveries go instead after a permanent failure, or after
     # alternate_after_transient transient ones in a row (an archive, a second PACS).
     alternate: Destination | None = None
     alternate_after_transient: int = Field(default=3, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicomweb_identity(cls, data: Any) -> Any:
+        """A DICOMweb service is recorded like a DICOM node: its name, and its URL's
+        host and port."""
+        if not isinstance(data, dict) or not data.get("stow_url"):
+            return data
+        url = urlsplit(str(data["stow_url"]))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"stow_url must be an http or https URL, not {data['stow_url']!r}")
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError as exc:
+            raise ValueError(f"stow_url has a bad port: {exc}") from exc
+        # A dump of these settings (for a child process) carries them, the same.
+        if data.get("host", url.hostname) != url.hostname or data.get("port", port) != port:
+            raise ValueError("a DICOMweb destination (stow_url) has no host or port of its own")
+        return {
+            **data,
+            "ae_title": data.get("ae_title") or url.hostname[:16],
+            "host": url.hostname,
+            "port": port,
+        }
+
+    @model_validator(mode="after")
+    def _dimse_or_dicomweb(self) -> Destination:
+        web = ("username", "password", "bearer_token", "ca")
+        if self.stow_url is None:
+            if not self.ae_title or not self.host or not self.port:
+                raise ValueError("a destination needs ae_title, host and port, or a stow_url")
+            given = [name for name in web if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for a DICOMweb destination")
+            return self
+        if self.tls is not None:
+            raise ValueError("tls is DICOM TLS; a DICOMweb destination uses https (and ca)")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.username is not None and self.bearer_token is not None:
+            raise ValueError("basic authentication or a bearer token, not both")
+        return self
+
+    @property
+    def dicomweb(self) -> bool:
+        return self.stow_url is not None
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -118,7 +178,10 @@ class Destination(_Section):
 
     @property
     def described(self) -> str:
-        """It as logs, answers and pages name it: "AE at host:port"."""
+        """It as logs, answers and pages name it: "AE at host:port", or a DICOMweb
+        service's name and URL."""
+        if self.stow_url is not None:
+            return f"{self.ae_title} at {self.stow_url} (DICOMweb)"
         return f"{self.ae_title} at {self.host}:{self.port}"
 
 

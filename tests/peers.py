@@ -6,6 +6,7 @@ ports. A missing program fails the test that needs it (CI installs them all).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -82,9 +83,23 @@ class Orthanc:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # Its DICOMweb plugin (Debian's orthanc-dicomweb) at /dicom-web, and HTTP users
+    # (name: password) it asks for; the REST helpers log in as the first.
+    dicomweb: bool = False
+    users: dict[str, str] | None = None
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self) -> None:
         binary = require_program("Orthanc")
+        plugins = []
+        if self.dicomweb:
+            plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+            if not plugin.exists():
+                raise RuntimeError(f"{plugin} missing: apt-get install orthanc-dicomweb")
+            plugins.append(str(plugin))
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "infergate-test",
@@ -94,9 +109,11 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": self.ae_title,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users or {},
             "DicomCheckCalledAet": True,
-            "Plugins": [],
+            "Plugins": plugins,
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "HttpServerEnabled": True,
             "DicomServerEnabled": True,
         }
@@ -121,22 +138,28 @@ class Orthanc:
             self.process.wait(timeout=30)
             self.process = None
 
+    def _request(self, path: str, body: Any = None) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.users:
+            name, password = next(iter(self.users.items()))
+            login = base64.b64encode(f"{name}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {login}"
+        data = None if body is None else json.dumps(body).encode()
+        return urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, headers=headers
+        )
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+        with urllib.request.urlopen(self._request(path), timeout=30) as r:
             return json.loads(r.read())
 
     def post(self, path: str, body: Any) -> Any:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(self._request(path, body), timeout=30) as r:
             return json.loads(r.read())
 
     def instance_file(self, orthanc_id: str) -> bytes:
-        url = f"http://127.0.0.1:{self.http_port}/instances/{orthanc_id}/file"
-        with urllib.request.urlopen(url, timeout=30) as r:
+        request = self._request(f"/instances/{orthanc_id}/file")
+        with urllib.request.urlopen(request, timeout=30) as r:
             data: bytes = r.read()
             return data
 

@@ -17,6 +17,7 @@ import structlog
 from infergate.config import Destination, Settings
 from infergate.export.outcomes import AttemptOutcome, OutcomeClass
 from infergate.export.scu import send_objects
+from infergate.export.stow import stow_objects
 from infergate.logs import get_logger
 from infergate.ops.metrics import delivery_attempted
 from infergate.store import DeliveryItem, DeliveryRow, ResultRow, Store, UnplannedResult
@@ -90,13 +91,14 @@ def deliver(store: Store, settings: Settings, delivery: DeliveryRow) -> Delivery
     with structlog.contextvars.bound_contextvars(
         delivery_id=delivery.delivery_id, study_uid=delivery.study_uid
     ):
-        attempt = send_objects(
-            [(item.sop_instance_uid, item.path) for item in items],
-            settings.configured_destination(delivery.destination),
-            delivery.calling_ae,
-            settings.export.timeout_s,
-            urgent=urgent,
-        )
+        destination = settings.configured_destination(delivery.destination)
+        objects = [(item.sop_instance_uid, item.path) for item in items]
+        if destination.dicomweb:
+            attempt = stow_objects(objects, destination, settings.export.timeout_s)
+        else:
+            attempt = send_objects(
+                objects, destination, delivery.calling_ae, settings.export.timeout_s, urgent=urgent
+            )
         return _apply(
             store, settings, delivery, items, attempt, duration_s=time.perf_counter() - started
         )
