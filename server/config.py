@@ -120,6 +120,11 @@ class Destination(_Section):
     password: SecretStr | None = None
     bearer_token: SecretStr | None = None
     ca: AbsolutePath | None = None
+    # What it gets of a SEG: "auto", the SEG, or, when its association does not accept
+    # Segmentation Storage, Secondary Capture images with the segments drawn on the
+    # source slices; "secondary_capture" those images always; "seg" the SEG only (a
+    # SEG it refuses is a dead letter).
+    segmentation: Literal["auto", "secondary_capture", "seg"] = "auto"
     # Where its deliveries go instead after a permanent failure, or after
     # alternate_after_transient transient ones in a row (an archive, a second PACS).
     alternate: Destination | None = None

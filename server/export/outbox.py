@@ -15,13 +15,14 @@ from dataclasses import replace
 import structlog
 
 from infergate.config import Destination, Settings
+from infergate.export.captures import substitute
 from infergate.export.outcomes import AttemptOutcome, OutcomeClass
 from infergate.export.scu import send_objects
 from infergate.export.stow import stow_objects
 from infergate.logs import get_logger
 from infergate.ops.metrics import delivery_attempted
 from infergate.store import DeliveryItem, DeliveryRow, ResultRow, Store, UnplannedResult
-from infergate.work.states import DeliveryState, JobKind, ResultState
+from infergate.work.states import DeliveryState, JobKind, ResultKind, ResultState
 
 log = get_logger(__name__)
 
@@ -92,16 +93,96 @@ def deliver(store: Store, settings: Settings, delivery: DeliveryRow) -> Delivery
         delivery_id=delivery.delivery_id, study_uid=delivery.study_uid
     ):
         destination = settings.configured_destination(delivery.destination)
-        objects = [(item.sop_instance_uid, item.path) for item in items]
-        if destination.dicomweb:
-            attempt = stow_objects(objects, destination, settings.export.timeout_s)
-        else:
-            attempt = send_objects(
-                objects, destination, delivery.calling_ae, settings.export.timeout_s, urgent=urgent
+        if destination.segmentation == "secondary_capture":
+            items = _without_seg(
+                store, settings, delivery, items, "the destination takes no Segmentation"
+            )
+        attempt = _send(settings, delivery, destination, items, urgent=urgent)
+        if destination.segmentation == "auto":
+            items, attempt = _captures_for_refused(
+                store, settings, delivery, destination, items=items, attempt=attempt, urgent=urgent
             )
         return _apply(
             store, settings, delivery, items, attempt, duration_s=time.perf_counter() - started
         )
+
+
+def _send(
+    settings: Settings,
+    delivery: DeliveryRow,
+    destination: Destination,
+    items: list[DeliveryItem],
+    *,
+    urgent: bool,
+) -> AttemptOutcome:
+    objects = [(item.sop_instance_uid, item.path) for item in items]
+    if destination.dicomweb:
+        return stow_objects(objects, destination, settings.export.timeout_s)
+    return send_objects(
+        objects, destination, delivery.calling_ae, settings.export.timeout_s, urgent=urgent
+    )
+
+
+def _without_seg(
+    store: Store,
+    settings: Settings,
+    delivery: DeliveryRow,
+    items: list[DeliveryItem],
+    why: str,
+) -> list[DeliveryItem]:
+    """``items`` with each SEG replaced by its Secondary Capture images, where they can
+    be made (where not, the SEG is sent and its outcome is the destination's)."""
+    kept: list[DeliveryItem] = []
+    for item in items:
+        drawn = (
+            substitute(store, settings, delivery, item, why)
+            if item.kind is ResultKind.SEG
+            else [item]
+        )
+        kept += [item] if isinstance(drawn, str) else drawn
+    return kept
+
+
+def _captures_for_refused(
+    store: Store,
+    settings: Settings,
+    delivery: DeliveryRow,
+    destination: Destination,
+    *,
+    items: list[DeliveryItem],
+    attempt: AttemptOutcome,
+    urgent: bool,
+) -> tuple[list[DeliveryItem], AttemptOutcome]:
+    """A SEG the association did not accept is replaced by its Secondary Capture
+    images, sent at once in a second association; the outcomes of both."""
+    kinds = {item.sop_instance_uid: item for item in items}
+    refused = [
+        o
+        for o in attempt.objects
+        if o.not_accepted and kinds[o.sop_instance_uid].kind is ResultKind.SEG
+    ]
+    if not refused or attempt.failure is not None:
+        return items, attempt
+    drawn: list[DeliveryItem] = []
+    outcomes = list(attempt.objects)
+    for outcome in refused:
+        made = substitute(
+            store, settings, delivery, kinds[outcome.sop_instance_uid], outcome.reason
+        )
+        if isinstance(made, str):
+            index = outcomes.index(outcome)
+            outcomes[index] = replace(outcome, reason=f"{outcome.reason}; {made}")
+            continue
+        outcomes.remove(outcome)  # replaced in the store: no outcome of its own
+        drawn += made
+    if not drawn:
+        return items, replace(attempt, objects=tuple(outcomes))
+    second = _send(settings, delivery, destination, drawn, urgent=urgent)
+    replaced = {o.sop_instance_uid for o in refused} - {o.sop_instance_uid for o in outcomes}
+    return (
+        [item for item in items if item.sop_instance_uid not in replaced] + drawn,
+        AttemptOutcome((*outcomes, *second.objects), second.failure, second.reason),
+    )
 
 
 def _apply(

@@ -58,6 +58,8 @@ class ObjectOutcome:
     outcome: OutcomeClass
     reason: str
     status: int | None = None
+    # The destination does not take its SOP class at all (no presentation context).
+    not_accepted: bool = False
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def send_objects(  # noqa: PLR0911 - each early return is one way an association
                         item.sop_instance_uid,
                         OutcomeClass.PERMANENT,
                         f"destination {where} did not accept {item.describe()}",
+                        not_accepted=True,
                     )
                 )
                 continue
@@ -289,6 +290,7 @@ def _refusal(
                 item.sop_instance_uid,
                 OutcomeClass.PERMANENT,
                 f"destination {where} did not accept {item.describe()}",
+                not_accepted=True,
             )
             for item in outgoing
         ]

@@ -50,7 +50,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, created_at);
 CREATE TABLE IF NOT EXISTS results (
     sop_instance_uid TEXT PRIMARY KEY,
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
-    kind TEXT NOT NULL CHECK (kind IN ('seg', 'sr', 'forwarded')),
+    kind TEXT NOT NULL CHECK (kind IN ('seg', 'sr', 'forwarded', 'sc')),
     path TEXT NOT NULL,
     created_at REAL NOT NULL,
     priority INTEGER NOT NULL DEFAULT 1,
@@ -87,7 +87,7 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, priority, next_at
 CREATE TABLE IF NOT EXISTS delivery_items (
     delivery_id TEXT NOT NULL REFERENCES deliveries(delivery_id),
     sop_instance_uid TEXT NOT NULL REFERENCES results(sop_instance_uid),
-    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead', 'replaced')),
     status INTEGER,  -- the destination's C-STORE status, when it answered one
     reason TEXT,
     PRIMARY KEY (delivery_id, sop_instance_uid)
@@ -144,7 +144,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 7
+_VERSION = 8
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -176,7 +176,32 @@ def _migrate(db: sqlite3.Connection) -> None:
             ("deliveries", "replayed_to"): "TEXT",
         },
     )
+    if "'sc'" not in _table_sql(db, "results"):
+        _to_secondary_captures(db)
     db.execute(f"PRAGMA user_version = {_VERSION}")
+
+
+def _table_sql(db: sqlite3.Connection, table: str) -> str:
+    row = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def _to_secondary_captures(db: sqlite3.Connection) -> None:
+    """Version 8: results may be Secondary Capture images (kind 'sc') and an object of a
+    delivery replaced by them (state 'replaced'). SQLite changes a CHECK by rebuilding
+    the table: each is copied into one made by today's schema, inside this transaction,
+    foreign keys checked at its commit (delivery_items refers to results)."""
+    db.execute("PRAGMA defer_foreign_keys = ON")
+    tables = ("results", "delivery_items")  # referred to first
+    for table in tables:
+        db.execute(f"ALTER TABLE {table} RENAME TO {table}_v7")
+    _execute_script(db, _WORK_SCHEMA)  # the tables as they are now
+    for table in tables:
+        columns = ", ".join(row[1] for row in db.execute(f"PRAGMA table_info({table}_v7)"))
+        db.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_v7")  # noqa: S608 - our own names
+    for table in reversed(tables):
+        db.execute(f"DROP TABLE {table}_v7")
+    _execute_script(db, _WORK_SCHEMA)  # their indexes, which went with the old tables
 
 
 def _add_columns(db: sqlite3.Connection, added: dict[tuple[str, str], str]) -> None:

@@ -33,6 +33,7 @@ from infergate.work.states import (
     Priority,
     ResultKind,
     ResultState,
+    allowed,
 )
 
 _DELIVERY_COLUMNS = (
@@ -154,6 +155,66 @@ class OutboxRecords(Database):
             key = (row[1], *destination.key, calling_ae)
             rank = min(rank for _, rank in results)
             return _add_to_open_delivery(db, key, rank, [uid for uid, _ in results], now)
+
+    def replace_with_captures(
+        self,
+        delivery_id: str,
+        replaced: str,
+        reason: str,
+        captures: Sequence[ResultRow],
+        now: float,
+    ) -> None:
+        """A SEG its destination does not store (``replaced``) gives way, in its
+        delivery, to the Secondary Capture images drawn from it, in one transaction:
+        they become results of its job, pending in the delivery; it is marked replaced,
+        with ``reason``. Done again (after a crash), it changes nothing more."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO results (sop_instance_uid, job_id, kind, path,"
+                " created_at, priority, planned_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.sop_instance_uid,
+                        r.job_id,
+                        r.kind.value,
+                        str(r.path),
+                        now,
+                        PRIORITY_RANK[r.priority],
+                        now,
+                    )
+                    for r in captures
+                ],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO delivery_items (delivery_id, sop_instance_uid, state)"
+                " VALUES (?, ?, ?)",
+                [(delivery_id, r.sop_instance_uid, ResultState.PENDING.value) for r in captures],
+            )
+            if not allowed(ResultState.PENDING, ResultState.REPLACED):
+                raise StoreError("delivery_items: pending -> replaced is not a transition")
+            db.execute(
+                "UPDATE delivery_items SET state = ?, reason = ?"
+                " WHERE delivery_id = ? AND sop_instance_uid = ? AND state = ?",
+                (
+                    ResultState.REPLACED.value,
+                    reason,
+                    delivery_id,
+                    replaced,
+                    ResultState.PENDING.value,
+                ),
+            )
+
+    def result_sources(self, sop_instance_uid: str) -> tuple[str, list[Path]]:
+        """The job a result belongs to and the spooled instances of its series."""
+        rows = self._rows(
+            "SELECT r.job_id, i.path FROM results r JOIN jobs j ON j.job_id = r.job_id"
+            " JOIN instances i ON i.series_uid = j.series_uid"
+            " WHERE r.sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        if not rows:
+            raise NotFoundError(f"no source instances on record for result {sop_instance_uid}")
+        return str(rows[0][0]), [Path(path) for _, path in rows]
 
     def keep_results(self, uids: list[str], reason: str, now: float) -> None:
         """No destination for these: they stay on disk, and the reason is recorded."""

@@ -42,6 +42,7 @@ class ResultKind(Enum):
     SEG = "seg"
     SR = "sr"
     FORWARDED = "forwarded"  # a received instance, forwarded as it came
+    SC = "sc"  # a SEG drawn on a source image, for a destination without Segmentation
 
 
 class ResultState(Enum):
@@ -51,6 +52,8 @@ class ResultState(Enum):
     DELIVERED = "delivered"  # the destination answered success or a warning
     DEAD = "dead"  # refused for good by the destination (dead letter), with the reason
     KEPT = "kept"  # no destination is configured: it stays on disk
+    # A SEG the destination does not store, sent there as Secondary Capture images.
+    REPLACED = "replaced"
 
 
 class DeliveryState(Enum):
@@ -75,7 +78,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     JobState.DONE: frozenset(),  # re-sending its results is a replay of their delivery
     JobState.FAILED: frozenset({JobState.QUEUED}),  # an operator's retry
     JobState.DEAD: frozenset({JobState.QUEUED}),  # an operator's retry
-    ResultState.PENDING: frozenset({ResultState.DELIVERED, ResultState.DEAD, ResultState.KEPT}),
+    ResultState.PENDING: frozenset(
+        {ResultState.DELIVERED, ResultState.DEAD, ResultState.KEPT, ResultState.REPLACED}
+    ),
+    ResultState.REPLACED: frozenset({ResultState.PENDING}),  # replay elsewhere
     ResultState.DEAD: frozenset({ResultState.PENDING}),  # replay
     ResultState.KEPT: frozenset({ResultState.PENDING}),  # replay to a destination
     ResultState.DELIVERED: frozenset({ResultState.PENDING}),  # replay on purpose

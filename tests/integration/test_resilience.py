@@ -23,6 +23,7 @@ from peers import (
     PEER_ENV,
     InfergateProcess,
     Orthanc,
+    assert_no_patient_data,
     copy_as_new_study,
     free_port,
     infergate_config,
@@ -36,7 +37,8 @@ from peers import (
 
 pytestmark = pytest.mark.integration
 
-# A PACS that stores CT and SR but was never configured for Segmentation.
+# A PACS that stores CT, SR and Secondary Capture but was never configured for
+# Segmentation.
 _NO_SEG_PROFILE = r"""
 [[TransferSyntaxes]]
 [Uncompressed]
@@ -49,6 +51,7 @@ PresentationContext2 = CTImageStorage\Uncompressed
 PresentationContext3 = ComprehensiveSRStorage\Uncompressed
 PresentationContext4 = Comprehensive3DSRStorage\Uncompressed
 PresentationContext5 = EnhancedSRStorage\Uncompressed
+PresentationContext6 = SecondaryCaptureImageStorage\Uncompressed
 [[Profiles]]
 [NoSegmentation]
 PresentationContexts = NoSegmentation
@@ -80,9 +83,12 @@ def test_a_poisoned_instance_fails_its_job_and_the_next_study_gets_its_results(
     assert len(orthanc.find_instances(small_phantom.study_uid, "SR")) == 1
 
 
-def test_a_pacs_that_refuses_segmentation_gets_the_sr_and_the_seg_is_a_dead_letter(
+def test_a_pacs_that_refuses_segmentation_gets_secondary_captures_and_the_sr(
     tmp_path: Path, small_phantom: ChestPhantom
 ) -> None:
+    """DCMTK's storescp with a profile without Segmentation Storage: the association
+    says so, and the same delivery sends the segments drawn on their source slices as
+    Secondary Capture images instead, once each, with the SR."""
     profile = tmp_path / "storescp.cfg"
     profile.write_text(_NO_SEG_PROFILE)
     received = tmp_path / "received"
@@ -111,21 +117,34 @@ def test_a_pacs_that_refuses_segmentation_gets_the_sr_and_the_seg_is_a_dead_lett
     try:
         server.start()
         storescu(server.port, list(small_phantom.paths))
-        (dead,) = server.wait_event("export.object.dead_letter", timeout=120, fail_on=())
-        assert dead["kind"] == "seg"
-        assert "did not accept Segmentation Storage" in dead["reason"]
-        (sent,) = server.wait_event("export.sent", timeout=30, fail_on=())
-        assert sent["kinds"] == ["sr"]
-        (letter,) = server.wait_event("export.dead_letter", timeout=30, fail_on=())
-        assert letter["outcome"] == "permanent"
+        (replaced,) = server.wait_event("export.seg.replaced", timeout=120, fail_on=())
+        assert "did not accept Segmentation Storage" in replaced["reason"]
+        server.wait_event("export.delivered", timeout=60, fail_on=("export.dead_letter",))
         assert server.process is not None
         assert server.process.poll() is None  # the gateway lives on
     finally:
         server.stop()
         pacs.terminate()
         pacs.wait(timeout=30)
-    stored = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
-    assert [str(ds.Modality) for ds in stored] == ["SR"]
+    stored = [pydicom.dcmread(p) for p in sorted(received.iterdir())]
+    modalities = sorted({str(ds.Modality) for ds in stored})
+    assert modalities == ["OT", "SR"]
+    captures = [ds for ds in stored if ds.Modality == "OT"]
+    assert len(captures) == replaced["images"] > 0
+    assert len({ds.SOPInstanceUID for ds in captures}) == len(captures)  # each once
+    (seg_path,) = (tmp_path / "var" / "results").rglob("seg.dcm")
+    seg = pydicom.dcmread(seg_path)
+    segmented = {
+        str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
+        if seg.pixel_array[index].any()
+    }
+    drawn_on = {str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in captures}
+    assert drawn_on == segmented
+    for ds in captures:
+        assert ds.StudyInstanceUID == small_phantom.study_uid
+        assert ds.BurnedInAnnotation == "YES"
+    assert_no_patient_data(server.log_text(), small_phantom.identity)
 
 
 def test_a_permanent_reject_is_a_dead_letter_at_once(

@@ -10,23 +10,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import structlog
 from pydicom.uid import (
+    Comprehensive3DSRStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from infergate.config import Settings
+from infergate.config import DeviceSettings, Settings
 from infergate.errors import NotFoundError, RefusedError
 from infergate.export.outbox import deliver, plan
 from infergate.export.outcomes import OutcomeClass, classify_status
 from infergate.export.worker import ExportWorker
+from infergate.inference.volume import load_series
+from infergate.results.identity import ResultIdentity
+from infergate.results.writer import encode, write_result
 from infergate.store import AssociationAudit, InstanceRecord, NewJob, ResultRow, Store
 from infergate.testing import ChestPhantom
 from infergate.work.states import (
@@ -37,6 +43,7 @@ from infergate.work.states import (
     ResultKind,
     ResultState,
 )
+from infergate_plugins.ct_lung import plugin as ct_lung
 from peers import free_port, wait_until
 
 _SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -596,3 +603,73 @@ def test_a_failed_job_with_its_files_goes_back_in_the_queue_as_new(
     (view,) = store.job_views(state=JobState.QUEUED)
     assert view.job_id == "job"
     assert store.job_views(state=JobState.FAILED) == []
+
+
+def test_a_destination_set_to_secondary_capture_gets_the_seg_drawn_on_its_slices(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    """``segmentation: secondary_capture``: a PACS that could store the SEG gets the
+    images instead, each once, and the SEG is recorded as replaced, not dead."""
+    store = Store(tmp_path / "s.db")
+    for path in small_phantom.paths:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        uid = str(header.SOPInstanceUID)
+        record = InstanceRecord(
+            uid, str(CTImageStorage), small_phantom.series_uid, small_phantom.study_uid,
+            "CT", path, 1, "a", "SCANNER", "INFERGATE", uid,
+        )  # fmt: skip
+        store.record_instance(record, now=1.0)
+    (series,) = store.receiving_series()
+    assert store.complete_series(series, [NewJob("job", JobKind.INFERENCE, "ct_lung")], now=1.0)
+    store.start_job("job", 1.0)
+    loaded = load_series(list(small_phantom.paths))
+    labels = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
+    labels[10:14, 80:180, 40:120] = 1  # a right lung of 4 slices, ~380 mL
+    findings = ct_lung.postprocess(loaded.series, {"LUNG_LABELS": labels})
+    identity = ResultIdentity("job", "1.2.826.0.1.3680043.8.498.", DeviceSettings(), 9001, 9002)
+    written = [
+        write_result(tmp_path / "results" / "job", r)
+        for r in encode(loaded, findings, ct_lung.spec, identity)
+    ]
+    rows = [
+        ResultRow(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), "job", kind, p)
+        for kind, p in zip((ResultKind.SEG, ResultKind.SR), written, strict=True)
+    ]
+    assert store.finish_job("job", rows, 1.0)
+    pacs = Pacs(
+        sop_classes=(
+            str(SegmentationStorage),
+            str(SecondaryCaptureImageStorage),
+            str(Comprehensive3DSRStorage),
+        )
+    )
+    pacs.start()
+    try:
+        settings = pacs.settings()
+        destination = settings.export.destination
+        assert destination is not None
+        settings = settings.model_copy(
+            update={
+                "export": settings.export.model_copy(
+                    update={
+                        "destination": destination.model_copy(
+                            update={"segmentation": "secondary_capture"}
+                        )
+                    }
+                )
+            }
+        )
+        with structlog.testing.capture_logs() as logs:
+            assert _send_all(store, settings) == [DeliveryState.DELIVERED]
+    finally:
+        pacs.stop()
+    assert not [e for e in logs if e["event"] == "export.captures.failed"], logs
+    items = _items(store)
+    assert items[rows[0].sop_instance_uid][0] is ResultState.REPLACED
+    captures = [
+        uid for uid, (state, _, _) in items.items() if uid not in {r.sop_instance_uid for r in rows}
+    ]
+    assert len(captures) == 4  # slices 10 to 13
+    assert sorted(uid for uid, _ in pacs.received) == sorted([rows[1].sop_instance_uid, *captures])
+    (replaced,) = [e for e in logs if e["event"] == "export.seg.replaced"]
+    assert replaced["images"] == 4

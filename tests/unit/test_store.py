@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from infergate.config import Destination
 from infergate.store import Arrival, InstanceRecord, NewJob, ResultRow, Store
-from infergate.work.states import JobKind, JobState, ResultKind
+from infergate.work.states import JobKind, JobState, ResultKind, ResultState
 
 
 def _record(
@@ -302,3 +303,53 @@ def test_a_new_generation_supersedes_the_last_done_job_of_its_plugin(store: Stor
     assert store.superseded_job("job2") == "job1"
     assert store.superseded_job("other") is None  # another plugin's
     assert store.superseded_job("job1") is None  # the first generation
+
+
+def _as_version_7(path: Path) -> None:
+    """The results and delivery_items tables as version 7 made them (no 'sc' kind, no
+    'replaced' state), rebuilt the way SQLite changes a CHECK."""
+    old = sqlite3.connect(path)
+    for table, added in (("results", ", 'sc'"), ("delivery_items", ", 'replaced'")):
+        (sql,) = old.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+        assert added in sql
+        old.execute(f"ALTER TABLE {table} RENAME TO {table}_new")
+        old.execute(sql.replace(added, ""))
+        old.execute(f"INSERT INTO {table} SELECT * FROM {table}_new")  # noqa: S608
+    old.execute("DROP TABLE delivery_items_new")
+    old.execute("DROP TABLE results_new")
+    old.execute("PRAGMA user_version = 7")
+    old.commit()
+    old.close()
+
+
+def test_a_version_7_database_takes_secondary_captures_and_keeps_its_deliveries(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v7.db"
+    store = Store(path)
+    store.record_instance(_record("1.1"), now=10.0)
+    (series,) = store.receiving_series()
+    assert store.complete_series(series, [NewJob("job1", JobKind.INFERENCE, "ct_lung")], 20.0)
+    assert store.start_job("job1", 21.0)
+    seg = ResultRow("9.1", "job1", ResultKind.SEG, tmp_path / "seg.dcm")
+    assert store.finish_job("job1", [seg], 22.0, {})
+    destination = Destination(ae_title="PACS", host="127.0.0.1", port=104)
+    delivery = store.plan_delivery("1.2", destination, "INFERGATE", [seg], 23.0)
+    store.close()
+    _as_version_7(path)
+
+    store = Store(path)
+    (item,) = store.delivery_items(delivery)
+    assert (item.sop_instance_uid, item.state) == ("9.1", ResultState.PENDING)
+    job_id, sources = store.result_sources("9.1")
+    assert (job_id, sources) == ("job1", [Path("/spool/a.dcm")])
+    drawn = [ResultRow(f"9.2.{n}", "job1", ResultKind.SC, tmp_path / f"sc-{n}.dcm") for n in (1, 2)]
+    store.replace_with_captures(delivery, "9.1", "no SEG there", drawn, 24.0)
+    store.replace_with_captures(delivery, "9.1", "no SEG there", drawn, 25.0)  # again: the same
+    states = {i.sop_instance_uid: (i.kind, i.state) for i in store.delivery_items(delivery)}
+    assert states == {
+        "9.1": (ResultKind.SEG, ResultState.REPLACED),
+        "9.2.1": (ResultKind.SC, ResultState.PENDING),
+        "9.2.2": (ResultKind.SC, ResultState.PENDING),
+    }
+    assert sqlite3.connect(path).execute("PRAGMA foreign_key_check").fetchall() == []
