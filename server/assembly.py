@@ -30,10 +30,20 @@ from infergate.work.states import JobKind
 log = get_logger(__name__)
 
 
-def completion(group: Sequence[SeriesRow], now: float, settings: AssemblySettings) -> str | None:
+def completion(
+    group: Sequence[SeriesRow],
+    now: float,
+    settings: AssemblySettings,
+    resumed_at: float = 0.0,
+) -> str | None:
     """Why ``group`` (one series, or the receiving series of one study) is complete
-    now: ``"quiet"``, ``"released"`` or ``"max_age"``; None while it is not."""
-    last = max(s.last_received_at for s in group)
+    now: ``"quiet"``, ``"released"`` or ``"max_age"``; None while it is not.
+
+    The quiet period of a series whose last instance came before ``resumed_at`` (the
+    gateway's start) runs from that start: while the gateway was down its senders
+    could not send, so an outage longer than the quiet period does not complete a
+    series its sender will go on with."""
+    last = max([*(s.last_received_at for s in group), resumed_at])
     if now - last >= settings.quiet_period_s:
         return "quiet"
     hint = settings.release_quiet_period_s
@@ -58,9 +68,14 @@ def completion(group: Sequence[SeriesRow], now: float, settings: AssemblySetting
 
 
 def complete_quiet_series(
-    store: Store, plugins: list[LoadedPlugin], now: float, settings: Settings
+    store: Store,
+    plugins: list[LoadedPlugin],
+    now: float,
+    settings: Settings,
+    resumed_at: float = 0.0,
 ) -> list[str]:
-    """Close every complete series and create its jobs; returns the new job ids."""
+    """Close every complete series and create its jobs; returns the new job ids.
+    ``resumed_at``: when this gateway started (see :func:`completion`)."""
     receiving = store.receiving_series()
     if settings.assembly.scope == "study":
         by_study: dict[str, list[SeriesRow]] = defaultdict(list)
@@ -71,7 +86,7 @@ def complete_quiet_series(
         groups = [[series] for series in receiving]
     created: list[str] = []
     for group in groups:
-        trigger = completion(group, now, settings.assembly)
+        trigger = completion(group, now, settings.assembly, resumed_at)
         if trigger is None:
             continue
         outcomes = [

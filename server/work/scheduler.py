@@ -73,12 +73,15 @@ class JobScheduler:
         self._lock = threading.Lock()
         self._running: dict[str, _Running] = {}
         self._machine_bytes = machine_memory_bytes()
+        self._started_at = time.time()
 
     def step(self) -> None:
         """One round: complete what is quiet, fail what ran past its deadline, start
         what there is room for."""
         now = time.time()
-        complete_quiet_series(self._store, self._plugin_list, now, self._settings)
+        complete_quiet_series(
+            self._store, self._plugin_list, now, self._settings, resumed_at=self._started_at
+        )
         self._enforce_deadline()
         for job in self._store.runnable_jobs(now):
             verdict = self._room_for(job)

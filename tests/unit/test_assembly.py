@@ -197,3 +197,16 @@ def test_an_open_association_holds_the_release_hint(
     assert completion([series], (series.released_at or 0.0) + 5, settings.assembly) is None
     still_open.release()
     wait_until(lambda: store.receiving_series()[0].open_senders == 0, 10, "the release")
+
+
+def test_the_quiet_period_of_a_series_runs_from_the_gateways_start_after_an_outage(
+    tmp_path: Path,
+) -> None:
+    """Down longer than the quiet period: its senders could not send meanwhile, so at
+    the restart the series is not complete until quiet since the start."""
+    store = Store(tmp_path / "s.db")
+    plugins = [LoadedPlugin(_AnyCT(), "test")]
+    _receive(store, "1.1", "ct-series", "CT", at=100.0)
+    # Restarted at 130, 30 s after the last instance (quiet period 10 s).
+    assert complete_quiet_series(store, plugins, 131.0, SETTINGS, resumed_at=130.0) == []
+    assert len(complete_quiet_series(store, plugins, 140.0, SETTINGS, resumed_at=130.0)) == 1
