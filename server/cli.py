@@ -29,6 +29,7 @@ from infergate.inference.triton import TritonClient
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
+from infergate.notify.worker import send_due
 from infergate.ops import commands
 from infergate.ops.health import Gateway
 from infergate.ops.http import OpsServer
@@ -184,6 +185,9 @@ def _recover_work(store: Store, settings: Settings) -> None:
         job = store.job(job_id)
         log.error("work.job.dead_letter", job_id=job_id, reason=job.error)
         job_ended(job.plugin, "dead")
+    resent = store.recover_notifications(time.time())
+    if resent:
+        log.warning("notify.recovered", notifications_due_again=resent)
 
 
 def _start_ops(gateway: Gateway) -> OpsServer | None:
@@ -224,6 +228,8 @@ def _stage_loops(
         StageLoop("inference", scheduler.step, interval, stop),
         StageLoop("export", exporter.step, interval, stop),
     ]
+    if settings.notifications.receivers:
+        stages.append(StageLoop("notify", lambda: send_due(store, settings), interval, stop))
     if settings.retention.enabled:
         stages.append(
             StageLoop(

@@ -571,6 +571,55 @@ class OpsSettings(_Section):
         return value
 
 
+class NotificationReceiver(_Section):
+    """Where a critical finding goes besides the DICOM results: an HL7 v2 system
+    (ORU^R01 over MLLP, ``host`` and ``port``), a FHIR R4 server (a DiagnosticReport
+    POSTed to ``url``, its base) or a webhook (JSON POSTed to ``url``)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["hl7v2", "fhir", "webhook"]
+    host: str = ""
+    port: int = Field(default=0, ge=0, le=65535)
+    url: str | None = None
+    bearer_token: SecretStr | None = None
+    ca: AbsolutePath | None = None  # PEM bundle for an https url
+    # MSH-3/4 and MSH-5/6 of an HL7 message.
+    sending_application: str = "INFERGATE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    @model_validator(mode="after")
+    def _where(self) -> NotificationReceiver:
+        if self.kind == "hl7v2":
+            if not self.host or not self.port:
+                raise ValueError("an hl7v2 receiver needs host and port (its MLLP listener)")
+        elif self.url is None or urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError(f"a {self.kind} receiver needs an http or https url")
+        return self
+
+
+class NotificationSettings(_Section):
+    """Critical findings to people: each to every receiver, once, through a durable
+    outbox with its own retries (a receiver down waits, with backoff)."""
+
+    receivers: tuple[NotificationReceiver, ...] = ()
+    timeout_s: float = Field(default=10.0, gt=0)
+    retry_delay_s: float = Field(default=5.0, ge=0)
+    max_retry_delay_s: float = Field(default=300.0, ge=0)
+    retry_horizon_s: float = Field(default=86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NotificationSettings:
+        names = [r.name for r in self.receivers]
+        if len(set(names)) != len(names):
+            raise ValueError("notification receivers need names of their own")
+        return self
+
+    def receiver(self, name: str) -> NotificationReceiver | None:
+        return next((r for r in self.receivers if r.name == name), None)
+
+
 class PluginSettings(_Section):
     """Which installed plugins run. ``enabled`` None: every installed one."""
 
@@ -603,6 +652,7 @@ class Settings(BaseSettings):
     ops: OpsSettings = OpsSettings()
     triton: TritonSettings = TritonSettings()
     results: ResultsSettings = ResultsSettings()
+    notifications: NotificationSettings = NotificationSettings()
     export: ExportSettings = ExportSettings()
     work: WorkSettings = WorkSettings()
     retention: RetentionSettings = RetentionSettings()

@@ -235,6 +235,9 @@ class Evaluation:
     value: Code
     segment_number: int | None = None
     image_index: int | None = None
+    # A finding a person must hear of now (a bleed present): besides the DICOM results,
+    # a notification goes to each of ``notifications.receivers``, once per finding.
+    critical: bool = False
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ class CtHeadBleedPlugin:
         head = series.volume > HEAD_HU
         midline = float(np.median(_patient_x(series, head))) if head.any() else 0.0
         measurements: list[Measurement] = []
-        evaluations = [Evaluation(HEMORRHAGE, PRESENT)]
+        evaluations = [Evaluation(HEMORRHAGE, PRESENT, critical=True)]  # a person must know now
         volumes: dict[str, float | str] = {}
         for number in numbers:
             mask = labels == number

@@ -17,7 +17,8 @@ from infergate.logs import get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
-from infergate.store import JobRow, ResultRow
+from infergate.store import CriticalFinding, JobRow, ResultRow
+from infergate.work.states import ResultKind
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -27,6 +28,8 @@ T = TypeVar("T")
 class JobOutcome:
     results: list[ResultRow]
     timings_s: dict[str, float]
+    # The critical findings (plugin_api.Evaluation.critical) the job's SR reports.
+    critical: tuple[CriticalFinding, ...] = ()
 
 
 def _plugin_step(plugin: str, step: str, call: Callable[[], T]) -> T:
@@ -146,4 +149,18 @@ def run_job(
         supersedes_job=identity.supersedes,
         **{k: v for k, v in findings.summary.items()},
     )
-    return JobOutcome(results=rows, timings_s=timings)
+    report = next(r for r in rows if r.kind is ResultKind.SR)
+    critical = tuple(
+        CriticalFinding(
+            name=e.name,
+            value=e.value,
+            segment_number=e.segment_number,
+            plugin=spec.name,
+            plugin_version=spec.version,
+            title=spec.title or spec.name,
+            report_uid=report.sop_instance_uid,
+        )
+        for e in findings.evaluations
+        if e.critical
+    )
+    return JobOutcome(results=rows, timings_s=timings, critical=critical)

@@ -19,16 +19,19 @@ from infergate.errors import NotFoundError, RefusedError
 from infergate.store.associations import AssociationRecords
 from infergate.store.db import set_state
 from infergate.store.gauges import GaugeRecords, PipelineGauges
+from infergate.store.notifications import NotificationRecords, add_notifications
 from infergate.store.retention import RetentionRecords
 from infergate.store.rows import (
     Arrival,
     ArrivalOutcome,
     AssociationAudit,
+    CriticalFinding,
     DeliveryItem,
     DeliveryRow,
     InstanceRecord,
     JobRow,
     NewJob,
+    NotificationRow,
     ResultRow,
     SeriesRow,
     UnplannedResult,
@@ -47,11 +50,13 @@ __all__ = [
     "Arrival",
     "ArrivalOutcome",
     "AssociationAudit",
+    "CriticalFinding",
     "DeliveryItem",
     "DeliveryRow",
     "InstanceRecord",
     "JobRow",
     "NewJob",
+    "NotificationRow",
     "PipelineGauges",
     "ResultRow",
     "SeriesRow",
@@ -60,7 +65,7 @@ __all__ = [
 ]
 
 
-class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords):
+class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, NotificationRecords):
     """Typed access to the state database. Safe to share between threads."""
 
     # -- ingest -----------------------------------------------------------------
@@ -245,9 +250,13 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords):
         results: list[ResultRow],
         now: float,
         timings_s: dict[str, float] | None = None,
+        *,
+        critical: tuple[CriticalFinding, ...] = (),
+        receivers: tuple[str, ...] = (),
     ) -> bool:
         """Record a job's result files (and its stage durations) and mark it done, in
-        one transaction; False (and nothing recorded) if the job is no longer running,
+        one transaction, with a notification of each ``critical`` finding to each of
+        ``receivers``; False (and nothing recorded) if the job is no longer running,
         e.g. failed at its deadline."""
         with self._transaction() as db:
             if not self._set_job_state(
@@ -274,6 +283,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords):
                     for r in results
                 ],
             )
+            add_notifications(db, job_id, critical, receivers, now)
             return True
 
     def retry_failed_job(self, job_id: str, now: float) -> None:

@@ -92,6 +92,24 @@ CREATE TABLE IF NOT EXISTS delivery_items (
     reason TEXT,
     PRIMARY KEY (delivery_id, sop_instance_uid)
 );
+-- Version 9: critical findings on their way to people, one row per finding and
+-- receiver; the finding as codes (JSON), never patient data.
+CREATE TABLE IF NOT EXISTS notifications (
+    notification_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    receiver TEXT NOT NULL,
+    finding TEXT NOT NULL,
+    report_uid TEXT NOT NULL REFERENCES results(sop_instance_uid),
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'sending', 'retry_wait', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    first_attempt_at REAL,
+    next_attempt_at REAL NOT NULL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_attempt_at);
 """
 
 _SCHEMA = """
@@ -144,7 +162,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 8
+_VERSION = 9
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -178,6 +196,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     )
     if "'sc'" not in _table_sql(db, "results"):
         _to_secondary_captures(db)
+    _execute_script(db, _WORK_SCHEMA)  # version 9: the notifications table
     db.execute(f"PRAGMA user_version = {_VERSION}")
 
 

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from infergate.codes import Code
 from infergate.config import Destination
 from infergate.work.states import (
     DeliveryState,
     JobKind,
     JobState,
+    NotificationState,
     Priority,
     ResultKind,
     ResultState,
@@ -172,3 +174,32 @@ class NewJob:
     priority: Priority = "normal"
     # Why it runs: routing's decisions and how the series was completed (JSON text).
     route: str | None = None
+
+
+@dataclass(frozen=True)
+class CriticalFinding:
+    """A finding a person must hear of now: its codes and the report that has it (no
+    patient data; the messages read what their receivers need from the report)."""
+
+    name: Code
+    value: Code
+    segment_number: int | None
+    plugin: str
+    plugin_version: str
+    title: str
+    report_uid: str
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    """One critical finding on its way to one receiver."""
+
+    notification_id: str
+    job_id: str
+    receiver: str
+    finding: CriticalFinding
+    report_path: Path
+    state: NotificationState
+    attempts: int
+    first_attempt_at: float | None
+    reason: str | None

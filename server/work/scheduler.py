@@ -33,7 +33,7 @@ from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
 from infergate.ops.metrics import job_ended
 from infergate.plugins import LoadedPlugin, pickling_error
-from infergate.store import JobRow, ResultRow, Store
+from infergate.store import CriticalFinding, JobRow, ResultRow, Store
 from infergate.work.job_process import JobProcess, job_context
 from infergate.work.states import JobKind, ResultKind
 from infergate.work.warmup import warm
@@ -184,6 +184,7 @@ class JobScheduler:
             priority=job.priority,
         )
         try:
+            critical: tuple[CriticalFinding, ...] = ()
             if job.kind is JobKind.FORWARD:
                 results, timings = self._forward(job), {}
             else:
@@ -193,6 +194,7 @@ class JobScheduler:
                     return
                 outcome = self._run_inference(job, plugin)
                 results, timings = outcome.results, outcome.timings_s
+                critical = outcome.critical
         except TritonUnavailableError as exc:
             self._retry_or_fail(job, exc)
             return
@@ -202,7 +204,10 @@ class JobScheduler:
         except Exception as exc:  # any failure of one job fails that job alone
             self._fail(job, f"the job failed: {unexpected(exc)}", exc)
             return
-        if not self._store.finish_job(job.job_id, results, time.time(), timings):
+        receivers = tuple(r.name for r in self._settings.notifications.receivers)
+        if not self._store.finish_job(
+            job.job_id, results, time.time(), timings, critical=critical, receivers=receivers
+        ):
             log.warning(
                 "inference.job.discarded",
                 plugin=job.plugin,

@@ -66,7 +66,17 @@ class DeliveryState(Enum):
     DEAD = "dead"  # refused for good, or failing past the retry horizon (dead letter)
 
 
-State = SeriesState | JobState | ResultState | DeliveryState
+class NotificationState(Enum):
+    """One critical finding on its way to one receiver (HL7 v2, FHIR, a webhook)."""
+
+    PENDING = "pending"  # due now
+    SENDING = "sending"
+    RETRY_WAIT = "retry_wait"  # the receiver is down or busy; due again later
+    DELIVERED = "delivered"  # the receiver acknowledged it
+    DEAD = "dead"  # refused for good, or failing past the retry horizon
+
+
+State = SeriesState | JobState | ResultState | DeliveryState | NotificationState
 
 # The one table: for each state, the states it may change to.
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -98,6 +108,18 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     DeliveryState.DELIVERED: frozenset(),
     # A replay opens a new delivery; the dead one stays, the record of what happened.
     DeliveryState.DEAD: frozenset(),
+    NotificationState.PENDING: frozenset({NotificationState.SENDING}),
+    NotificationState.SENDING: frozenset(
+        {
+            NotificationState.DELIVERED,
+            NotificationState.RETRY_WAIT,
+            NotificationState.DEAD,
+            NotificationState.PENDING,  # the process died while sending
+        }
+    ),
+    NotificationState.RETRY_WAIT: frozenset({NotificationState.SENDING}),
+    NotificationState.DELIVERED: frozenset(),
+    NotificationState.DEAD: frozenset(),
 }
 
 

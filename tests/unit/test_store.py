@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from infergate.codes import HEMORRHAGE, PRESENT
 from infergate.config import Destination
-from infergate.store import Arrival, InstanceRecord, NewJob, ResultRow, Store
-from infergate.work.states import JobKind, JobState, ResultKind, ResultState
+from infergate.store import Arrival, CriticalFinding, InstanceRecord, NewJob, ResultRow, Store
+from infergate.work.states import JobKind, JobState, NotificationState, ResultKind, ResultState
 
 
 def _record(
@@ -353,3 +354,31 @@ def test_a_version_7_database_takes_secondary_captures_and_keeps_its_deliveries(
         "9.2.2": (ResultKind.SC, ResultState.PENDING),
     }
     assert sqlite3.connect(path).execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_a_critical_finding_is_one_notification_per_receiver_committed_with_its_job(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "s.db")
+    store.record_instance(_record("1.1"), now=10.0)
+    (series,) = store.receiving_series()
+    assert store.complete_series(series, [NewJob("job1", JobKind.INFERENCE, "ct_head_bleed")], 20.0)
+    assert store.start_job("job1", 21.0)
+    report = ResultRow("9.1", "job1", ResultKind.SR, tmp_path / "sr.dcm")
+    finding = CriticalFinding(HEMORRHAGE, PRESENT, None, "ct_head_bleed", "1.0.0", "Bleed", "9.1")
+    assert store.finish_job(
+        "job1", [report], 22.0, {}, critical=(finding,), receivers=("ris", "pager")
+    )
+    due = store.due_notifications(23.0)
+    assert sorted(n.receiver for n in due) == ["pager", "ris"]
+    assert due[0].finding == finding
+    assert due[0].report_path == tmp_path / "sr.dcm"
+    first = due[0].notification_id
+    assert store.claim_notification(first, 24.0)
+    assert not store.claim_notification(first, 24.0)  # claimed once
+    assert store.recover_notifications(25.0) == 1  # a crash while sending: due again
+    assert store.claim_notification(first, 26.0)
+    store.record_notification(first, NotificationState.DELIVERED, "acknowledged", 27.0, 27.0)
+    assert [n.receiver for n in store.due_notifications(30.0)] == [due[1].receiver]
+    states = {n.notification_id: (n.state, n.attempts) for n in store.notifications()}
+    assert states[first] == (NotificationState.DELIVERED, 2)

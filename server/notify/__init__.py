@@ -1,0 +1,1 @@
+"""Critical findings to people: the messages, their transports, the notify loop."""
