@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import requests
@@ -35,14 +36,28 @@ from infergate.export.scu import Outgoing, read_outgoing
 _TRANSIENT_HTTP = {408, 425, 429}
 
 
+class _TrustingOnly(requests.Session):
+    """A session that verifies the service's certificate against ``ca`` alone: a plain
+    session's ``verify`` loses to REQUESTS_CA_BUNDLE in the environment."""
+
+    def __init__(self, ca: str) -> None:
+        super().__init__()
+        self._ca = ca
+
+    def merge_environment_settings(
+        self, url: str | bytes | None, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        settings["verify"] = self._ca
+        return settings
+
+
 def _session(destination: Destination) -> requests.Session:
-    session = requests.Session()
+    session = requests.Session() if destination.ca is None else _TrustingOnly(str(destination.ca))
     if destination.username is not None and destination.password is not None:
         session.auth = (destination.username, destination.password.get_secret_value())
     if destination.bearer_token is not None:
         session.headers["Authorization"] = f"Bearer {destination.bearer_token.get_secret_value()}"
-    if destination.ca is not None:
-        session.verify = str(destination.ca)
     return session
 
 

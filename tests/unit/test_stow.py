@@ -4,6 +4,7 @@ a bearer token."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import trustme
 import uvicorn
 from pydicom.dataset import Dataset
 from starlette.applications import Starlette
@@ -77,21 +79,63 @@ def _ref(uid: str, *, warning: int | None = None, failure: int | None = None) ->
 _SENT: list[str] = []
 
 
-@pytest.fixture(scope="module")
-def service() -> Iterator[tuple[_Service, str]]:
-    answers = _Service()
+@contextlib.contextmanager
+def _serving(answers: _Service, tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """The service on uvicorn (https with ``tls``: certificate and key files); its URL."""
     app = Starlette(routes=[Route("/web/studies", answers.studies, methods=["GET", "POST"])])
     port = free_port()
+    certificate, key = tls or (None, None)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            lifespan="off",
+            ssl_certfile=certificate,
+            ssl_keyfile=key,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield answers, f"http://127.0.0.1:{port}/web"
+    yield f"{'https' if tls else 'http'}://127.0.0.1:{port}/web"
     server.should_exit = True
     thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[tuple[_Service, str]]:
+    answers = _Service()
+    with _serving(answers) as url:
+        yield answers, url
+
+
+def test_an_https_service_is_reached_through_the_configured_ca_and_no_other(
+    tmp_path: Path, small_phantom: ChestPhantom
+) -> None:
+    ca, stranger = trustme.CA(), trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    certificate, key, trusted, untrusted = (
+        tmp_path / n for n in ("c.pem", "k.pem", "ca.pem", "x.pem")
+    )
+    leaf.cert_chain_pems[0].write_to_path(str(certificate))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(trusted))
+    stranger.cert_pem.write_to_path(str(untrusted))
+    answers = _Service()
+    with _serving(answers, (str(certificate), str(key))) as url:
+        good = Destination.model_validate({"stow_url": url, "bearer_token": TOKEN, "ca": trusted})
+        attempt = stow_objects(_objects(small_phantom, 1), good, 10.0)
+        assert [o.outcome for o in attempt.objects] == [OutcomeClass.DELIVERED], attempt
+        wrong = Destination.model_validate(
+            {"stow_url": url, "bearer_token": TOKEN, "ca": untrusted}
+        )
+        attempt = stow_objects(_objects(small_phantom, 1), wrong, 10.0)
+        assert attempt.failure is OutcomeClass.PERMANENT
+        assert attempt.reason is not None
+        assert "TLS" in attempt.reason
 
 
 def _objects(phantom: ChestPhantom, count: int) -> list[tuple[str, Path]]:
