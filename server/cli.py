@@ -319,7 +319,8 @@ def explain_routes(settings: Settings, path: Path, calling_ae: str, called_ae: s
 
 
 def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``jobs``, ``deliveries``, ``studies`` and ``selftest``: they ask the running gateway."""
+    """``jobs``, ``deliveries``, ``studies``, ``notifications`` and ``selftest``: they ask
+    the running gateway."""
     jobs = commands.add_parser("jobs", help="jobs of the running gateway: list, show ID, retry ID")
     jobs.add_argument("action", nargs="?", choices=["show", "retry"])
     jobs.add_argument("job_id", nargs="?")
@@ -335,7 +336,13 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     deliveries.add_argument("--all-dead", action="store_true", help="replay every dead letter")
     deliveries.add_argument("--to", help="replay to this configured destination (AE title)")
     studies = commands.add_parser("studies", help="per study: what arrived, ran, was delivered")
-    for sub in (jobs, deliveries, studies):
+    notifications = commands.add_parser(
+        "notifications", help="critical findings sent to people: list, or resend ID (a dead one)"
+    )
+    notifications.add_argument("action", nargs="?", choices=["resend"])
+    notifications.add_argument("notification_id", nargs="?")
+    notifications.add_argument("--dead", action="store_true", help="only dead letters")
+    for sub in (jobs, deliveries, studies, notifications):
         sub.add_argument("--config", type=Path, help="the running gateway's YAML settings")
         sub.add_argument("--json", action="store_true", help="JSON instead of a table")
         sub.add_argument("--limit", type=int, default=100, help="at most this many rows")
@@ -354,11 +361,19 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
         return run_selftest(settings, destination=args.destination, timeout_s=args.timeout)
     if args.command == "studies":
         return commands.studies(settings, limit=args.limit, as_json=args.json)
+    if args.command == "notifications":
+        return _notifications(args, settings)
     if args.command == "deliveries":
         if args.action == "replay":
             return commands.replay(settings, args.delivery_id, all_dead=args.all_dead, to=args.to)
         return commands.deliveries(settings, dead=args.dead, limit=args.limit, as_json=args.json)
     return _jobs(args, settings)
+
+
+def _notifications(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "resend":
+        return commands.resend(settings, args.notification_id)
+    return commands.notifications(settings, dead=args.dead, limit=args.limit, as_json=args.json)
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
@@ -419,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The commands that ask a running gateway (its ops endpoint) rather than being one.
-_ASKING = frozenset({"jobs", "deliveries", "studies", "selftest"})
+_ASKING = frozenset({"jobs", "deliveries", "studies", "notifications", "selftest"})
 
 
 if __name__ == "__main__":

@@ -206,6 +206,16 @@ def routes(gateway: Gateway) -> list[Route]:
     def studies(request: Request, _: dict[str, Any]) -> Any:
         return store.study_views(limit=_limit(request))
 
+    def notifications(request: Request, _: dict[str, Any]) -> Any:
+        dead = request.query_params.get("dead", "false").lower() in {"1", "true", "yes"}
+        return store.notification_views(dead_only=dead, limit=_limit(request))
+
+    def resend(request: Request, _: dict[str, Any]) -> Any:
+        notification_id = request.path_params["notification_id"]
+        store.resend_notification(notification_id, time.time())
+        log.info("ops.notification.resent", notification_id=notification_id)
+        return {"notification_id": notification_id, "state": "pending"}
+
     def change(handler: Handler) -> Callable[[Request], Awaitable[JSONResponse]]:
         return _authorised(settings, _answered(handler))
 
@@ -220,4 +230,6 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/deliveries/{delivery_id}", _answered(delivery)),
         Route("/api/deliveries/{delivery_id}/replay", change(replay_one), methods=["POST"]),
         Route("/api/studies", _answered(studies)),
+        Route("/api/notifications", _answered(notifications)),
+        Route("/api/notifications/{notification_id}/resend", change(resend), methods=["POST"]),
     ]

@@ -200,6 +200,35 @@ def replay(settings: Settings, delivery_id: str | None, *, all_dead: bool, to: s
     return 0
 
 
+def notifications(settings: Settings, *, dead: bool, limit: int, as_json: bool) -> int:
+    query = urllib.parse.urlencode({"dead": str(dead).lower(), "limit": str(limit)})
+    found = OpsClient(settings.ops).get(f"/api/notifications?{query}")
+    rows = [
+        [
+            n["notification_id"],
+            n["receiver"],
+            n["finding"],
+            n["state"],
+            n["attempts"],
+            _when(n["created_at"]),
+            (n["reason"] or "")[:60],
+        ]
+        for n in found
+    ]
+    headers = ["notification", "receiver", "finding", "state", "tries", "created", "reason"]
+    _print(found, as_json, rows, headers)
+    return 0
+
+
+def resend(settings: Settings, notification_id: str | None) -> int:
+    if notification_id is None:
+        raise OpsClientError("notifications resend takes a notification id")
+    path = f"/api/notifications/{urllib.parse.quote(notification_id)}/resend"
+    answer = OpsClient(settings.ops).post(path, {})
+    print(f"notification {answer['notification_id']} is due again")
+    return 0
+
+
 def studies(settings: Settings, *, limit: int, as_json: bool) -> int:
     found = OpsClient(settings.ops).get(f"/api/studies?limit={limit}")
 

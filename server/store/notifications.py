@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from infergate.codes import Code
-from infergate.errors import StoreError
+from infergate.errors import NotFoundError, RefusedError, StoreError
 from infergate.store.db import Database, set_state
-from infergate.store.rows import CriticalFinding, NotificationRow
+from infergate.store.rows import CriticalFinding, NotificationRow, NotificationView
 from infergate.work.states import NotificationState
 
 _COLUMNS = (
@@ -167,5 +167,59 @@ class NotificationRecords(Database):
                 (NotificationState.SENDING,),
                 NotificationState.PENDING,
                 assignments="next_attempt_at = ?, updated_at = ?",
+                parameters=(now, now),
+            )
+
+    def notification_views(self, *, dead_only: bool, limit: int) -> list[NotificationView]:
+        """Notifications newest first (dead letters only, if asked), as operators see
+        them: the finding in words, never the report's patient data."""
+        condition = "n.state = ?" if dead_only else "1 = 1"
+        parameters: tuple[Any, ...] = (NotificationState.DEAD.value,) if dead_only else ()
+        rows = self._rows(
+            "SELECT n.notification_id, n.job_id, n.receiver, n.finding, n.state, n.attempts,"  # noqa: S608 - constant fragments
+            f" n.created_at, n.updated_at, n.reason FROM notifications n WHERE {condition}"
+            " ORDER BY n.created_at DESC LIMIT ?",
+            (*parameters, limit),
+        )
+        views = []
+        for nid, job_id, receiver, finding, state, attempts, created, updated, reason in rows:
+            found = _finding(finding)
+            views.append(
+                NotificationView(
+                    notification_id=nid,
+                    job_id=job_id,
+                    receiver=receiver,
+                    finding=f"{found.name.meaning}: {found.value.meaning}",
+                    plugin=found.plugin,
+                    report_uid=found.report_uid,
+                    state=state,
+                    attempts=int(attempts),
+                    created_at=float(created),
+                    updated_at=float(updated),
+                    reason=reason,
+                )
+            )
+        return views
+
+    def resend_notification(self, notification_id: str, now: float) -> None:
+        """An operator's resend of a dead notification: due now, with the same id (its
+        receiver can tell it from one it got). Raises :class:`NotFoundError`, or
+        :class:`RefusedError` when it is not dead (delivered, or on its way)."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state FROM notifications WHERE notification_id = ?", (notification_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no notification {notification_id} in the state store")
+            if row[0] != NotificationState.DEAD.value:
+                raise RefusedError(f"notification {notification_id} is {row[0]}, not a dead letter")
+            set_state(
+                db,
+                "notifications",
+                ("notification_id", notification_id),
+                (NotificationState.DEAD,),
+                NotificationState.PENDING,
+                assignments="attempts = 0, first_attempt_at = NULL, next_attempt_at = ?,"
+                " updated_at = ?",
                 parameters=(now, now),
             )

@@ -203,3 +203,20 @@ class NotificationRow:
     attempts: int
     first_attempt_at: float | None
     reason: str | None
+
+
+@dataclass(frozen=True)
+class NotificationView:
+    """A notification as the admin API and the commands show it."""
+
+    notification_id: str
+    job_id: str
+    receiver: str
+    finding: str  # in words: "Hemorrhage: Present"
+    plugin: str
+    report_uid: str
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    reason: str | None

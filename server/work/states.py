@@ -119,7 +119,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     ),
     NotificationState.RETRY_WAIT: frozenset({NotificationState.SENDING}),
     NotificationState.DELIVERED: frozenset(),
-    NotificationState.DEAD: frozenset(),
+    NotificationState.DEAD: frozenset({NotificationState.PENDING}),  # an operator's resend
 }
 
 

@@ -142,6 +142,17 @@ def test_a_bleed_reaches_hl7_fhir_and_a_webhook_once_each_through_an_outage(
         http.start()  # back
         server.wait_event("notify.delivered", timeout=30, count=3, fail_on=("notify.dead_letter",))
         time.sleep(2.0)  # nothing more comes
+        # What an operator sees: each notification, delivered, with the finding in words.
+        status, body = server.http("/api/notifications")
+        assert status == 200
+        listed = json.loads(body)
+        assert sorted((n["receiver"], n["state"]) for n in listed) == [
+            ("ehr", "delivered"),
+            ("pager", "delivered"),
+            ("ris", "delivered"),
+        ]
+        assert {n["finding"] for n in listed} == {"Hemorrhage: Present"}
+        assert_no_patient_data(body, bleed_head.identity)
     finally:
         server.stop()
         http.stop()

@@ -7,6 +7,7 @@ import pytest
 
 from infergate.codes import HEMORRHAGE, PRESENT
 from infergate.config import Destination
+from infergate.errors import NotFoundError, RefusedError
 from infergate.store import Arrival, CriticalFinding, InstanceRecord, NewJob, ResultRow, Store
 from infergate.work.states import JobKind, JobState, NotificationState, ResultKind, ResultState
 
@@ -382,3 +383,19 @@ def test_a_critical_finding_is_one_notification_per_receiver_committed_with_its_
     assert [n.receiver for n in store.due_notifications(30.0)] == [due[1].receiver]
     states = {n.notification_id: (n.state, n.attempts) for n in store.notifications()}
     assert states[first] == (NotificationState.DELIVERED, 2)
+    # An operator resends a dead one, with the same id; not one on its way or delivered.
+    second = due[1].notification_id
+    assert store.claim_notification(second, 31.0)
+    store.record_notification(second, NotificationState.DEAD, "HTTP 404", 32.0, 32.0)
+    (dead,) = store.notification_views(dead_only=True, limit=10)
+    assert (dead.notification_id, dead.finding, dead.reason) == (
+        second,
+        "Hemorrhage: Present",
+        "HTTP 404",
+    )
+    store.resend_notification(second, 33.0)
+    assert [n.notification_id for n in store.due_notifications(33.0)] == [second]
+    with pytest.raises(RefusedError, match="not a dead letter"):
+        store.resend_notification(first, 34.0)
+    with pytest.raises(NotFoundError):
+        store.resend_notification("nothing", 34.0)
