@@ -139,12 +139,13 @@ class PipelineCollector(Collector):
         )
         dead = GaugeMetricFamily(
             "infergate_dead_letters",
-            "Dead letters now held, by kind: jobs, deliveries, result objects.",
+            "Dead letters now held, by kind: jobs, deliveries, result objects, notifications.",
             labels=["kind"],
         )
         dead.add_metric(["job"], gauges.dead_jobs)
         dead.add_metric(["delivery"], gauges.dead_deliveries)
         dead.add_metric(["object"], gauges.dead_objects)
+        dead.add_metric(["notification"], gauges.dead_notifications)
         yield dead
         yield GaugeMetricFamily(
             "infergate_triton_up",

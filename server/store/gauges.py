@@ -11,6 +11,7 @@ from infergate.work.states import (
     PRIORITY_OF_RANK,
     DeliveryState,
     JobState,
+    NotificationState,
     Priority,
     ResultState,
 )
@@ -27,6 +28,7 @@ class PipelineGauges:
     dead_jobs: int
     dead_deliveries: int
     dead_objects: int
+    dead_notifications: int = 0
 
 
 class GaugeRecords(Database):
@@ -45,7 +47,7 @@ class GaugeRecords(Database):
                 DeliveryState.RETRY_WAIT.value,
             ),
         )
-        oldest, dead_jobs, dead_deliveries, dead_objects = self._rows(
+        oldest, dead_jobs, dead_deliveries, dead_objects, dead_notifications = self._rows(
             "SELECT (SELECT MIN(r.created_at) FROM results r WHERE r.kept_reason IS NULL"
             " AND COALESCE((SELECT d.state FROM delivery_items d JOIN deliveries v"
             " ON v.delivery_id = d.delivery_id WHERE d.sop_instance_uid = r.sop_instance_uid"
@@ -53,13 +55,15 @@ class GaugeRecords(Database):
             " (SELECT COUNT(*) FROM jobs WHERE state = ?),"
             " (SELECT COUNT(*) FROM deliveries WHERE state = ? AND replayed_to IS NULL),"
             " (SELECT COUNT(*) FROM delivery_items i JOIN deliveries v"
-            " ON v.delivery_id = i.delivery_id WHERE i.state = ? AND v.replayed_to IS NULL)",
+            " ON v.delivery_id = i.delivery_id WHERE i.state = ? AND v.replayed_to IS NULL),"
+            " (SELECT COUNT(*) FROM notifications WHERE state = ?)",
             (
                 ResultState.PENDING.value,
                 ResultState.PENDING.value,
                 JobState.DEAD.value,
                 DeliveryState.DEAD.value,
                 ResultState.DEAD.value,
+                NotificationState.DEAD.value,
             ),
         )[0]
         return PipelineGauges(
@@ -69,6 +73,7 @@ class GaugeRecords(Database):
             dead_jobs=dead_jobs,
             dead_deliveries=dead_deliveries,
             dead_objects=dead_objects,
+            dead_notifications=dead_notifications,
         )
 
     def check_writable(self) -> None:

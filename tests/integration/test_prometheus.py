@@ -56,7 +56,7 @@ def _promtool(*arguments: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_and_the_scrape_config_pass_promtool() -> None:
     rules = _promtool("check", "rules", "infergate-rules.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 8 rules found" in rules.stdout
+    assert "SUCCESS: 9 rules found" in rules.stdout
     config = _promtool("check", "config", "prometheus.yml")
     assert config.returncode == 0, config.stdout + config.stderr
     # The alerts fire when they should, and clear (promtool's own rule tests).
@@ -190,7 +190,7 @@ def test_prometheus_scrapes_a_study_through_the_gateway_and_promql_counts_it(
         assert prometheus.value("infergate_oldest_undelivered_result_age_seconds") == 0
         _changes_are_refused_without_a_token(gateway)
         rules = prometheus.api("rules")["groups"]
-        assert len(rules[0]["rules"]) == 8
+        assert len(rules[0]["rules"]) == 9
         assert all(rule["health"] == "ok" for rule in rules[0]["rules"]), rules
         firing = [a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]]
         assert firing == []

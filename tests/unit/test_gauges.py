@@ -62,3 +62,4 @@ def test_queue_depth_undelivered_age_and_what_is_down(tmp_path: Path) -> None:
     assert samples[("infergate_listener_processes", (("status", "up"),))] == 1
     assert samples[("infergate_listener_processes", (("status", "configured"),))] == 2
     assert samples[("infergate_dead_letters", (("kind", "delivery"),))] == 0
+    assert samples[("infergate_dead_letters", (("kind", "notification"),))] == 0
