@@ -32,6 +32,7 @@ from infergate.export.outcomes import (
 )
 from infergate.export.scu import Outgoing, read_outgoing
 
+_SOP_CLASS_NOT_SUPPORTED = 0x0122
 # HTTP answers after which the same request may succeed later.
 _TRANSIENT_HTTP = {408, 425, 429}
 
@@ -103,7 +104,12 @@ def _per_object(
             continue
         code = int(item.get("FailureReason", 0xC000))
         reason = f"refused by {where}: {describe_status(code)}"
-        outcomes.append(ObjectOutcome(uid, classify_status(code), reason, code))
+        # 0x0122 (SOP class not supported): it takes no such object at all, as a
+        # presentation context refused in DICOM (a SEG then goes as Secondary Captures).
+        unsupported = code == _SOP_CLASS_NOT_SUPPORTED
+        outcomes.append(
+            ObjectOutcome(uid, classify_status(code), reason, code, not_accepted=unsupported)
+        )
     return outcomes, list(by_uid.values())
 
 

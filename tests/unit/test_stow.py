@@ -47,6 +47,9 @@ class _Service:
             ds.ReferencedSOPSequence = [_ref(uids[0], warning=0xB000)]
             ds.FailedSOPSequence = [_ref(uids[1], failure=0xA700), _ref(uids[2], failure=0xC000)]
             return JSONResponse(ds.to_json_dict(), 202, media_type="application/dicom+json")
+        if self.mode == "unsupported":  # a service that stores no such SOP class
+            ds.FailedSOPSequence = [_ref(uid, failure=0x0122) for uid in uids]
+            return JSONResponse(ds.to_json_dict(), 409, media_type="application/dicom+json")
         if self.mode == "conflict":
             ds.FailedSOPSequence = [_ref(uid, failure=0xA900) for uid in uids]
             return JSONResponse(ds.to_json_dict(), 409, media_type="application/dicom+json")
@@ -163,6 +166,12 @@ def test_each_object_gets_the_class_of_its_answer(
         (OutcomeClass.WARNING, 0xB000),
         (OutcomeClass.TRANSIENT, 0xA700),
         (OutcomeClass.PERMANENT, 0xC000),
+    ]
+
+    answers.mode = "unsupported"  # its SOP class not stored there: like a refused context
+    attempt = stow_objects(_objects(small_phantom, 1), destination, 10.0)
+    assert [(o.outcome, o.not_accepted) for o in attempt.objects] == [
+        (OutcomeClass.PERMANENT, True)
     ]
 
     answers.mode = "conflict"  # 409 with a Failed SOP Sequence: each object says why
