@@ -5,6 +5,7 @@ positions are evenly spaced. Headers only; nothing here loads pixels."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -24,20 +25,26 @@ def is_projection(ds: Dataset) -> bool:
     return str(ds.get("Modality", "")).upper() in PROJECTION_MODALITIES
 
 
-def _orientation(ds: Dataset) -> Sequence[float] | None:
-    """Image Orientation (Patient): at the top level, or, in a multi-frame image, in
-    its shared functional groups or its first frame's (PS3.3 C.7.6.16.2.4)."""
-    iop = ds.get("ImageOrientationPatient")
-    if iop is not None:
-        return [float(v) for v in iop]
+def frame_attribute(ds: Dataset, keyword: str) -> Any:
+    """The value of ``keyword`` at the top level of ``ds`` or, in a multi-frame image
+    (PS3.3 C.7.6.16), in a macro of its shared functional groups, else of its first
+    frame's; None when it is in none of them, or empty."""
+    places = [ds]
     for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         items = ds.get(groups)
-        if not items:
-            continue
-        planes = items[0].get("PlaneOrientationSequence")
-        if planes and planes[0].get("ImageOrientationPatient") is not None:
-            return [float(v) for v in planes[0].ImageOrientationPatient]
+        if items:
+            places += [e.value[0] for e in items[0] if e.VR == "SQ" and e.value]
+    for place in places:
+        value = place.get(keyword)
+        if value not in (None, ""):
+            return value
     return None
+
+
+def _orientation(ds: Dataset) -> Sequence[float] | None:
+    """Image Orientation (Patient), wherever a single- or multi-frame image has it."""
+    iop = frame_attribute(ds, "ImageOrientationPatient")
+    return None if iop is None else [float(v) for v in iop]
 
 
 def orientation_of(ds: Dataset) -> str:

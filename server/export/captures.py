@@ -10,7 +10,6 @@ makes the same images again, and each is sent once.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from infergate.config import Settings
 from infergate.durable import fsync_dir
 from infergate.errors import InfergateError
 from infergate.results.capture import secondary_captures
+from infergate.results.writer import write_dataset
 from infergate.store import Store
 from infergate.store.rows import DeliveryItem, DeliveryRow, ResultRow
 from infergate.work.states import ResultKind, ResultState
@@ -43,15 +43,10 @@ def _lookup(paths: list[Path]) -> dict[str, Path]:
 
 def _write(directory: Path, images: list[Dataset]) -> list[Path]:
     """Each image durably, named by its number (no DICOM data in a file name)."""
-    paths = []
-    for number, image in enumerate(images, start=1):
-        final = directory / f"sc-{number:04d}.dcm"
-        partial = directory / f".sc-{number:04d}.dcm.partial"
-        image.save_as(partial, enforce_file_format=True)
-        with partial.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.rename(partial, final)
-        paths.append(final)
+    paths = [
+        write_dataset(directory, f"sc-{n:04d}", image, sync_dir=False)
+        for n, image in enumerate(images, start=1)
+    ]
     fsync_dir(directory)
     return paths
 

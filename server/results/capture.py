@@ -24,6 +24,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
+from infergate.dicom.geometry import frame_attribute
 from infergate.errors import ResultEncodingError
 
 # Colours by segment number (1-based), distinct on grey and for the common colour
@@ -148,13 +149,7 @@ def _legend(
 
 
 def _orientation(source: Dataset) -> tuple[str, str] | None:
-    iop = source.get("ImageOrientationPatient")
-    if iop is None:
-        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-            items = source.get(groups)
-            if items and items[0].get("PlaneOrientationSequence"):
-                iop = items[0].PlaneOrientationSequence[0].ImageOrientationPatient
-                break
+    iop = frame_attribute(source, "ImageOrientationPatient")
     if iop is None:
         return None
     row, column = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:], dtype=float)
@@ -164,13 +159,7 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
 
 
 def _pixel_spacing(source: Dataset) -> tuple[float, float] | None:
-    spacing = source.get("PixelSpacing")
-    if spacing is None:
-        for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-            items = source.get(groups)
-            if items and items[0].get("PixelMeasuresSequence"):
-                spacing = items[0].PixelMeasuresSequence[0].PixelSpacing
-                break
+    spacing = frame_attribute(source, "PixelSpacing")
     return None if spacing is None else (float(spacing[0]), float(spacing[1]))
 
 

@@ -10,9 +10,11 @@ the evidence and in each measurement's references).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
+
+from infergate.dicom.geometry import frame_attribute
 
 # TID 1604 (cross-sectional) and TID 1603 (projection radiography), by the modalities
 # highdicom describes as each, with how many values each attribute must have.
@@ -30,27 +32,13 @@ _DESCRIPTORS = {
 _ALWAYS = ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns")
 
 
-def _places(ds: Dataset) -> Iterator[Dataset]:
-    """Where an attribute may be: the top level, then the shared functional groups'
-    macros, then the first frame's."""
-    yield ds
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        if ds.get(groups):
-            for element in ds[groups].value[0]:
-                if element.VR == "SQ" and element.value:
-                    yield element.value[0]
-
-
 def _value(ds: Dataset, keyword: str, count: int) -> object | None:
-    for place in _places(ds):
-        value = place.get(keyword)
-        if value in (None, ""):
-            continue
-        values = list(value) if count > 1 else [value]
-        if len(values) == count:
-            found: object = value
-            return found
-    return None
+    value = frame_attribute(ds, keyword)
+    if value is None:
+        return None
+    values = list(value) if count > 1 else [value]
+    found: object = value
+    return found if len(values) == count else None
 
 
 def described(ds: Dataset) -> Dataset | None:

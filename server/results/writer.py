@@ -99,15 +99,23 @@ def encode(
 
 def write_result(directory: Path, result: EncodedResult) -> Path:
     """Write ``result`` to ``directory`` durably; its name comes from its kind, not DICOM data."""
+    return write_dataset(directory, result.kind.value, result.dataset)
+
+
+def write_dataset(directory: Path, name: str, dataset: Dataset, *, sync_dir: bool = True) -> Path:
+    """Write ``dataset`` as ``name``.dcm in ``directory``, durably: a partial file,
+    fsynced, renamed, and (unless the caller does it once for many) the folder
+    fsynced."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{result.kind.value}.dcm"
-    partial = directory / f".{result.kind.value}.dcm.partial"
+    final = directory / f"{name}.dcm"
+    partial = directory / f".{name}.dcm.partial"
     try:
-        result.dataset.save_as(partial, enforce_file_format=True)
+        dataset.save_as(partial, enforce_file_format=True)
         with partial.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.rename(partial, final)
-        fsync_dir(directory)
+        if sync_dir:
+            fsync_dir(directory)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise ResultEncodingError(f"cannot write result {final}: {exc.strerror}") from exc
