@@ -38,7 +38,6 @@ class Study:
     """What the report says of its study: the identifiers a receiver matches on."""
 
     study_uid: str
-    series_uid: str
     accession_number: str
     patient_id: str
     issuer_of_patient_id: str
@@ -47,7 +46,6 @@ class Study:
     def of(cls, report: Dataset) -> Study:
         return cls(
             study_uid=str(report.StudyInstanceUID),
-            series_uid=str(report.SeriesInstanceUID),
             accession_number=str(report.get("AccessionNumber", "") or ""),
             patient_id=str(report.get("PatientID", "") or ""),
             issuer_of_patient_id=str(report.get("IssuerOfPatientID", "") or ""),

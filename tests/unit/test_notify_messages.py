@@ -18,7 +18,7 @@ from infergate.store import CriticalFinding
 FINDING = CriticalFinding(
     HEMORRHAGE, PRESENT, None, "ct_head_bleed", "1.0.0", "Head CT hemorrhage triage", "1.2.3.9"
 )
-STUDY = messages.Study("1.2.3", "1.2.3.4", "ACC-PHI-2026", "PHI-ID-47110815", "")
+STUDY = messages.Study("1.2.3", "ACC-PHI-2026", "PHI-ID-47110815", "")
 AT = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
 SENTINELS = ("PHANTOM^LUNGS^TESTCASE", "19450704")
 
