@@ -25,7 +25,7 @@ if [ -x .venv/bin/infergate ] && [ -f "$stamp" ]; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 echo "setting up .venv: pip install (the first time, a few hundred MB of wheels," \
-    "tritonserver's among them; about 730 MB installed with the test tools)" >&2
+    "tritonserver's among them; about 780 MB installed with the test tools)" >&2
 log=.venv/setup.log
 if ! {
     .venv/bin/python -m pip install --quiet --upgrade pip &&
