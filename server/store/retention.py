@@ -1,8 +1,9 @@
 """Retention in the state store: which studies are finished, and removing one.
 
 A study is finished when nothing of it is still to do: no series receiving, no job
-queued or running, no result waiting to be planned, and every delivery delivered (a
-dead letter keeps its study until an operator replays it). Its finishing time
+queued or running, no result waiting to be planned, every delivery delivered and
+every notification of a critical finding delivered (a dead letter, of either, keeps
+its study until an operator replays or resends it). Its finishing time
 is the latest of its last instance, its jobs' last change and its deliveries' ends.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infergate.store.db import Database
-from infergate.work.states import DeliveryState, JobState, SeriesState
+from infergate.work.states import DeliveryState, JobState, NotificationState, SeriesState
 
 # What keeps a study (:study is its UID): any of these is work still to do.
 _UNFINISHED = """
@@ -24,12 +25,15 @@ _UNFINISHED = """
                WHERE j.study_uid = :study AND r.planned_at IS NULL)
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.study_uid = :study AND d.state != :delivered
                AND d.replayed_to IS NULL)
+    OR EXISTS (SELECT 1 FROM notifications n JOIN jobs j ON j.job_id = n.job_id
+               WHERE j.study_uid = :study AND n.state != :notified)
 """
 _STATES = {
     "receiving": SeriesState.RECEIVING.value,
     "queued": JobState.QUEUED.value,
     "running": JobState.RUNNING.value,
     "delivered": DeliveryState.DELIVERED.value,
+    "notified": NotificationState.DELIVERED.value,
 }
 
 
@@ -128,6 +132,7 @@ _CHUNK = 500
 
 # Children before parents.
 _DELETIONS = (
+    "DELETE FROM notifications WHERE job_id IN (SELECT job_id FROM jobs WHERE study_uid = ?)",
     "DELETE FROM delivery_items WHERE delivery_id IN"
     " (SELECT delivery_id FROM deliveries WHERE study_uid = ?)",
     "DELETE FROM deliveries WHERE study_uid = ?",

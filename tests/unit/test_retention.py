@@ -9,21 +9,44 @@ from pathlib import Path
 
 import structlog
 
+from infergate.codes import HEMORRHAGE, PRESENT
 from infergate.config import Settings
 from infergate.ops.retention import run_retention, sweep_orphans, used_percent
-from infergate.store import AssociationAudit, DeliveryItem, InstanceRecord, NewJob, ResultRow, Store
-from infergate.work.states import DeliveryState, JobKind, ResultKind, ResultState
+from infergate.store import (
+    AssociationAudit,
+    CriticalFinding,
+    DeliveryItem,
+    InstanceRecord,
+    NewJob,
+    ResultRow,
+    Store,
+)
+from infergate.work.states import (
+    DeliveryState,
+    JobKind,
+    NotificationState,
+    ResultKind,
+    ResultState,
+)
 
 _DAY = 86400.0
 _MIB = 2**20
 
 
 def _study(
-    store: Store, var: Path, name: str, *, at: float, delivered: bool | None, size: int = 4096
+    store: Store,
+    var: Path,
+    name: str,
+    *,
+    at: float,
+    delivered: bool | None,
+    size: int = 4096,
+    notified: bool | None = None,
 ) -> list[Path]:
     """A study of one series of two instances and one job with an SR, ``at`` seconds
     since the epoch; its delivery delivered (True), still waiting (False), or none
-    (None: no destination, the SR kept). Returns its files."""
+    (None: no destination, the SR kept); with ``notified``, a critical finding told to
+    a receiver (True) or still on its way (False). Returns its files."""
     spool = var / "spool" / "instances"
     spool.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -45,7 +68,15 @@ def _study(
     sr.parent.mkdir(parents=True)
     sr.write_bytes(b"\0" * 100)
     result = ResultRow(f"sr-{name}", f"job-{name}", ResultKind.SR, sr)
-    store.finish_job(f"job-{name}", [result], at)
+    finding = CriticalFinding(HEMORRHAGE, PRESENT, None, "p", "1", "P", result.sop_instance_uid)
+    critical = () if notified is None else (finding,)
+    store.finish_job(f"job-{name}", [result], at, critical=critical, receivers=("pager",))
+    if notified:
+        (notification,) = [n for n in store.due_notifications(at) if n.job_id == f"job-{name}"]
+        assert store.claim_notification(notification.notification_id, at)
+        store.record_notification(
+            notification.notification_id, NotificationState.DELIVERED, None, at, at
+        )
     if delivered is None:
         store.keep_results([result.sop_instance_uid], "no destination", at)
         return [*paths, sr]
@@ -90,6 +121,21 @@ def test_delivered_studies_go_after_keep_days_and_nothing_else_does(tmp_path: Pa
     # Their rows went with them; the others are whole.
     assert {j.job_id for j in store.jobs()} == {"job-waiting", "job-recent"}
     assert {s.study_uid for s in store.finished_studies()} == {"study-recent"}
+
+
+def test_a_critical_finding_not_yet_told_keeps_its_study_and_one_told_goes_with_it(
+    tmp_path: Path,
+) -> None:
+    var = tmp_path / "var"
+    store = Store(var / "infergate.db")
+    now = time.time()
+    told = _study(store, var, "told", at=now - 8 * _DAY, delivered=True, notified=True)
+    untold = _study(store, var, "untold", at=now - 8 * _DAY, delivered=True, notified=False)
+    summary = run_retention(store, _settings(var, keep_days=7), now=now)
+    assert summary.studies == 1
+    assert not any(p.exists() for p in told)
+    assert all(p.exists() for p in untold)  # its notification reads the SR still
+    assert [n.job_id for n in store.notifications()] == ["job-untold"]
 
 
 def test_a_study_that_receives_again_is_not_finished(tmp_path: Path) -> None:
