@@ -36,11 +36,32 @@ REAL_DATA = REPO / "tests" / "data"
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+# Ports for the servers the tests start: below the kernel's ephemeral range (32768 and
+# up on Linux), so no outgoing connection takes one meanwhile, and a block of its own
+# for each pytest-xdist worker (PYTEST_XDIST_WORKER gw0, gw1, ...), so two workers
+# never hand out the same one. Within a process, each port is handed out once.
+_PORT_BASE, _PORT_BLOCK, _PORT_BLOCKS = 12000, 2500, 8  # 12000-31999
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback TCP port nothing listens on now, not handed out before by this
+    process (once its block is used up, the earliest are handed out again)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = _PORT_BASE + (int(worker) if worker.isdigit() else 0) % _PORT_BLOCKS * _PORT_BLOCK
+    for _ in range(2):
+        for port in range(first, first + _PORT_BLOCK):
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use: someone else's
+            _handed_out.add(port)
+            return port
+        _handed_out.clear()  # every one handed out: long since released, the most of them
+    raise RuntimeError(f"no free port in {first}-{first + _PORT_BLOCK - 1}")
 
 
 def assert_still_connected(*socks: socket.socket) -> None:
