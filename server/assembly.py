@@ -39,10 +39,10 @@ def completion(
     """Why ``group`` (one series, or the receiving series of one study) is complete
     now: ``"quiet"``, ``"released"`` or ``"max_age"``; None while it is not.
 
-    The quiet period of a series whose last instance came before ``resumed_at`` (the
-    gateway's start) runs from that start: while the gateway was down its senders
-    could not send, so an outage longer than the quiet period does not complete a
-    series its sender will go on with."""
+    The quiet period of a series whose last instance came before ``resumed_at`` (when
+    the gateway's listeners took instances again after a start) runs from then: while
+    the gateway was down its senders could not send, so an outage longer than the
+    quiet period does not complete a series its sender will go on with."""
     last = max([*(s.last_received_at for s in group), resumed_at])
     if now - last >= settings.quiet_period_s:
         return "quiet"
@@ -75,7 +75,8 @@ def complete_quiet_series(
     resumed_at: float = 0.0,
 ) -> list[str]:
     """Close every complete series and create its jobs; returns the new job ids.
-    ``resumed_at``: when this gateway started (see :func:`completion`)."""
+    ``resumed_at``: when this gateway's listeners took instances again (see
+    :func:`completion`)."""
     receiving = store.receiving_series()
     if settings.assembly.scope == "study":
         by_study: dict[str, list[SeriesRow]] = defaultdict(list)

@@ -123,12 +123,14 @@ def serve(settings: Settings) -> int:
         check_plugins(client, plugins)
         _recover_work(store, settings)
         scheduler = JobScheduler(settings, store, plugins, client)
+        scheduler.starting()
         exporter = ExportWorker(settings, store)
         stages = _stage_loops(settings, store, scheduler, exporter, stop)
         for stage in stages:
             stage.start()
         listeners = ListenerPool(settings, store)
         listeners.start()
+        scheduler.accepting(time.time())
         ops = _start_ops(Gateway(settings, store, client, plugins, stages, listeners))
         log.info(
             "serve.ready",

@@ -73,14 +73,29 @@ class JobScheduler:
         self._lock = threading.Lock()
         self._running: dict[str, _Running] = {}
         self._machine_bytes = machine_memory_bytes()
-        self._started_at = time.time()
+        # When the listeners took instances again after a start (``accepting``); until
+        # then no series completes for being quiet: its senders could not send.
+        self._accepting_since: float | None = 0.0
+
+    def starting(self) -> None:
+        """The gateway starts: the listeners do not take instances yet."""
+        self._accepting_since = None
+
+    def accepting(self, since: float) -> None:
+        """The listeners take instances again since ``since``: the quiet period of what
+        arrived before runs from then (``assembly.completion``)."""
+        self._accepting_since = since
 
     def step(self) -> None:
         """One round: complete what is quiet, fail what ran past its deadline, start
         what there is room for."""
         now = time.time()
         complete_quiet_series(
-            self._store, self._plugin_list, now, self._settings, resumed_at=self._started_at
+            self._store,
+            self._plugin_list,
+            now,
+            self._settings,
+            resumed_at=now if self._accepting_since is None else self._accepting_since,
         )
         self._enforce_deadline()
         for job in self._store.runnable_jobs(now):
