@@ -49,6 +49,20 @@ def _findings(loaded: LoadedSeries, numbers: tuple[int, ...]) -> Findings:
     return Findings(label_map=label_map, segment_numbers=numbers, measurements=measurements)
 
 
+def _library(sr: Dataset) -> set[str]:
+    """The SOP Instance UIDs the SR's Image Library (TID 1600) lists."""
+    (library,) = [
+        item
+        for item in walk_content(sr.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
+    ]
+    return {
+        str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for entry in walk_content(library.ContentSequence)
+        if entry.ValueType == "IMAGE"
+    }
+
+
 def _round_trip(ds: Dataset) -> Dataset:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -268,16 +282,7 @@ def test_the_sr_lists_its_images_and_outlines_each_segment_on_its_largest_slice(
     )
     _, sr = (_round_trip(r.dataset) for r in encode(loaded, findings, plugin.spec, _identity()))
 
-    (library,) = [
-        item
-        for item in walk_content(sr.ContentSequence)
-        if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
-    ]
-    listed = {
-        entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for entry in walk_content(library.ContentSequence)
-        if entry.ValueType == "IMAGE"
-    }
+    listed = _library(sr)
     assert listed == {str(ds.SOPInstanceUID) for ds in loaded.headers}
 
     (scoord,) = [item for item in walk_content(sr.ContentSequence) if item.ValueType == "SCOORD"]
@@ -300,16 +305,7 @@ def test_an_image_the_library_cannot_describe_is_left_out_of_it_not_the_report(
     del loaded.headers[3].SliceThickness  # Type 2: a scanner may leave it out
     findings = _findings(loaded, (RIGHT_LUNG,))
     _, sr = (_round_trip(r.dataset) for r in encode(loaded, findings, plugin.spec, _identity()))
-    (library,) = [
-        item
-        for item in walk_content(sr.ContentSequence)
-        if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
-    ]
-    listed = {
-        entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for entry in walk_content(library.ContentSequence)
-        if entry.ValueType == "IMAGE"
-    }
+    listed = _library(sr)
     assert listed == {str(ds.SOPInstanceUID) for ds in loaded.headers} - {
         str(loaded.headers[3].SOPInstanceUID)
     }
