@@ -1,11 +1,12 @@
-"""What an SR's Image Library (TID 1600) says of each source image.
+"""What an SR's Image Library (TID 1600) says of each image the report references
+one by one (an outlined slice, an image a finding is about).
 
 highdicom's Image Library reads each image's descriptors (TID 1602-1604) from the
 dataset's top level. An enhanced multi-frame image keeps them in its functional
 groups, and a received image may lack one (Slice Thickness is Type 2): such an
 image is described from its functional groups, and one whose descriptors cannot be
 found at all is left out of the library rather than failing the report (it stays in
-the evidence and in each measurement's references).
+the evidence and in the content that references it).
 """
 
 from __future__ import annotations

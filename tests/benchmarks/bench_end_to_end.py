@@ -52,10 +52,11 @@ TRANSPORTS = {"shared_memory": "on", "grpc": "off"}
 STAGES = ("volume_s", "preprocess_s", "inference_s", "postprocess_s", "encode_s", "write_s")
 
 
-def _series(plugin: str, folder: Path) -> tuple[list[Path], str]:
+def _series(plugin: str, folder: Path, slices: int) -> tuple[list[Path], str]:
     """The plugin's test series and a line that says what it is."""
     if plugin == "ct_lung":
-        return list(write_chest_ct(folder).paths), "chest CT phantom, 100 x 512 x 512"
+        paths = write_chest_ct(folder, slices=slices).paths
+        return list(paths), f"chest CT phantom, {slices} x 512 x 512"
     if plugin == "ct_head_bleed":
         head = write_head_ct(folder, (RIGHT_PARIETAL, LEFT_FRONTAL))
         return list(head.paths), "head CT phantom with 2 hyperdensities, 32 x 256 x 256"
@@ -163,13 +164,14 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=1.0)
     parser.add_argument("--plugin", choices=(*PLUGINS, "all"), default="all")
     parser.add_argument("--transport", choices=(*TRANSPORTS, "both"), default="both")
+    parser.add_argument("--slices", type=int, default=100, help="ct_lung's phantom")
     args = parser.parse_args()
     plugins = PLUGINS if args.plugin == "all" else (args.plugin,)
     transports = tuple(TRANSPORTS) if args.transport == "both" else (args.transport,)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for plugin in plugins:
-            paths, what = _series(plugin, root / plugin)
+            paths, what = _series(plugin, root / plugin, args.slices)
             for transport in transports:
                 results = [
                     one_run(

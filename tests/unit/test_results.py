@@ -282,8 +282,15 @@ def test_the_sr_lists_its_images_and_outlines_each_segment_on_its_largest_slice(
     )
     _, sr = (_round_trip(r.dataset) for r in encode(loaded, findings, plugin.spec, _identity()))
 
-    listed = _library(sr)
-    assert listed == {str(ds.SOPInstanceUID) for ds in loaded.headers}
+    # The library describes the image the content shows by itself: the outlined slice.
+    # The segment's volume group references the source series, the SEG each frame.
+    assert _library(sr) == {str(loaded.headers[14].SOPInstanceUID)}
+    (source_series,) = [
+        item
+        for item in walk_content(sr.ContentSequence)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Source Series for Segmentation"
+    ]
+    assert loaded.headers[0].SeriesInstanceUID == source_series.UID
 
     (scoord,) = [item for item in walk_content(sr.ContentSequence) if item.ValueType == "SCOORD"]
     assert scoord.GraphicType == "POLYLINE"
@@ -303,12 +310,18 @@ def test_an_image_the_library_cannot_describe_is_left_out_of_it_not_the_report(
 ) -> None:
     loaded = load_series(list(small_phantom.paths))
     del loaded.headers[3].SliceThickness  # Type 2: a scanner may leave it out
-    findings = _findings(loaded, (RIGHT_LUNG,))
+    label_map = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
+    label_map[3, 100:150, 40:100] = RIGHT_LUNG  # outlined on slice 3, in the library
+    label_map[5, 100:150, 40:90] = RIGHT_LUNG
+    findings = Findings(label_map=label_map, segment_numbers=(RIGHT_LUNG,))
     _, sr = (_round_trip(r.dataset) for r in encode(loaded, findings, plugin.spec, _identity()))
-    listed = _library(sr)
-    assert listed == {str(ds.SOPInstanceUID) for ds in loaded.headers} - {
-        str(loaded.headers[3].SOPInstanceUID)
+    assert "Image Library" not in {
+        item.ConceptNameCodeSequence[0].CodeMeaning for item in walk_content(sr.ContentSequence)
     }
+    (scoord,) = [item for item in walk_content(sr.ContentSequence) if item.ValueType == "SCOORD"]
+    assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(
+        loaded.headers[3].SOPInstanceUID
+    )
     evidence = {
         item.ReferencedSOPInstanceUID
         for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
