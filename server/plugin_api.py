@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -73,6 +73,8 @@ __all__ = [
     "Series",
     "TensorSpec",
     "TritonDatatype",
+    "VolumeArray",
+    "as_int16",
     "dicom_code",
     "listed_code",
 ]
@@ -161,6 +163,10 @@ class PluginSpec:
     # Not cleared for clinical use (a reference or research plugin): the results'
     # series descriptions say so. A plugin its makers cleared sets it False.
     investigational: bool = True
+    # The array type of ``Series.volume``: "float32", or "int16" (values rounded and
+    # clipped to its range: Hounsfield units lose nothing), half the memory, which a
+    # plugin whose model takes int16 hands to it as it is, not copied.
+    volume_type: Literal["float32", "int16"] = "float32"
 
     def series_description(self, kind: str) -> str:
         """The Series Description of its results of ``kind`` ("SEG", "SR"): that they
@@ -178,12 +184,27 @@ class PluginSpec:
         raise KeyError(f"plugin {self.name} declares no segment {number}")
 
 
+# A volume's array: float32, or int16 (PluginSpec.volume_type).
+VolumeArray = npt.NDArray[np.float32] | npt.NDArray[np.int16]
+
+
+def as_int16(volume: VolumeArray) -> npt.NDArray[np.int16]:
+    """``volume`` as int16: itself, not a copy, when it is (``volume_type="int16"``),
+    else rounded and clipped to int16's range."""
+    if volume.dtype == np.int16:
+        return cast("npt.NDArray[np.int16]", volume)
+    limits = np.iinfo(np.int16)
+    return np.clip(np.rint(volume), limits.min, limits.max).astype(np.int16)
+
+
 @dataclass(frozen=True)
 class Series:
     """A series as a volume, in patient geometry, with no patient data.
 
     ``volume`` is indexed (slice, row, column), slices ordered along the slice
-    normal, values after the modality LUT (Hounsfield units for CT).
+    normal, values after the modality LUT (Hounsfield units for CT), of the plugin's
+    ``PluginSpec.volume_type``. It is read-only to the plugin: it may lie in memory
+    the model reads it from.
 
     A series of projection images (CR, DX: no Image Position) has ``projection``
     set: each slice is one image, in Instance Number order, not stacked in space;
@@ -193,7 +214,7 @@ class Series:
     """
 
     modality: str
-    volume: npt.NDArray[np.float32]
+    volume: VolumeArray
     # Distance between slice centres along the normal, then row and column spacing, in mm.
     spacing: tuple[float, float, float]
     # Direction cosines of the rows and of the columns (ImageOrientationPatient).

@@ -32,6 +32,7 @@ from infergate.plugin_api import (
     SegmentSpec,
     Series,
     TensorSpec,
+    as_int16,
     dicom_code,
 )
 
@@ -69,6 +70,7 @@ SPEC = PluginSpec(
         TensorSpec("CT_HU", "INT16", (-1, -1, -1)),
         TensorSpec("SPACING_MM", "FP32", (3,)),
     ),
+    volume_type="int16",
     outputs=(TensorSpec("CANDIDATE_LABELS", "UINT8", (-1, -1, -1)),),
     segments=tuple(
         SegmentSpec(
@@ -115,7 +117,9 @@ class CtHeadBleedPlugin:
     spec = SPEC
 
     def preprocess(self, series: Series) -> dict[str, npt.NDArray[np.generic]]:
-        hu = np.clip(np.rint(series.volume), -32768, 32767).astype(np.int16)
+        # The volume is int16 HU (volume_type), as the model takes it: handed over as
+        # it is, not copied.
+        hu = as_int16(series.volume)
         return {"CT_HU": hu, "SPACING_MM": np.asarray(series.spacing, dtype=np.float32)}
 
     def postprocess(

@@ -23,6 +23,7 @@ from infergate.plugin_api import (
     SegmentSpec,
     Series,
     TensorSpec,
+    as_int16,
 )
 
 RIGHT_LUNG = 1
@@ -67,6 +68,7 @@ SPEC = PluginSpec(
         TensorSpec("CT_HU", "INT16", (-1, -1, -1)),
         TensorSpec("SPACING_MM", "FP32", (3,)),
     ),
+    volume_type="int16",
     outputs=(TensorSpec("LUNG_LABELS", "UINT8", (-1, -1, -1)),),
     segments=(
         SegmentSpec(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, LUNG, laterality=RIGHT),
@@ -81,10 +83,10 @@ class CtLungPlugin:
     spec = SPEC
 
     def preprocess(self, series: Series) -> dict[str, npt.NDArray[np.generic]]:
-        # int16 HU is half the bytes of float32 and loses nothing the model uses.
-        hu = np.clip(np.rint(series.volume), -32768, 32767).astype(np.int16)
-        spacing = np.asarray(series.spacing, dtype=np.float32)
-        return {"CT_HU": hu, "SPACING_MM": spacing}
+        # The volume is int16 HU (volume_type), as the model takes it: handed over as
+        # it is, not copied.
+        hu = as_int16(series.volume)
+        return {"CT_HU": hu, "SPACING_MM": np.asarray(series.spacing, dtype=np.float32)}
 
     def postprocess(
         self, series: Series, outputs: Mapping[str, npt.NDArray[np.generic]]

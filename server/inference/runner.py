@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,35 +87,50 @@ def run_job(
         timings[name] = round(now - started, 3)
         started = now
 
-    with step("volume building"):
-        loaded = load_series(work.paths, settings.volume)
-    lap("volume_s")
-    if loaded.excluded or loaded.resampled or loaded.assumed:
-        log.info(
-            "inference.volume.adjusted",
-            excluded=list(loaded.excluded),
-            resampled=loaded.resampled,
-            assumed=list(loaded.assumed),
-            slices=len(loaded.headers),
-            grid_slices=loaded.series.volume.shape[0],
+    # The volume is built where the model reads it (the job's shared memory) and let
+    # go once the plugin is done with it: nothing the size of the volume outlives it.
+    memory = triton.job_memory()
+    try:
+        with step("volume building"):
+            loaded = load_series(
+                work.paths, settings.volume, volume_type=spec.volume_type, allocate=memory.empty
+            )
+        lap("volume_s")
+        if loaded.excluded or loaded.resampled or loaded.assumed:
+            log.info(
+                "inference.volume.adjusted",
+                excluded=list(loaded.excluded),
+                resampled=loaded.resampled,
+                assumed=list(loaded.assumed),
+                slices=len(loaded.headers),
+                grid_slices=loaded.series.volume.shape[0],
+            )
+        inputs = _plugin_step(
+            spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series)
         )
-    inputs = _plugin_step(spec.name, "preprocess", lambda: plugin.plugin.preprocess(loaded.series))
-    lap("preprocess_s")
-    with step("inference"):
-        inference = triton.infer(
-            spec.model_name,
-            inputs,
-            tuple(t.name for t in spec.outputs),
-            version=spec.model_version,
-            timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
-            slice_chunk=spec.slice_chunk,
+        lap("preprocess_s")
+        with step("inference"):
+            inference = triton.infer(
+                spec.model_name,
+                inputs,
+                tuple(t.name for t in spec.outputs),
+                version=spec.model_version,
+                timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
+                slice_chunk=spec.slice_chunk,
+                memory=memory,
+            )
+        del inputs
+        lap("inference_s")
+        findings = _plugin_step(
+            spec.name,
+            "postprocess",
+            partial(plugin.plugin.postprocess, loaded.series, inference.outputs),
         )
-    lap("inference_s")
-    findings = _plugin_step(
-        spec.name,
-        "postprocess",
-        lambda: plugin.plugin.postprocess(loaded.series, inference.outputs),
-    )
+        model_version = inference.model_version
+        del inference  # the model's outputs: the plugin made its findings of them
+        loaded = loaded.without_volume()
+    finally:
+        memory.close()
     lap("postprocess_s")
     identity = ResultIdentity(
         job_id=job.job_id,
@@ -123,7 +139,7 @@ def run_job(
         seg_series_number=settings.results.seg_series_number + SERIES_STEP * work.plugin_rank,
         sr_series_number=settings.results.sr_series_number + SERIES_STEP * work.plugin_rank,
         supersedes=work.supersedes,
-        model_version=inference.model_version,
+        model_version=model_version,
     )
     with step("encoding"):
         encoded = encode(loaded, findings, spec, identity)

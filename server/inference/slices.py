@@ -6,10 +6,17 @@ position, orientation, pixel spacing and rescale come from its Per-frame Functio
 Groups, else from the Shared ones (PS3.3 C.7.6.16). Frames keep their frame number,
 so results can refer to them. A projection image (CR, DX) has no place in a volume:
 its values are turned to "as displayed" (``projection``).
+
+Headers and pixels are read apart: :func:`read_slices` parses each instance once,
+leaving its pixel data unread (pydicom defers it), so the volume can be laid out
+from the headers alone; :func:`modality_values` then decodes the slices one at a
+time, in the order the volume wants them, each into a float32 array of one slice.
+No more than one instance's pixel data is held at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,21 +24,29 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import pixel_array
 
 from infergate.dicom.geometry import is_projection
 from infergate.errors import VolumeError
 from infergate.inference.projection import displayed
 
+# Values larger than this are left in the file until asked for: the pixel data.
+_DEFER_BYTES = 64 * 1024
+
 
 @dataclass
 class Slice:
     path: Path
-    header: Dataset  # pixel data dropped; shared by the frames of one instance
-    pixels: npt.NDArray[np.float32]
+    # Pixel data unread until decoded, then dropped; shared by the frames of one instance.
+    header: Dataset
     # Zero for a projection image, which has no place in a volume.
     orientation: npt.NDArray[np.float64]
     position: npt.NDArray[np.float64]
     projection: bool
+    shape: tuple[int, int]  # rows, columns
+    # The modality LUT of this slice (a frame's own in a multi-frame instance).
+    slope: float = 1.0
+    intercept: float = 0.0
     frame: int | None = None  # 1-based, in a multi-frame instance
     pixel_spacing: tuple[float, float] | None = None  # from a frame's functional groups
 
@@ -43,22 +58,22 @@ def vector(ds: Dataset, keyword: str, length: int, where: str) -> npt.NDArray[np
     return np.array([float(v) for v in value], dtype=np.float64)
 
 
-def _rescaled(pixels: npt.NDArray[np.float32], source: Dataset) -> npt.NDArray[np.float32]:
-    slope = float(source.get("RescaleSlope", 1) or 1)
-    intercept = float(source.get("RescaleIntercept", 0) or 0)
-    if slope != 1.0:
-        pixels *= slope
-    if intercept != 0.0:
-        pixels += intercept
-    return pixels
+def _rescale(source: Dataset) -> tuple[float, float]:
+    return (
+        float(source.get("RescaleSlope", 1) or 1),
+        float(source.get("RescaleIntercept", 0) or 0),
+    )
 
 
 def read_slices(path: Path) -> list[Slice]:
-    """The slices in the instance at ``path``: one, or one per frame."""
+    """The slices in the instance at ``path``: one, or one per frame; their pixel data
+    is read by :func:`modality_values`."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise VolumeError(f"instance {path.name} cannot be read: {exc}") from exc
+    if "PixelData" not in ds:
+        raise VolumeError(f"instance {path.name} has no pixel data")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     enhanced = "PerFrameFunctionalGroupsSequence" in ds
     if frames > 1 and not enhanced:
@@ -69,31 +84,55 @@ def read_slices(path: Path) -> list[Slice]:
     projection = is_projection(ds)
     if projection and frames > 1:
         raise VolumeError(f"instance {path.name} is a multi-frame projection image")
-    try:
-        pixels = ds.pixel_array.astype(np.float32)
-    except Exception as exc:  # pixel handlers raise many types
-        raise VolumeError(f"instance {path.name}: pixel data cannot be decoded: {exc}") from exc
-    del ds.PixelData
+    shape = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     if enhanced:
-        return _frames(path, ds, pixels.reshape(frames, *pixels.shape[-2:]))
+        return _frames(path, ds, frames, shape)
     if projection:
         orientation, position = np.zeros(6), np.zeros(3)
     else:
         where = f"instance {path.name}"
         orientation = vector(ds, "ImageOrientationPatient", 6, where)
         position = vector(ds, "ImagePositionPatient", 3, where)
-    pixels = _rescaled(pixels, ds)
-    if projection:
-        pixels = displayed(pixels, ds)
-    return [Slice(path, ds, pixels, orientation, position, projection)]
+    slope, intercept = _rescale(ds)
+    return [Slice(path, ds, orientation, position, projection, shape, slope, intercept)]
 
 
-def _frames(path: Path, ds: Dataset, stack: npt.NDArray[np.float32]) -> list[Slice]:
+def modality_values(slices: Sequence[Slice]) -> Iterator[npt.NDArray[np.float32]]:
+    """The values of each of ``slices`` after the modality LUT (as displayed, for a
+    projection image), in their order, one float32 array at a time. An instance's pixel
+    data is read when its first slice comes and dropped after its last."""
+    last_use = {id(s.header): i for i, s in enumerate(slices)}
+    for index, item in enumerate(slices):
+        ds = item.header
+        try:
+            stored = pixel_array(ds, index=None if item.frame is None else item.frame - 1)
+        except Exception as exc:  # pixel handlers raise many types
+            raise VolumeError(
+                f"instance {item.path.name}: pixel data cannot be decoded: {exc}"
+            ) from exc
+        if stored.shape[-2:] != item.shape:
+            raise VolumeError(
+                f"instance {item.path.name}: pixel data is {stored.shape[-2:]},"
+                f" the header says {item.shape}"
+            )
+        values = stored.astype(np.float32)
+        if item.slope != 1.0:
+            values *= item.slope
+        if item.intercept != 0.0:
+            values += item.intercept
+        if item.projection:
+            values = displayed(values, ds)
+        if last_use[id(ds)] == index and "PixelData" in ds:
+            del ds.PixelData
+        yield values
+
+
+def _frames(path: Path, ds: Dataset, count: int, shape: tuple[int, int]) -> list[Slice]:
     """One slice per frame of an Enhanced multi-frame instance."""
     per_frame = ds.PerFrameFunctionalGroupsSequence
-    if len(per_frame) != len(stack):
+    if len(per_frame) != count:
         raise VolumeError(
-            f"instance {path.name} has {len(stack)} frames but {len(per_frame)} per-frame"
+            f"instance {path.name} has {count} frames but {len(per_frame)} per-frame"
             " functional groups"
         )
     shared = (
@@ -120,15 +159,17 @@ def _frames(path: Path, ds: Dataset, stack: npt.NDArray[np.float32]) -> list[Sli
         if measures is None:
             raise VolumeError(f"{where} has no Pixel Measures")
         spacing = vector(measures, "PixelSpacing", 2, where)
-        transform = group(item, "PixelValueTransformationSequence") or Dataset()
+        slope, intercept = _rescale(group(item, "PixelValueTransformationSequence") or Dataset())
         slices.append(
             Slice(
                 path,
                 ds,
-                _rescaled(stack[index], transform),
                 vector(plane_orientation, "ImageOrientationPatient", 6, where),
                 vector(plane_position, "ImagePositionPatient", 3, where),
                 projection=False,
+                shape=shape,
+                slope=slope,
+                intercept=intercept,
                 frame=index + 1,
                 pixel_spacing=(float(spacing[0]), float(spacing[1])),
             )

@@ -27,7 +27,7 @@ from infergate.errors import (
     TritonUnavailableError,
 )
 from infergate.inference.chunks import join_slices, split_slices
-from infergate.inference.shared_memory import shared_memory_inputs
+from infergate.inference.shared_memory import JobMemory, shared_memory_inputs
 from infergate.logs import get_logger
 from infergate.plugin_api import PluginSpec, TensorSpec
 
@@ -83,6 +83,11 @@ class TritonClient:
 
     def close(self) -> None:
         self._client.close()
+
+    def job_memory(self) -> JobMemory:
+        """Where a job builds its volume: shared memory Triton reads in place when the
+        inputs go through shared memory."""
+        return JobMemory(shared=self.shared_memory)
 
     def is_ready(self) -> bool:
         try:
@@ -157,11 +162,13 @@ class TritonClient:
         version: str = "",
         timeout_s: float | None = None,
         slice_chunk: int | None = None,
+        memory: JobMemory | None = None,
     ) -> Inference:
         """Run the model on ``inputs`` within ``timeout_s`` (default: the client's): its
         outputs, and the version of it that Triton ran.
 
-        Through shared memory, one request. Over gRPC, one request, or, when
+        Through shared memory, one request; an input made in ``memory`` is read by
+        Triton where it lies. Over gRPC, one request, or, when
         ``slice_chunk`` says the model takes slices alone, chunks of that many slices
         with up to ``max_in_flight`` requests at once (``chunks``).
 
@@ -172,7 +179,7 @@ class TritonClient:
         deadline = self.timeout_s if timeout_s is None else timeout_s
         if self.shared_memory:
             try:
-                with shared_memory_inputs(self._client, inputs, deadline) as request_inputs:
+                with shared_memory_inputs(self._client, inputs, deadline, memory) as request_inputs:
                     return self._infer(model, request_inputs, outputs, version, deadline)
             except SharedMemoryUnavailableError as exc:
                 log.warning("inference.shared_memory.unavailable", url=self.url, reason=str(exc))

@@ -19,6 +19,13 @@ so results overlay the images the radiologist sees.
 A multi-frame Enhanced image is read frame by frame (``slices``); its frames are
 the slices, ordered along the normal like any others, whatever their frame order.
 
+The volume is laid out from the headers, then filled one slice at a time, in the
+array type the plugin asks for (``PluginSpec.volume_type``: int16 HU is half the
+bytes of float32), in memory the caller gives (``allocate``: the job's Triton shared
+memory, so the model reads the volume where it was built). Nothing the size of the
+volume is made but the volume itself: a shear is undone and uneven gaps resampled
+slice by slice as they are read.
+
 Projection images (CR, DX: see ``projection``) are no volume: each image becomes
 one slice of the plugin's array, in Instance Number order, with its values as
 displayed and its geometry from Patient Orientation.
@@ -27,8 +34,10 @@ displayed and its geometry from Patient Orientation.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -39,8 +48,11 @@ from infergate.config import VolumeSettings
 from infergate.dicom.geometry import irregular_gaps
 from infergate.errors import VolumeError
 from infergate.inference.projection import patient_orientation, pixel_spacing
-from infergate.inference.slices import Slice, read_slices, vector
-from infergate.plugin_api import Series
+from infergate.inference.slices import Slice, modality_values, read_slices, vector
+from infergate.plugin_api import Series, VolumeArray
+
+# Where the volume is made: a function of (shape, dtype), like numpy.empty.
+Allocate = Callable[[tuple[int, ...], np.dtype[np.float32] | np.dtype[np.int16]], VolumeArray]
 
 # Positions along the normal closer than this are the same slice position (mm).
 _SAME_POSITION_MM = 1e-3
@@ -109,6 +121,13 @@ class LoadedSeries:
                 frames[i] = ndimage.shift(grid, back, order=0, mode="constant", cval=0)
         return frames
 
+    def without_volume(self) -> LoadedSeries:
+        """This series with its volume's values let go (its shape and type kept):
+        what encoding the results needs, once the plugin is done with the volume."""
+        volume = self.series.volume
+        placeholder = np.broadcast_to(np.zeros((), dtype=volume.dtype), volume.shape)
+        return replace(self, series=replace(self.series, volume=cast("VolumeArray", placeholder)))
+
 
 def _is_localizer(ds: Dataset) -> bool:
     return "LOCALIZER" in {str(v).upper() for v in (ds.get("ImageType") or ())}
@@ -124,7 +143,7 @@ def _select(slices: list[Slice]) -> tuple[list[Slice], tuple[str, ...]]:
         raise VolumeError("series holds only localizers")
 
     def key(s: Slice) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return tuple(np.round(s.orientation / _SAME_ORIENTATION).astype(int)), s.pixels.shape
+        return tuple(np.round(s.orientation / _SAME_ORIENTATION).astype(int)), s.shape
 
     counts = Counter(key(s) for s in kept)
     (main, main_count), *others = counts.most_common()
@@ -138,19 +157,27 @@ def _select(slices: list[Slice]) -> tuple[list[Slice], tuple[str, ...]]:
     return volume, tuple(f"{n} {why}" for why, n in reasons.items() if n)
 
 
-def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> LoadedSeries:
-    """Read ``paths`` (one series) into a :class:`LoadedSeries`.
+def load_series(
+    paths: list[Path],
+    settings: VolumeSettings | None = None,
+    *,
+    volume_type: str = "float32",
+    allocate: Allocate = np.empty,
+) -> LoadedSeries:
+    """Read ``paths`` (one series) into a :class:`LoadedSeries`, its volume of
+    ``volume_type`` made by ``allocate``.
 
     Raises :class:`VolumeError` when no regular volume can be made under ``settings``:
     slices sharing a position, missing slices, a tilt or uneven spacing the policy
     refuses, or instances without geometry.
     """
     policy = settings or VolumeSettings()
+    dtype = _volume_dtype(volume_type)
     if not paths:
         raise VolumeError("series has no instances")
     slices, excluded = _select([s for p in paths for s in read_slices(p)])
     if slices[0].projection:
-        return _projections(slices, excluded)
+        return _projections(slices, excluded, dtype, allocate)
     _one_multiframe_at_most(slices)
     orientation = slices[0].orientation
     row_dir, col_dir = orientation[:3], orientation[3:]
@@ -198,16 +225,11 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
             raise VolumeError(f"{what}; volume.irregular_spacing is refuse")
         changes.append(f"{what}: resampled every {spacing:.2f} mm along the normal")
 
-    stack = np.stack([s.pixels for s in slices])
-    if sheared:
-        background = float(stack.min())
-        for i in range(1, len(slices)):
-            stack[i] = ndimage.shift(
-                stack[i], tuple(shifts[i]), order=1, mode="constant", cval=background
-            )
     index = (distances - distances[0]) / spacing if len(gaps) else np.zeros(1)
-    if irregular:
-        stack = _resample_along_normal(stack, index)
+    count = round(float(index[-1])) + 1 if irregular else len(slices)
+    volume = allocate((count, *slices[0].shape), dtype)
+    _fill(volume, slices, shifts if sheared else None, index if irregular else None)
+    volume.flags.writeable = False  # the plugin's to read (the model reads it too)
     placements = tuple(
         Placement(
             float(index[i]) if irregular else float(i),
@@ -217,7 +239,7 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
     )
     series = Series(
         modality=str(first.get("Modality", "")),
-        volume=stack,
+        volume=volume,
         spacing=(spacing, row_spacing, column_spacing),
         row_direction=(float(row_dir[0]), float(row_dir[1]), float(row_dir[2])),
         column_direction=(float(col_dir[0]), float(col_dir[1]), float(col_dir[2])),
@@ -226,7 +248,7 @@ def load_series(paths: list[Path], settings: VolumeSettings | None = None) -> Lo
             float(slices[0].position[1]),
             float(slices[0].position[2]),
         ),
-        interpolated=_interpolated(placements, len(stack)) if irregular else (),
+        interpolated=_interpolated(placements, count) if irregular else (),
     )
     return LoadedSeries(
         series=series,
@@ -256,7 +278,12 @@ def _one_multiframe_at_most(slices: list[Slice]) -> None:
         )
 
 
-def _projections(slices: list[Slice], excluded: tuple[str, ...]) -> LoadedSeries:
+def _projections(
+    slices: list[Slice],
+    excluded: tuple[str, ...],
+    dtype: np.dtype[np.float32] | np.dtype[np.int16],
+    allocate: Allocate,
+) -> LoadedSeries:
     """Projection images as a stack of separate images, in Instance Number order."""
     slices.sort(
         key=lambda s: (int(s.header.get("InstanceNumber") or 0), str(s.header.SOPInstanceUID))
@@ -264,9 +291,13 @@ def _projections(slices: list[Slice], excluded: tuple[str, ...]) -> LoadedSeries
     first = slices[0]
     row_spacing, column_spacing = pixel_spacing(first.header, first.path.name)
     row_dir, col_dir, assumed = patient_orientation(first.header, first.path.name)
+    volume = allocate((len(slices), *first.shape), dtype)
+    for i, values in enumerate(modality_values(slices)):
+        _put(volume, i, values)
+    volume.flags.writeable = False
     series = Series(
         modality=str(first.header.get("Modality", "")),
-        volume=np.stack([s.pixels for s in slices]),
+        volume=volume,
         spacing=(0.0, row_spacing, column_spacing),
         row_direction=row_dir,
         column_direction=col_dir,
@@ -283,21 +314,76 @@ def _projections(slices: list[Slice], excluded: tuple[str, ...]) -> LoadedSeries
     )
 
 
-def _resample_along_normal(
-    stack: npt.NDArray[np.float32], index: npt.NDArray[np.float64]
-) -> npt.NDArray[np.float32]:
-    """Slices at fractional grid positions ``index`` (increasing, from 0) onto the
-    integer positions 0..round(last), each a linear blend of its two neighbours."""
-    count = round(float(index[-1])) + 1
-    grid = np.empty((count, *stack.shape[1:]), dtype=np.float32)
-    for j in range(count):
-        upper = int(np.searchsorted(index, j, side="left"))
-        if upper == 0:
-            grid[j] = stack[0]
-        elif upper >= len(index):
-            grid[j] = stack[-1]
-        else:
-            lower = upper - 1
-            weight = float((j - index[lower]) / (index[upper] - index[lower]))
-            grid[j] = (1.0 - weight) * stack[lower] + weight * stack[upper]
-    return grid
+def _volume_dtype(name: str) -> np.dtype[np.float32] | np.dtype[np.int16]:
+    if name == "float32":
+        return np.dtype(np.float32)
+    if name == "int16":
+        return np.dtype(np.int16)
+    raise VolumeError(f"a volume is float32 or int16, not {name!r}")
+
+
+def _put(volume: VolumeArray, index: int, values: npt.NDArray[np.float32]) -> None:
+    """Slice ``index`` of ``volume`` is ``values``, rounded and clipped to an integer
+    volume's range."""
+    if volume.dtype == np.float32:
+        volume[index] = values
+        return
+    limits = np.iinfo(np.int16)
+    volume[index] = np.clip(np.rint(values), limits.min, limits.max)
+
+
+def _fill(
+    volume: VolumeArray,
+    slices: list[Slice],
+    shifts: npt.NDArray[np.float64] | None,
+    grid_index: npt.NDArray[np.float64] | None,
+) -> None:
+    """``volume`` from ``slices`` (ordered along the normal), read one at a time:
+    each shifted in plane by its ``shifts`` when sheared, and resampled onto the
+    regular grid when they lie at fractional ``grid_index`` positions on it."""
+    acquired = modality_values(slices)
+    if shifts is not None:
+        acquired = _unsheared(acquired, shifts)
+    if grid_index is not None:
+        _fill_resampled(volume, acquired, grid_index)
+        return
+    for i, values in enumerate(acquired):
+        _put(volume, i, values)
+
+
+def _unsheared(
+    acquired: Iterator[npt.NDArray[np.float32]], shifts: npt.NDArray[np.float64]
+) -> Iterator[npt.NDArray[np.float32]]:
+    """Each slice shifted in plane by its ``shifts`` (rows, columns) onto the first,
+    what comes in from outside its field of view at its lowest value."""
+    for i, values in enumerate(acquired):
+        if i == 0:
+            yield values
+            continue
+        background = float(values.min())
+        yield ndimage.shift(values, tuple(shifts[i]), order=1, mode="constant", cval=background)
+
+
+def _fill_resampled(
+    volume: VolumeArray,
+    acquired: Iterator[npt.NDArray[np.float32]],
+    index: npt.NDArray[np.float64],
+) -> None:
+    """The grid slices 0..len(volume)-1 from acquired slices at fractional grid
+    positions ``index`` (increasing, from 0), each a linear blend of the two acquired
+    slices either side, read in order with two of them in memory at once."""
+    count = volume.shape[0]
+    grid = 0
+    previous: npt.NDArray[np.float32] | None = None
+    for k, values in enumerate(acquired):
+        while grid < count and grid <= index[k]:
+            if previous is None:
+                _put(volume, grid, values)
+            else:
+                weight = float((grid - index[k - 1]) / (index[k] - index[k - 1]))
+                _put(volume, grid, (1.0 - weight) * previous + weight * values)
+            grid += 1
+        previous = values
+    while grid < count and previous is not None:  # past the last acquired slice
+        _put(volume, grid, previous)
+        grid += 1

@@ -16,6 +16,7 @@ also checks that neither function changes the series it is given.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -29,13 +30,23 @@ from infergate.plugins import pickling_error, validate
 _SHAPE = (8, 32, 64)  # slices, rows, columns of the synthetic series
 
 
-def synthetic_series(modality: str, shape: tuple[int, int, int] = _SHAPE) -> Series:
+def synthetic_series(
+    modality: str, shape: tuple[int, int, int] = _SHAPE, volume_type: str = "float32"
+) -> Series:
     """A small series of ``modality``: air around a body-like block (CT values in HU),
-    280 mm across, as wide as an adult's trunk.
+    280 mm across, as wide as an adult's trunk, its volume of ``volume_type`` and
+    read-only, as the gateway gives it.
 
     For a projection modality (CR, DX, ...) one image, as displayed: a bright block
     on a dark background.
     """
+    series = _synthetic(modality, shape)
+    volume = series.volume.astype(volume_type)
+    volume.flags.writeable = False
+    return replace(series, volume=volume)
+
+
+def _synthetic(modality: str, shape: tuple[int, int, int]) -> Series:
     if modality.upper() in PROJECTION_MODALITIES:
         _, rows, columns = shape
         image = np.full((1, rows, columns), 0.05, dtype=np.float32)
@@ -74,7 +85,7 @@ def check_plugin(plugin: object) -> list[str]:
     if error is not None:
         problems.append(f"the plugin object cannot be pickled ({type(error).__name__}: {error})")
     for modality in sorted(spec.modalities):
-        series = synthetic_series(modality)
+        series = synthetic_series(modality, volume_type=spec.volume_type)
         before = series.volume.copy()
         try:
             inputs = checked.preprocess(series)

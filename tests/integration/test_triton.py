@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.utils.shared_memory as shm
 import yaml
 from structlog.testing import capture_logs
 
 from infergate.config import TritonSettings
 from infergate.errors import InferenceError, InferenceTimeoutError, ModelMismatchError
+from infergate.inference import shared_memory
 from infergate.inference.embedded import EmbeddedTriton
+from infergate.inference.shared_memory import shared_memory_inputs
 from infergate.inference.triton import TritonClient
 from infergate.inference.volume import load_series
 from infergate.plugin_api import TensorSpec
@@ -125,29 +127,70 @@ def test_shared_memory_and_grpc_give_the_same_answer_and_leave_nothing(
     assert _our_regions() == before
 
 
+def test_a_volume_built_in_job_memory_is_read_by_triton_where_it_lies(
+    triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    """The volume is made in the job's shared memory: the request names that region,
+    not a copy, and the answer is the one over gRPC; nothing is left after the job."""
+    before = _our_regions()
+    memory = triton.job_memory()
+    try:
+        loaded = load_series(
+            list(small_phantom.paths), volume_type=plugin.spec.volume_type, allocate=memory.empty
+        )
+        inputs = plugin.preprocess(loaded.series)
+        found = memory.find(inputs["CT_HU"])
+        assert found is not None
+        with shared_memory_inputs(triton._client, inputs, 60, memory) as request:
+            regions = {
+                t.name(): t._input.parameters["shared_memory_region"].string_param for t in request
+            }
+        assert regions["CT_HU"] == found[0].name
+        assert regions["SPACING_MM"] != found[0].name  # a few numbers, copied
+        shared = triton.infer("ct_lung_seg", inputs, ("LUNG_LABELS",), memory=memory).outputs
+        plain = TritonClient(triton.url, timeout_s=60)
+        try:
+            grpc = plain.infer("ct_lung_seg", inputs, ("LUNG_LABELS",)).outputs
+        finally:
+            plain.close()
+        np.testing.assert_array_equal(shared["LUNG_LABELS"], grpc["LUNG_LABELS"])
+    finally:
+        memory.close()
+    assert _our_regions() == before
+
+
 def test_a_region_that_cannot_be_made_falls_back_to_grpc(
     triton: TritonClient, small_phantom: ChestPhantom, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """/dev/shm full (a container's 64 MB default): the request goes over gRPC, and so
-    do the next ones, said once in the log."""
+    """/dev/shm full (a container's 64 MB default): found when the region's room is
+    reserved, before anything is written; the volume is made in the job's own memory,
+    the request goes over gRPC, and so do the next ones."""
+    before = _our_regions()
     client = TritonClient(triton.url, timeout_s=60, shared_memory=True)
 
-    def full(*args: object, **kwargs: object) -> None:
-        raise shm.SharedMemoryException("unable to initialize the size")
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(shm, "create_shared_memory_region", full)
-    inputs = plugin.preprocess(load_series(list(small_phantom.paths)).series)
+    monkeypatch.setattr(shared_memory.os, "posix_fallocate", full)  # type: ignore[attr-defined]
+    memory = client.job_memory()
     try:
         with capture_logs() as logs:
-            labels = client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",)).outputs["LUNG_LABELS"]
+            loaded = load_series(
+                list(small_phantom.paths), volume_type="int16", allocate=memory.empty
+            )
+            inputs = plugin.preprocess(loaded.series)
+            answer = client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",), memory=memory)
             client.infer("ct_lung_seg", inputs, ("LUNG_LABELS",))
     finally:
+        memory.close()
         client.close()
-    assert labels.shape == inputs["CT_HU"].shape
+    assert answer.outputs["LUNG_LABELS"].shape == inputs["CT_HU"].shape
+    assert memory.find(inputs["CT_HU"]) is None  # in the job's own memory
     assert not client.shared_memory
     fallbacks = [e for e in logs if e["event"] == "inference.shared_memory.unavailable"]
-    assert len(fallbacks) == 1
-    assert "unable to initialize the size" in fallbacks[0]["reason"]
+    assert len(fallbacks) == 2  # the volume's region, then the request's
+    assert all("No space left on device" in e["reason"] for e in fallbacks)
+    assert _our_regions() == before
 
 
 def _requests_served(client: TritonClient, model: str) -> int:

@@ -17,8 +17,8 @@ from infergate_plugins.ct_lung.plugin import LEFT_LUNG, RIGHT_LUNG
 def _series(row_x: float, body_columns: slice = slice(None)) -> Series:
     """10 slices of 40x40 6 mm pixels: a body of soft tissue in ``body_columns``
     (all 40, 240 mm across, unless told), air around it."""
-    volume = np.full((10, 40, 40), -1000.0, dtype=np.float32)
-    volume[:, :, body_columns] = 40.0
+    volume = np.full((10, 40, 40), -1000, dtype=np.int16)  # the plugin's volume_type
+    volume[:, :, body_columns] = 40
     return Series(
         modality="CT",
         volume=volume,

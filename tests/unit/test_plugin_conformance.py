@@ -65,7 +65,7 @@ class _Broken:
     [
         ("dtype", "input CT_HU is float32, declared INT16"),
         ("name", "inputs are ['HU', 'SPACING_MM']"),
-        ("mutates", "volume was changed by the plugin"),
+        ("mutates", "assignment destination is read-only"),
         ("segment", "findings name segments [7]"),
         ("shape", "label map is uint8 (8, 10, 64)"),
         ("measurement", "a measurement is about segment 9"),
