@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -336,6 +337,69 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         pending.extend(child_pids(current))
     return tree
+
+
+def _rss_pss_kib(pid: int) -> tuple[int, int]:
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:  # it ended meanwhile
+        return 0, 0
+    values = {}
+    for line in text.splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        if name in ("Rss", "Pss"):
+            values[name] = int(rest.split()[0])
+    return values.get("Rss", 0), values.get("Pss", 0)
+
+
+class TreeMemory(threading.Thread):
+    """The summed RSS and PSS of a process and its descendants, sampled until stopped;
+    their peaks, and the sums when :meth:`mark_idle` was called."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_rss = self.peak_pss = self.idle_rss = self.idle_pss = 0
+        self._halt = threading.Event()
+
+    def sample(self) -> tuple[int, int]:
+        sums = [_rss_pss_kib(p) for p in process_tree(self.pid)]
+        return sum(r for r, _ in sums), sum(p for _, p in sums)
+
+    def mark_idle(self) -> None:
+        self.idle_rss, self.idle_pss = self.sample()
+        self.peak_rss, self.peak_pss = self.idle_rss, self.idle_pss
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval_s):
+            rss, pss = self.sample()
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+    def stop(self) -> dict[str, float]:
+        self._halt.set()
+        self.join()
+        return {
+            "peak_rss_mib": self.peak_rss / 1024,
+            "peak_pss_mib": self.peak_pss / 1024,
+            "rss_over_idle_mib": (self.peak_rss - self.idle_rss) / 1024,
+            "pss_over_idle_mib": (self.peak_pss - self.idle_pss) / 1024,
+        }
+
+
+def reference_tree(rev: str, into: Path) -> dict[str, str]:
+    """The code of commit ``rev`` unpacked in ``into``, and the environment that runs
+    it with this virtual environment's packages."""
+    code = into / "code"
+    code.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    path = into / "path"
+    path.mkdir()
+    (path / "infergate").symlink_to(code / "server")
+    (path / "infergate_plugins").symlink_to(code / "plugins")
+    return {"PYTHONPATH": str(path), "MODEL_REPOSITORY": str(code / "model_repository")}
 
 
 def process_name(pid: int) -> str | None:

@@ -101,7 +101,7 @@ class CtLungPlugin:
         summary: dict[str, float | int | str] = {}
         for model_label in (1, 2):
             mask = labels == model_label
-            volume_ml = float(mask.sum()) * series.voxel_volume_ml
+            volume_ml = float(np.count_nonzero(mask)) * series.voxel_volume_ml
             summary[f"candidate_{model_label}_ml"] = round(volume_ml, 1)
             if volume_ml < MIN_LUNG_ML:
                 continue
@@ -116,14 +116,10 @@ class CtLungPlugin:
             # by the side it is on, and two parts of one lung are that lung.
             on_left = (offset > 0) == columns_point_left
             label_map[mask] = LEFT_LUNG if on_left else RIGHT_LUNG
-        numbers = tuple(n for n in (RIGHT_LUNG, LEFT_LUNG) if (label_map == n).any())
+        voxels = {n: np.count_nonzero(label_map == n) for n in (RIGHT_LUNG, LEFT_LUNG)}
+        numbers = tuple(n for n, count in voxels.items() if count)
         measurements = tuple(
-            Measurement(
-                n,
-                VOLUME,
-                round(float((label_map == n).sum()) * series.voxel_volume_ml, 1),
-                MILLILITER,
-            )
+            Measurement(n, VOLUME, round(float(voxels[n]) * series.voxel_volume_ml, 1), MILLILITER)
             for n in numbers
         )
         evaluations: tuple[Evaluation, ...] = () if numbers else (Evaluation(LUNG, ABSENT),)
@@ -148,5 +144,7 @@ def _lateral_position(series: Series, mask: npt.NDArray[np.bool_]) -> tuple[floa
     first, last = int(columns[0]), int(columns[-1])
     width = last - first + 1
     centre = (first + last) / 2.0
-    candidate_centre = float(np.nonzero(mask)[2].mean())
+    # The mean column of its voxels, from their count per column (no index arrays).
+    per_column = np.count_nonzero(mask, axis=(0, 1))
+    candidate_centre = float(per_column @ np.arange(per_column.size)) / float(per_column.sum())
     return (candidate_centre - centre) / width, width * series.spacing[2]

@@ -31,6 +31,9 @@ class JobOutcome:
     timings_s: dict[str, float]
     # The critical findings (plugin_api.Evaluation.critical) the job's SR reports.
     critical: tuple[CriticalFinding, ...] = ()
+    # The peak resident memory of the job's own process (0 when it ran on a thread
+    # of the gateway, whose peak is not the job's).
+    peak_memory_bytes: int = 0
 
 
 def _plugin_step(plugin: str, step: str, call: Callable[[], T]) -> T:

@@ -40,6 +40,15 @@ JOB_STAGE_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 150, 600),
     registry=REGISTRY,
 )
+JOB_PEAK_MEMORY = Histogram(
+    "infergate_job_peak_memory_bytes",
+    "The peak resident memory of a finished job's process, by plugin (the volume, the"
+    " plugin's steps and encoding; Triton's copy of the inputs and the model's own"
+    " memory are in tritonserver and its stub).",
+    ["plugin"],
+    buckets=tuple(2.0**n * 2**20 for n in range(6, 16)),  # 64 MiB to 32 GiB
+    registry=REGISTRY,
+)
 SERIES_COMPLETED = Counter(
     "infergate_series_completed",
     "Series that assembly found complete, by what completed them: quiet (the quiet"
@@ -63,11 +72,20 @@ DELIVERY_SECONDS = Histogram(
 )
 
 
-def job_ended(plugin: str, state: str, timings_s: dict[str, float] | None = None) -> None:
-    """Count a job that ended; a finished one's stage durations too."""
+def job_ended(
+    plugin: str,
+    state: str,
+    timings_s: dict[str, float] | None = None,
+    *,
+    peak_memory_bytes: int = 0,
+) -> None:
+    """Count a job that ended; a finished one's stage durations and the peak memory of
+    its process (when it had one) too."""
     JOBS_ENDED.labels(plugin, state).inc()
     for key, seconds in (timings_s or {}).items():
         JOB_STAGE_SECONDS.labels(plugin, key.removesuffix("_s")).observe(seconds)
+    if peak_memory_bytes:
+        JOB_PEAK_MEMORY.labels(plugin).observe(peak_memory_bytes)
 
 
 def series_completed(trigger: str, waited_s: float, plugins: list[str]) -> None:

@@ -12,9 +12,9 @@ the SEG are recorded as evidence.
 
 Why the series and not each slice: the SEG already references every source frame,
 and a report listing each of a 300-slice series' images in the segment references
-and the library took 15 s to build and 4.5 s to write (1.3 MB), against 0.6 s and
-0.1 s (tests/benchmarks/bench_encode.py); it grows with the series, what it says
-does not.
+and the library took 15 s to build and 4.5 s to write (1.3 MB), against 0.35 s and
+0.1 s now (``tests/benchmarks/bench_end_to_end.py --slices 300``): it grew with the
+series, what it said did not.
 """
 
 from __future__ import annotations

@@ -94,25 +94,36 @@ def write_chest_ct(
     # Patient coordinates (LPS): x to the patient's left, y posterior, z head-ward.
     z_top = (slices - 1) * slice_spacing / 2.0
     z_positions = z_top - np.arange(slices) * slice_spacing
-    grid = axial_grid(size, pixel_spacing, z_positions)
-    _, y, x = grid
-
-    volume = np.full((slices, size, size), AIR_HU, dtype=np.int16)
-    body = (x / 170.0) ** 2 + (y / 120.0) ** 2 <= 1.0
-    volume[body] = TISSUE_HU
-    volume[(np.abs(x) <= 200.0) & (y >= 135.0) & (y <= 150.0)] = TABLE_HU
-
+    # Built one slice at a time, so that a study of thousands of slices takes the
+    # memory of its int16 volume alone.
+    _, y, x = axial_grid(size, pixel_spacing, np.zeros(1))
+    y, x = y[0], x[0]
     extent = z_top
-    right = ellipsoid(grid, (-70.0, -5.0, 0.0), (55.0, 80.0, 0.80 * extent))
-    left = ellipsoid(grid, (70.0, -5.0, -5.0), (48.0, 72.0, 0.72 * extent))
-    volume[right | left] = LUNG_HU
-    trachea = (x**2 + (y + 40.0) ** 2 <= 9.0**2) & (grid[0] >= 0.55 * extent)
-    volume[trachea & body] = AIR_HU
-    for cx, cy, cz in ((-70.0, 0.0, 20.0), (-60.0, -30.0, -30.0), (65.0, 10.0, 0.0)):
-        vessel = ellipsoid(grid, (cx, cy, cz), (5.0, 5.0, 5.0))
-        volume[vessel] = VESSEL_HU
-    noise = rng.normal(0.0, 15.0, size=volume.shape)
-    volume = np.clip(volume + noise, -1024, 3000).astype(np.int16)
+    body = (x / 170.0) ** 2 + (y / 120.0) ** 2 <= 1.0
+    table = (np.abs(x) <= 200.0) & (y >= 135.0) & (y <= 150.0)
+    airway = x**2 + (y + 40.0) ** 2 <= 9.0**2
+    lungs = {
+        "right": ((-70.0, -5.0, 0.0), (55.0, 80.0, 0.80 * extent)),
+        "left": ((70.0, -5.0, -5.0), (48.0, 72.0, 0.72 * extent)),
+    }
+    vessels = ((-70.0, 0.0, 20.0), (-60.0, -30.0, -30.0), (65.0, 10.0, 0.0))
+    volume = np.empty((slices, size, size), dtype=np.int16)
+    voxels = {"right": 0, "left": 0}
+    for index, z in enumerate(z_positions):
+        plane = [np.full_like(x, z), y, x]
+        hu = np.full((size, size), AIR_HU, dtype=np.float64)
+        hu[body] = TISSUE_HU
+        hu[table] = TABLE_HU
+        for side, (centre, axes) in lungs.items():
+            inside = ellipsoid(plane, centre, axes)
+            voxels[side] += int(inside.sum())
+            hu[inside] = LUNG_HU
+        if z >= 0.55 * extent:
+            hu[airway & body] = AIR_HU
+        for cx, cy, cz in vessels:
+            hu[ellipsoid(plane, (cx, cy, cz), (5.0, 5.0, 5.0))] = VESSEL_HU
+        hu += rng.normal(0.0, 15.0, size=hu.shape)
+        volume[index] = np.clip(hu, -1024, 3000).astype(np.int16)
 
     voxel_ml = pixel_spacing * pixel_spacing * slice_spacing / 1000.0
     written = write_axial_series(
@@ -130,8 +141,8 @@ def write_chest_ct(
         study_uid=written.study_uid,
         series_uid=written.series_uid,
         sop_instance_uids=written.sop_instance_uids,
-        right_lung_ml=float(right.sum()) * voxel_ml,
-        left_lung_ml=float(left.sum()) * voxel_ml,
+        right_lung_ml=voxels["right"] * voxel_ml,
+        left_lung_ml=voxels["left"] * voxel_ml,
         identity=ident,
     )
 

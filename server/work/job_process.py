@@ -22,9 +22,10 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
+import resource
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -157,7 +158,7 @@ def _child(
     with job_context(job):
         triton = TritonClient.for_settings(settings.triton)
         try:
-            outcome = run_job(work, plugin, triton, settings)
+            outcome = replace(run_job(work, plugin, triton, settings), peak_memory_bytes=_peak())
         except TritonUnavailableError as exc:
             outcome = _Failure(str(exc), type(exc).__name__, triton_unavailable=True)
         except InfergateError as exc:
@@ -168,6 +169,11 @@ def _child(
             triton.close()
     answer.send(outcome)
     answer.close()
+
+
+def _peak() -> int:
+    """This process's peak resident memory in bytes (Linux counts ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def job_context(job: JobRow) -> contextlib.AbstractContextManager[None]:

@@ -200,6 +200,7 @@ class JobScheduler:
         )
         try:
             critical: tuple[CriticalFinding, ...] = ()
+            peak = 0
             if job.kind is JobKind.FORWARD:
                 results, timings = self._forward(job), {}
             else:
@@ -209,7 +210,7 @@ class JobScheduler:
                     return
                 outcome = self._run_inference(job, plugin)
                 results, timings = outcome.results, outcome.timings_s
-                critical = outcome.critical
+                critical, peak = outcome.critical, outcome.peak_memory_bytes
         except TritonUnavailableError as exc:
             self._retry_or_fail(job, exc)
             return
@@ -235,8 +236,9 @@ class JobScheduler:
             plugin=job.plugin,
             results=[r.kind.value for r in results],
             **timings,
+            **({"peak_memory_mib": round(peak / 2**20)} if peak else {}),
         )
-        job_ended(job.plugin, "done", timings)
+        job_ended(job.plugin, "done", timings, peak_memory_bytes=peak)
 
     def _run_inference(self, job: JobRow, plugin: LoadedPlugin) -> JobOutcome:
         work = JobInput(

@@ -10,10 +10,23 @@ returning) to the SR stored in Orthanc, split into the assembly wait (quiet peri
 included, set here to 1 s; default 10 s), the stages the server logs (volume build,
 preprocess, Triton request, postprocess, encoding, writing, export), and the Triton
 request split with Triton's own statistics into the model's compute and the rest
-(transfer, (de)serialisation, queueing). Peak RSS of each process is printed too.
+(transfer, (de)serialisation, queueing).
+
+Memory: the gateway's process tree (listeners, job processes, tritonserver and its
+Python-backend stubs) is sampled every 0.1 s while the study goes through. Printed:
+the peak of the summed RSS and of the summed PSS (proportional set size: a page two
+processes share, such as a shared memory region, is counted once over them, which
+RSS counts in each), each also above the idle tree just before the study was sent;
+and the job process's own peak (``inference.job.done``). PSS is what the host gives.
+
+``--reference REV`` runs the same study through the code of commit REV too (the
+previous release; default the last commit before issue 14), interleaved with this
+tree's runs, from a ``git archive`` of it.
 
     .venv/bin/python tests/benchmarks/bench_end_to_end.py --runs 3
     .venv/bin/python tests/benchmarks/bench_end_to_end.py --plugin ct_lung --transport grpc
+    .venv/bin/python tests/benchmarks/bench_end_to_end.py --plugin ct_lung --slices 300 \
+        --transport shared_memory --reference b1ddaee
 """
 
 from __future__ import annotations
@@ -40,8 +53,9 @@ from infergate.testing import (
 from peers import (
     InfergateProcess,
     Orthanc,
+    TreeMemory,
     infergate_config,
-    process_tree,
+    reference_tree,
     storescu,
     wait_until,
 )
@@ -64,20 +78,8 @@ def _series(plugin: str, folder: Path, slices: int) -> tuple[list[Path], str]:
     return [radiograph.path], "chest radiograph phantom, DX, 2500 x 2048"
 
 
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _tree_peak_rss(pid: int) -> dict[str, float]:
-    """Peak RSS of ``pid`` and every descendant, by command name."""
-    peaks: dict[str, float] = {}
-    for current in process_tree(pid):
-        name = Path(f"/proc/{current}/comm").read_text().strip()
-        peaks[name] = max(peaks.get(name, 0.0), _peak_rss_mib(current))
-    return peaks
+# The last commit before issue 14 (memory and overhead): what it is measured against.
+PREVIOUS_RELEASE = "b1ddaee"
 
 
 def _model_compute_s(grpc_port: int, model: str) -> float:
@@ -101,17 +103,33 @@ def _timestamp(event: dict[str, object]) -> float:
 
 
 def one_run(
-    work: Path, plugin: str, *, model: str, paths: list[Path], transport: str, quiet_s: float
+    work: Path,
+    plugin: str,
+    *,
+    model: str,
+    paths: list[Path],
+    transport: str,
+    quiet_s: float,
+    code: dict[str, str] | None = None,
 ) -> dict[str, float]:
     orthanc = Orthanc(work / "orthanc")
     orthanc.start()
     config = infergate_config(work / "var", orthanc, quiet_s)
     config["plugins"] = {"enabled": [plugin]}
     config["triton"]["shared_memory"] = TRANSPORTS[transport]
-    server = InfergateProcess(work / "ig", config)
+    env = {}
+    if code is not None:
+        config["triton"]["model_repository"] = code["MODEL_REPOSITORY"]
+        env = {"PYTHONPATH": code["PYTHONPATH"]}
+    server = InfergateProcess(work / "ig", config, extra_env=env)
     server.workdir.mkdir(parents=True)
     try:
         server.start()
+        assert server.process is not None
+        time.sleep(2.0)  # the forkserver's warm-up done
+        memory = TreeMemory(server.process.pid)
+        memory.mark_idle()
+        memory.start()
         started = time.perf_counter()
         storescu(server.port, paths)
         acknowledged_wall, acknowledged = time.time(), time.perf_counter()
@@ -123,8 +141,7 @@ def one_run(
         sent = server.wait_event("export.sent", 5)[0]
         compute = _model_compute_s(config["triton"]["grpc_port"], model)
         fallbacks = [e for e in server.events() if e["event"].startswith("inference.shared_memory")]
-        assert server.process is not None
-        rss = _tree_peak_rss(server.process.pid)
+        measured = memory.stop()
     finally:
         server.stop()
         orthanc.stop()
@@ -140,22 +157,20 @@ def one_run(
         "triton_transfer_s": inference - compute,
         "export_s": float(sent["duration_s"]),
     }
-    for name, mib in rss.items():
-        result[f"peak_rss_mib {name}"] = mib
+    result.update(measured)
+    if "peak_memory_mib" in done:
+        result["job_process_peak_mib"] = float(done["peak_memory_mib"])
     return result
 
 
 def _print(title: str, results: list[dict[str, float]]) -> None:
     print(title)
-    for key in (k for k in results[0] if not k.startswith("peak_rss")):
+    for key in results[0]:
         values = [r[key] for r in results]
         print(
             f"  {key:18s} median {statistics.median(values):7.3f}"
             f"  range {min(values):.3f}-{max(values):.3f}"
         )
-    for r in results:
-        rss = {k.split(" ", 1)[1]: round(v) for k, v in r.items() if k.startswith("peak_rss")}
-        print(f"  peak RSS MiB: {rss}")
 
 
 def main() -> None:
@@ -165,30 +180,38 @@ def main() -> None:
     parser.add_argument("--plugin", choices=(*PLUGINS, "all"), default="all")
     parser.add_argument("--transport", choices=(*TRANSPORTS, "both"), default="both")
     parser.add_argument("--slices", type=int, default=100, help="ct_lung's phantom")
+    parser.add_argument("--reference", default=None, help=f"a commit, e.g. {PREVIOUS_RELEASE}")
     args = parser.parse_args()
     plugins = PLUGINS if args.plugin == "all" else (args.plugin,)
     transports = tuple(TRANSPORTS) if args.transport == "both" else (args.transport,)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        codes: dict[str, dict[str, str] | None] = {"this tree": None}
+        if args.reference:
+            codes[args.reference] = reference_tree(args.reference, root / "reference")
         for plugin in plugins:
             paths, what = _series(plugin, root / plugin, args.slices)
             for transport in transports:
-                results = [
-                    one_run(
-                        root / f"{plugin}-{transport}-{n}",
-                        plugin,
-                        model=MODELS[plugin],
-                        paths=paths,
-                        transport=transport,
-                        quiet_s=args.quiet,
+                results: dict[str, list[dict[str, float]]] = {name: [] for name in codes}
+                for n in range(args.runs):  # interleaved: the machine's noise falls on both
+                    for name, code in codes.items():
+                        results[name].append(
+                            one_run(
+                                root / f"{plugin}-{transport}-{n}-{len(results[name])}-{id(code)}",
+                                plugin,
+                                model=MODELS[plugin],
+                                paths=paths,
+                                transport=transport,
+                                quiet_s=args.quiet,
+                                code=code,
+                            )
+                        )
+                for name, runs in results.items():
+                    _print(
+                        f"{plugin}, {what}, {name}, Triton inputs over {transport},"
+                        f" {args.runs} runs, quiet period {args.quiet} s",
+                        runs,
                     )
-                    for n in range(args.runs)
-                ]
-                _print(
-                    f"{plugin}, {what}, Triton inputs over {transport}, {args.runs} runs,"
-                    f" quiet period {args.quiet} s",
-                    results,
-                )
 
 
 if __name__ == "__main__":

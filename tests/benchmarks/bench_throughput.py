@@ -5,7 +5,7 @@ for this tree and a reference revision side by side (run on demand, not in the s
 N chest CT phantoms (100 x 512 x 512) are sent with storescu, one association each,
 one after another, to `infergate serve` (embedded Triton, ct_lung only, quiet period
 1 s) with Orthanc as the PACS. A study's latency runs from its storescu returning to
-its SR being in Orthanc. The reference revision runs from a `git worktree` of it,
+its SR being in Orthanc. The reference revision runs from a `git archive` of it,
 imported ahead of the installed tree through PYTHONPATH. After the last result, one
 more phantom is sent to the idle gateway: its images/s against those of the studies
 sent while jobs were running.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infergate.testing import ChestPhantom, write_chest_ct
-from peers import REPO, InfergateProcess, Orthanc, infergate_config, storescu, wait_until
+from peers import (
+    InfergateProcess,
+    Orthanc,
+    infergate_config,
+    reference_tree,
+    storescu,
+    wait_until,
+)
 
 
 @dataclass
@@ -47,21 +53,6 @@ def _cpu_times() -> tuple[float, float]:
     fields = [float(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
-
-
-def _reference_tree(revision: str, root: Path) -> dict[str, str]:
-    """A worktree of ``revision`` and the PYTHONPATH that imports it as infergate."""
-    tree = root / "reference"
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), revision],
-        check=True,
-        capture_output=True,
-    )
-    packages = root / "packages"
-    packages.mkdir()
-    (packages / "infergate").symlink_to(tree / "server")
-    (packages / "infergate_plugins").symlink_to(tree / "plugins")
-    return {"PYTHONPATH": str(packages)}
 
 
 def _run(
@@ -143,26 +134,21 @@ def main() -> None:
         root = Path(folder)
         studies = [write_chest_ct(root / f"study-{i}") for i in range(args.studies)]
         idle = write_chest_ct(root / "idle")
-        env = _reference_tree(args.reference, root)
-        try:
-            runs = [
-                _run(f"reference {args.reference}", studies, idle, root, env=env),
-                _run("this tree", studies, idle, root),
-            ]
-            if args.per_plugin_slots:
-                slots = args.per_plugin_slots
-                work = {"per_plugin_slots": slots, "inference_slots": slots + 1}
-                runs.append(
-                    _run(f"this tree, {slots} ct_lung jobs at once", studies, idle, root, work=work)
-                )
-            if args.threads_too:
-                work = {"job_processes": False}
-                runs.append(_run("this tree, jobs on threads", studies, idle, root, work=work))
-        finally:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(root / "reference")],
-                check=False,
+        code = reference_tree(args.reference, root / "reference")
+        env = {"PYTHONPATH": code["PYTHONPATH"]}
+        runs = [
+            _run(f"reference {args.reference}", studies, idle, root, env=env),
+            _run("this tree", studies, idle, root),
+        ]
+        if args.per_plugin_slots:
+            slots = args.per_plugin_slots
+            work = {"per_plugin_slots": slots, "inference_slots": slots + 1}
+            runs.append(
+                _run(f"this tree, {slots} ct_lung jobs at once", studies, idle, root, work=work)
             )
+        if args.threads_too:
+            work = {"job_processes": False}
+            runs.append(_run("this tree, jobs on threads", studies, idle, root, work=work))
     print(f"{args.studies} chest CT studies (100 x 512 x 512) back to back, ct_lung, quiet 1 s")
     print(
         "| | last result in the PACS | latency per study (median, max) | CPU busy (all cores)"

@@ -114,6 +114,10 @@ def test_probes_and_metrics_of_a_running_gateway(
         for stage in stages:
             key = ("infergate_job_stage_seconds_count", (("plugin", "ct_lung"), ("stage", stage)))
             assert samples[key] == 1, stage
+        # The job's process measured its own peak: more than the volume it held.
+        peak = samples[("infergate_job_peak_memory_bytes_sum", (("plugin", "ct_lung"),))]
+        volume_bytes = sum(p.stat().st_size for p in small_phantom.paths)
+        assert peak > volume_bytes
         _ingest_counted(samples, len(small_phantom.paths), tmp_path / "var")
         delivered = ("destination", orthanc.ae_title), ("outcome", "delivered")
         assert samples[("infergate_delivery_attempts_total", delivered)] == 1
