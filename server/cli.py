@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -54,27 +54,37 @@ log = get_logger("infergate.cli")
 
 @contextlib.contextmanager
 def triton_for(
-    settings: Settings, plugins: list[LoadedPlugin]
+    settings: Settings,
+    plugins: list[LoadedPlugin],
+    meanwhile: Callable[[], None] | None = None,
 ) -> Iterator[tuple[TritonClient, EmbeddedTriton | None]]:
     """A client for the configured Triton, and the embedded one when Infergate runs it
-    (started here with the models of ``plugins``, stopped on leaving)."""
+    (started here with the models of ``plugins``, stopped on leaving). ``meanwhile``
+    runs while the embedded Triton loads its models (seconds: its Python-backend
+    stubs import numpy and scipy)."""
     embedded = None
-    if settings.triton.mode == "embedded":
-        embedded = EmbeddedTriton(
-            settings.triton,
-            settings.storage.var_dir / "triton",
-            models=tuple(p.spec.model_name for p in plugins),
-        )
-        embedded.start()
-    if settings.triton.use_shared_memory:
-        remove_stale_regions()
-    client = TritonClient.for_settings(settings.triton)
     try:
-        if not client.is_ready():
-            raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")
-        yield client, embedded
+        if settings.triton.mode == "embedded":
+            embedded = EmbeddedTriton(
+                settings.triton,
+                settings.storage.var_dir / "triton",
+                models=tuple(p.spec.model_name for p in plugins),
+            )
+            embedded.launch()
+        if meanwhile is not None:
+            meanwhile()
+        if embedded is not None:
+            embedded.wait_ready()
+        if settings.triton.use_shared_memory:
+            remove_stale_regions()
+        client = TritonClient.for_settings(settings.triton)
+        try:
+            if not client.is_ready():
+                raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")
+            yield client, embedded
+        finally:
+            client.close()
     finally:
-        client.close()
         if embedded is not None:
             embedded.stop()
 
@@ -119,53 +129,90 @@ def serve(settings: Settings) -> int:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
     if settings.work.job_processes:
         start_forkserver()  # it warms up while Triton starts
-    with triton_for(settings, plugins) as (client, embedded):
-        check_plugins(client, plugins)
-        _recover_work(store, settings)
-        scheduler = JobScheduler(settings, store, plugins, client)
-        scheduler.starting()
-        exporter = ExportWorker(settings, store)
-        stages = _stage_loops(settings, store, scheduler, exporter, stop)
-        for stage in stages:
-            stage.start()
-        listeners = ListenerPool(settings, store)
+    # The listeners start while Triton loads its models: instances are taken (and kept
+    # durably) from the first seconds; their series wait for the stages below.
+    listeners = ListenerPool(settings, store)
+    taking_since = 0.0
+
+    def start_listeners() -> None:
+        nonlocal taking_since
         listeners.start()
-        scheduler.accepting(time.time())
-        ops = _start_ops(Gateway(settings, store, client, plugins, stages, listeners))
-        log.info(
-            "serve.ready",
-            version=__version__,
-            ae_title=settings.ingest.ae_title,
-            port=settings.ingest.port,
-            listener_processes=settings.ingest.listener_processes,
-            inference_slots=settings.work.slots,
-            plugins=[p.spec.name for p in plugins],
-            results_to=[d.described for d in settings.destinations()],
-            ops=f"http://{settings.ops.host}:{settings.ops.port}" if settings.ops.enabled else None,
-        )
-        # The main thread only waits and watches; the signal handler only sets `stop`.
-        while not stop.wait(1.0):
-            listeners.watch()
-            if embedded is not None:
-                embedded.watch()
-            for stage in stages:
-                if not stage.is_alive():
-                    failure = stage.failure or "its thread ended"
-                    log.error("serve.stage.died", stage=stage.name, reason=failure)
-                    failed = True
-                    stop.set()
-        if ops is not None:
-            ops.stop()
+        taking_since = time.time()
+
+    try:
+        with triton_for(settings, plugins, meanwhile=start_listeners) as (client, embedded):
+            failed = _serve_until_stopped(
+                settings,
+                store,
+                plugins=plugins,
+                client=client,
+                embedded=embedded,
+                listeners=listeners,
+                taking_since=taking_since,
+                stop=stop,
+            )
+    finally:
         listeners.stop()
-        for stage in stages:
-            stage.join(timeout_s=10)
-        scheduler.release_running(wait_s=settings.work.stop_grace_s)
-        exporter.shutdown(wait_s=settings.work.stop_grace_s)
     store.close()
     log.info("serve.stopped", failed=failed)
     # A stage that could no longer work is a failure: a supervisor (systemd's
     # Restart=on-failure, Kubernetes) must see it and start the gateway again.
     return 1 if failed else 0
+
+
+def _serve_until_stopped(
+    settings: Settings,
+    store: Store,
+    *,
+    plugins: list[LoadedPlugin],
+    client: TritonClient,
+    embedded: EmbeddedTriton | None,
+    listeners: ListenerPool,
+    taking_since: float,
+    stop: threading.Event,
+) -> bool:
+    """The stages started, ready, watched until ``stop``; whether one failed."""
+    failed = False
+    check_plugins(client, plugins)
+    _recover_work(store, settings)
+    scheduler = JobScheduler(settings, store, plugins, client)
+    scheduler.starting()
+    exporter = ExportWorker(settings, store)
+    stages = _stage_loops(settings, store, scheduler, exporter, stop)
+    for stage in stages:
+        stage.start()
+    scheduler.accepting(taking_since)
+    ops = _start_ops(Gateway(settings, store, client, plugins, stages, listeners))
+    log.info(
+        "serve.ready",
+        version=__version__,
+        ae_title=settings.ingest.ae_title,
+        port=settings.ingest.port,
+        listener_processes=settings.ingest.listener_processes,
+        inference_slots=settings.work.slots,
+        plugins=[p.spec.name for p in plugins],
+        results_to=[d.described for d in settings.destinations()],
+        ops=f"http://{settings.ops.host}:{settings.ops.port}" if settings.ops.enabled else None,
+    )
+    # The main thread only waits and watches; the signal handler only sets `stop`.
+    while not stop.wait(1.0):
+        listeners.watch()
+        if embedded is not None:
+            embedded.watch()
+        for stage in stages:
+            if not stage.is_alive():
+                failure = stage.failure or "its thread ended"
+                log.error("serve.stage.died", stage=stage.name, reason=failure)
+                failed = True
+                stop.set()
+    if ops is not None:
+        ops.stop()
+    listeners.stop()
+    for stage in stages:
+        stage.join(timeout_s=10)
+    scheduler.release_running(wait_s=settings.work.stop_grace_s)
+    exporter.shutdown(wait_s=settings.work.stop_grace_s)
+    return failed
 
 
 def _clean_after_the_last_run(store: Store, settings: Settings) -> None:

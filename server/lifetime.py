@@ -9,6 +9,10 @@ from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
+# How much lower a job process's CPU priority is than the gateway's (its listeners
+# and Triton are at the gateway's): ingest and the model get the cores first.
+JOB_NICENESS = 5
+
 
 def die_with_parent(parent: int) -> Callable[[], None]:
     """A function for the child to call first (``Popen(preexec_fn=...)``, or the start

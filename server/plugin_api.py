@@ -104,11 +104,16 @@ TritonDatatype = Literal[
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A Triton model input or output. ``-1`` in ``shape`` means any size."""
+    """A Triton model input or output. ``-1`` in ``shape`` means any size.
+
+    ``shape_of`` (an output): the name of the input whose shape it has (a label map of
+    the volume). Known before the model runs, it is written by Triton straight into
+    the job's shared memory instead of coming back inside the gRPC response."""
 
     name: str
     datatype: TritonDatatype
     shape: tuple[int, ...]
+    shape_of: str | None = None
 
 
 @dataclass(frozen=True)

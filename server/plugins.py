@@ -70,6 +70,13 @@ def validate(plugin: object, source: str) -> Plugin:
         raise PluginError(f"plugin {spec.name}: slice_chunk must be at least 1 slice")
     if spec.deadline_s is not None and spec.deadline_s <= 0:
         raise PluginError(f"plugin {spec.name}: deadline_s must be positive")
+    inputs = {t.name for t in spec.inputs}
+    for tensor in spec.outputs:
+        if tensor.shape_of is not None and tensor.shape_of not in inputs:
+            raise PluginError(
+                f"plugin {spec.name}: output {tensor.name} has the shape of"
+                f" '{tensor.shape_of}', which is none of its inputs {sorted(inputs)}"
+            )
     return plugin
 
 

@@ -386,6 +386,10 @@ class TreeMemory(threading.Thread):
         }
 
 
+# The last commit before issue 14 (memory and overhead): what it is measured against.
+PREVIOUS_RELEASE = "b1ddaee"
+
+
 def reference_tree(rev: str, into: Path) -> dict[str, str]:
     """The code of commit ``rev`` unpacked in ``into``, and the environment that runs
     it with this virtual environment's packages."""

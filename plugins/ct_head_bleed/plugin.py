@@ -71,7 +71,7 @@ SPEC = PluginSpec(
         TensorSpec("SPACING_MM", "FP32", (3,)),
     ),
     volume_type="int16",
-    outputs=(TensorSpec("CANDIDATE_LABELS", "UINT8", (-1, -1, -1)),),
+    outputs=(TensorSpec("CANDIDATE_LABELS", "UINT8", (-1, -1, -1), shape_of="CT_HU"),),
     segments=tuple(
         SegmentSpec(
             number,

@@ -69,7 +69,7 @@ SPEC = PluginSpec(
         TensorSpec("SPACING_MM", "FP32", (3,)),
     ),
     volume_type="int16",
-    outputs=(TensorSpec("LUNG_LABELS", "UINT8", (-1, -1, -1)),),
+    outputs=(TensorSpec("LUNG_LABELS", "UINT8", (-1, -1, -1), shape_of="CT_HU"),),
     segments=(
         SegmentSpec(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, LUNG, laterality=RIGHT),
         SegmentSpec(LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, LUNG, laterality=LEFT),
@@ -116,6 +116,7 @@ class CtLungPlugin:
             # by the side it is on, and two parts of one lung are that lung.
             on_left = (offset > 0) == columns_point_left
             label_map[mask] = LEFT_LUNG if on_left else RIGHT_LUNG
+            del mask  # before the next one is made
         voxels = {n: np.count_nonzero(label_map == n) for n in (RIGHT_LUNG, LEFT_LUNG)}
         numbers = tuple(n for n, count in voxels.items() if count)
         measurements = tuple(
@@ -139,8 +140,11 @@ def _lateral_position(series: Series, mask: npt.NDArray[np.bool_]) -> tuple[floa
     in mm."""
     slices = np.nonzero(mask.any(axis=(1, 2)))[0]
     rows = np.nonzero(mask.any(axis=(0, 2)))[0]
-    body = series.volume[slices[0] : slices[-1] + 1, rows[0] : rows[-1] + 1] > BODY_HU
-    columns = np.nonzero(body.any(axis=(0, 1)) | mask.any(axis=(0, 1)))[0]
+    # The body's columns, a slice at a time (no mask of the body the size of the volume).
+    occupied = mask.any(axis=(0, 1))
+    for index in range(slices[0], slices[-1] + 1):
+        occupied |= (series.volume[index, rows[0] : rows[-1] + 1] > BODY_HU).any(axis=0)
+    columns = np.nonzero(occupied)[0]
     first, last = int(columns[0]), int(columns[-1])
     width = last - first + 1
     centre = (first + last) / 2.0

@@ -106,6 +106,13 @@ class EmbeddedTriton:
         self.restarts = 0
 
     def start(self) -> None:
+        """Launch tritonserver and wait until it is ready."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start tritonserver without waiting for it (:meth:`wait_ready` does): the
+        gateway starts its listeners while Triton loads its models."""
         package = _pytriton_root()
         binary = package / "tritonserver" / "bin" / "tritonserver"
         backends = prepare_backends(self._work_dir / "backends")
@@ -162,7 +169,6 @@ class EmbeddedTriton:
             models="all" if self._models is None else sorted(set(self._models)),
             log_file=str(self.log_path),
         )
-        self._wait_ready()
 
     def _clear_stale(self, backends: Path) -> None:
         """Stop a ``tritonserver`` an earlier run of ours left on our ports (it was
@@ -196,7 +202,7 @@ class EmbeddedTriton:
             )
             _stop_process(pid)
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + self._settings.startup_timeout_s
         client = TritonClient(self._settings.grpc_url, self._settings.request_timeout_s)
         try:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from tritonclient.utils import triton_to_np_dtype
 
 from infergate.config import Settings
 from infergate.errors import InfergateError, JobStepError, PluginError, unexpected
 from infergate.inference.triton import TritonClient
 from infergate.inference.volume import load_series
 from infergate.logs import get_logger
+from infergate.plugin_api import PluginSpec
 from infergate.plugins import LoadedPlugin
 from infergate.results.identity import ResultIdentity
 from infergate.results.writer import encode, write_result
@@ -53,6 +58,19 @@ def step(name: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise JobStepError(f"{name} failed: {unexpected(exc)}") from exc
+
+
+def _known_outputs(
+    spec: PluginSpec, inputs: Mapping[str, npt.NDArray[np.generic]]
+) -> dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]]:
+    """The outputs whose shape is an input's (``TensorSpec.shape_of``): their shape and
+    type before the model runs."""
+    known = {}
+    for tensor in spec.outputs:
+        like = inputs.get(tensor.shape_of or "")
+        if like is not None:
+            known[tensor.name] = (like.shape, np.dtype(triton_to_np_dtype(tensor.datatype)))
+    return known
 
 
 # Series numbers of one plugin's results and the next plugin's are this far apart.
@@ -121,6 +139,7 @@ def run_job(
                 timeout_s=spec.deadline_s or settings.triton.request_timeout_s,
                 slice_chunk=spec.slice_chunk,
                 memory=memory,
+                known_outputs=_known_outputs(spec, inputs),
             )
         del inputs
         lap("inference_s")

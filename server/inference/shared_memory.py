@@ -122,14 +122,20 @@ class JobMemory:
         """An uninitialised array, like ``numpy.empty``."""
         if self.shared:
             try:
-                region = Region(int(np.prod(shape)) * dtype.itemsize)
+                region = self.region(int(np.prod(shape)) * dtype.itemsize)
             except SharedMemoryUnavailableError as exc:
                 log.warning("inference.shared_memory.unavailable", reason=str(exc))
                 self.shared = False
             else:
-                self._regions.append(region)
                 return cast("VolumeArray", region.array(shape, dtype))
         return cast("VolumeArray", np.empty(shape, dtype=dtype))
+
+    def region(self, size: int) -> Region:
+        """A region of ``size`` bytes that lives as long as the job's memory; raises
+        :class:`SharedMemoryUnavailableError`."""
+        region = Region(size)
+        self._regions.append(region)
+        return region
 
     def find(self, array: npt.NDArray[np.generic]) -> tuple[Region, int] | None:
         """The region ``array`` lies in, and where."""
@@ -207,6 +213,32 @@ def shared_memory_inputs(
             _unregister(client, region.name, timeout_s)
         if own is not None:
             own.close()
+
+
+@contextmanager
+def shared_memory_outputs(
+    client: grpcclient.InferenceServerClient,
+    sizes: Mapping[str, int],
+    timeout_s: float,
+    memory: JobMemory,
+) -> Iterator[dict[str, tuple[grpcclient.InferRequestedOutput, Region]]]:
+    """For each output of ``sizes`` (its bytes, known before the model runs), a region
+    of the job's memory Triton writes it into, registered for as long as the block
+    runs; the output's arrays stay valid as long as ``memory``."""
+    placed: dict[str, tuple[grpcclient.InferRequestedOutput, Region]] = {}
+    registered: list[Region] = []
+    try:
+        for name, size in sizes.items():
+            region = memory.region(size)
+            _register(client, region, timeout_s)
+            registered.append(region)
+            requested = grpcclient.InferRequestedOutput(name)
+            requested.set_shared_memory(region.name, region.size)
+            placed[name] = (requested, region)
+        yield placed
+    finally:
+        for region in registered:
+            _unregister(client, region.name, timeout_s)
 
 
 def _register(client: grpcclient.InferenceServerClient, region: Region, timeout_s: float) -> None:

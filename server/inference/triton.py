@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from infergate.config import TritonSettings
 from infergate.errors import (
@@ -27,7 +27,12 @@ from infergate.errors import (
     TritonUnavailableError,
 )
 from infergate.inference.chunks import join_slices, split_slices
-from infergate.inference.shared_memory import JobMemory, shared_memory_inputs
+from infergate.inference.shared_memory import (
+    JobMemory,
+    Region,
+    shared_memory_inputs,
+    shared_memory_outputs,
+)
 from infergate.logs import get_logger
 from infergate.plugin_api import PluginSpec, TensorSpec
 
@@ -163,12 +168,15 @@ class TritonClient:
         timeout_s: float | None = None,
         slice_chunk: int | None = None,
         memory: JobMemory | None = None,
+        known_outputs: Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]] | None = None,
     ) -> Inference:
         """Run the model on ``inputs`` within ``timeout_s`` (default: the client's): its
         outputs, and the version of it that Triton ran.
 
         Through shared memory, one request; an input made in ``memory`` is read by
-        Triton where it lies. Over gRPC, one request, or, when
+        Triton where it lies, and an output of ``known_outputs`` (its shape and type
+        known before the model runs) is written by Triton into a region of ``memory``,
+        its array valid as long as ``memory`` is. Over gRPC, one request, or, when
         ``slice_chunk`` says the model takes slices alone, chunks of that many slices
         with up to ``max_in_flight`` requests at once (``chunks``).
 
@@ -180,7 +188,17 @@ class TritonClient:
         if self.shared_memory:
             try:
                 with shared_memory_inputs(self._client, inputs, deadline, memory) as request_inputs:
-                    return self._infer(model, request_inputs, outputs, version, deadline)
+                    if memory is None or not memory.shared or not known_outputs:
+                        return self._infer(model, request_inputs, outputs, version, deadline)
+                    sizes = {
+                        name: int(np.prod(shape)) * dtype.itemsize
+                        for name, (shape, dtype) in known_outputs.items()
+                        if name in outputs
+                    }
+                    with shared_memory_outputs(self._client, sizes, deadline, memory) as placed:
+                        return self._infer(
+                            model, request_inputs, outputs, version, deadline, placed=placed
+                        )
             except SharedMemoryUnavailableError as exc:
                 log.warning("inference.shared_memory.unavailable", url=self.url, reason=str(exc))
                 self.shared_memory = False
@@ -201,8 +219,14 @@ class TritonClient:
         outputs: tuple[str, ...],
         version: str,
         deadline: float,
+        *,
+        placed: Mapping[str, tuple[grpcclient.InferRequestedOutput, Region]] | None = None,
     ) -> Inference:
-        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        placed = placed or {}
+        requested = [
+            placed[name][0] if name in placed else grpcclient.InferRequestedOutput(name)
+            for name in outputs
+        ]
         try:
             result = self._client.infer(
                 model,
@@ -213,7 +237,7 @@ class TritonClient:
             )
         except InferenceServerException as exc:
             raise _translated(exc, model, deadline) from exc
-        return _answer(result, model, outputs)
+        return _answer(result, model, outputs, {name: r for name, (_, r) in placed.items()})
 
     def _infer_in_flight(
         self,
@@ -298,9 +322,24 @@ class Inference:
     model_version: str
 
 
-def _answer(result: grpcclient.InferResult, model: str, outputs: tuple[str, ...]) -> Inference:
+def _answer(
+    result: grpcclient.InferResult,
+    model: str,
+    outputs: tuple[str, ...],
+    regions: Mapping[str, Region] | None = None,
+) -> Inference:
+    """The outputs of ``result``: those Triton wrote into ``regions`` read there, the
+    others from the response."""
     arrays: dict[str, npt.NDArray[np.generic]] = {}
     for name in outputs:
+        region = (regions or {}).get(name)
+        if region is not None:
+            tensor = result.get_output(name)
+            if tensor is None:
+                raise InferenceError(f"Triton model '{model}' returned no output '{name}'")
+            dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
+            arrays[name] = region.array(tuple(int(d) for d in tensor.shape), dtype)
+            continue
         array = result.as_numpy(name)
         if array is None:
             raise InferenceError(f"Triton model '{model}' returned no output '{name}'")

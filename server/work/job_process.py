@@ -34,15 +34,13 @@ from infergate.config import Settings
 from infergate.errors import InfergateError, JobProcessError, TritonUnavailableError, unexpected
 from infergate.inference.runner import JobInput, JobOutcome, run_job
 from infergate.inference.triton import TritonClient
-from infergate.lifetime import die_with_parent
+from infergate.lifetime import JOB_NICENESS, die_with_parent
 from infergate.logs import configure_logging, get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.store import JobRow
 
 log = get_logger(__name__)
 
-# How much lower a job process's CPU priority is than the gateway's.
-_NICENESS = 5
 # The job process has this long to exit after it sent its outcome.
 _EXIT_WAIT_S = 30.0
 
@@ -150,7 +148,7 @@ def _child(
     die_with_parent(os.getppid())()  # the forkserver, which ends with the gateway
     # Below the listeners and Triton: ingest and the model (the slowest stage) get
     # the cores first when jobs' own work competes with them.
-    os.nice(_NICENESS)
+    os.nice(max(0, JOB_NICENESS - os.nice(0)))  # the forkserver may have lowered it already
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging.level, form=settings.logging.format)
     job = work.job

@@ -51,6 +51,7 @@ from infergate.testing import (
     write_head_ct,
 )
 from peers import (
+    PREVIOUS_RELEASE,
     InfergateProcess,
     Orthanc,
     TreeMemory,
@@ -76,10 +77,6 @@ def _series(plugin: str, folder: Path, slices: int) -> tuple[list[Path], str]:
         return list(head.paths), "head CT phantom with 2 hyperdensities, 32 x 256 x 256"
     radiograph = write_chest_radiograph(folder, rows=2500, columns=2048, pixel_spacing=0.15)
     return [radiograph.path], "chest radiograph phantom, DX, 2500 x 2048"
-
-
-# The last commit before issue 14 (memory and overhead): what it is measured against.
-PREVIOUS_RELEASE = "b1ddaee"
 
 
 def _model_compute_s(grpc_port: int, model: str) -> float:

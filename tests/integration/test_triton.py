@@ -131,7 +131,8 @@ def test_a_volume_built_in_job_memory_is_read_by_triton_where_it_lies(
     triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
     """The volume is made in the job's shared memory: the request names that region,
-    not a copy, and the answer is the one over gRPC; nothing is left after the job."""
+    not a copy; the label map comes back in a region of the job's too; the answer is
+    the one over gRPC; nothing is left after the job."""
     before = _our_regions()
     memory = triton.job_memory()
     try:
@@ -147,7 +148,12 @@ def test_a_volume_built_in_job_memory_is_read_by_triton_where_it_lies(
             }
         assert regions["CT_HU"] == found[0].name
         assert regions["SPACING_MM"] != found[0].name  # a few numbers, copied
-        shared = triton.infer("ct_lung_seg", inputs, ("LUNG_LABELS",), memory=memory).outputs
+        known = {"LUNG_LABELS": (inputs["CT_HU"].shape, np.dtype(np.uint8))}
+        shared = triton.infer(
+            "ct_lung_seg", inputs, ("LUNG_LABELS",), memory=memory, known_outputs=known
+        ).outputs
+        # The label map was written by Triton into the job's memory, not sent back.
+        assert memory.find(shared["LUNG_LABELS"]) is not None
         plain = TritonClient(triton.url, timeout_s=60)
         try:
             grpc = plain.infer("ct_lung_seg", inputs, ("LUNG_LABELS",)).outputs

@@ -138,6 +138,9 @@ def test_validation_refuses_broken_plugins() -> None:
         validate(_Plugin(replace(ct_lung.spec, slice_chunk=0)), "test")
     with pytest.raises(PluginError, match="deadline_s must be positive"):
         validate(_Plugin(replace(ct_lung.spec, deadline_s=0.0)), "test")
+    unknown = (replace(ct_lung.spec.outputs[0], shape_of="VOLUME"),)
+    with pytest.raises(PluginError, match="shape of 'VOLUME', which is none of its inputs"):
+        validate(_Plugin(replace(ct_lung.spec, outputs=unknown)), "test")
     for name in ("(forward)", "CT Lung", "", "9lives"):
         with pytest.raises(PluginError, match="must be lowercase letters"):
             validate(_Plugin(replace(ct_lung.spec, name=name)), "test")
