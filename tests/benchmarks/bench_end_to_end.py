@@ -137,7 +137,9 @@ def one_run(
         done = server.wait_event("inference.job.done", 5)[0]
         sent = server.wait_event("export.sent", 5)[0]
         compute = _model_compute_s(config["triton"]["grpc_port"], model)
-        fallbacks = [e for e in server.events() if e["event"].startswith("inference.shared_memory")]
+        fallbacks = [
+            e for e in server.events() if e["event"] == "inference.shared_memory.unavailable"
+        ]
         measured = memory.stop()
     finally:
         server.stop()
