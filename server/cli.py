@@ -57,11 +57,14 @@ def triton_for(
     settings: Settings,
     plugins: list[LoadedPlugin],
     meanwhile: Callable[[], None] | None = None,
+    *,
+    share: bool = False,
 ) -> Iterator[tuple[TritonClient, EmbeddedTriton | None]]:
     """A client for the configured Triton, and the embedded one when Infergate runs it
     (started here with the models of ``plugins``, stopped on leaving). ``meanwhile``
     runs while the embedded Triton loads its models (seconds: its Python-backend
-    stubs import numpy and scipy)."""
+    stubs import numpy and scipy). ``share``: the embedded Triton of a gateway that
+    runs on the same state folder is used as it is (``check`` beside ``serve``)."""
     embedded = None
     try:
         if settings.triton.mode == "embedded":
@@ -70,7 +73,12 @@ def triton_for(
                 settings.storage.var_dir / "triton",
                 models=tuple(p.spec.model_name for p in plugins),
             )
-            embedded.launch()
+            gateway = embedded.serving_gateway() if share else None
+            if gateway is not None:
+                log.info("triton.embedded.shared", gateway_pid=gateway)
+                embedded = None
+            else:
+                embedded.launch()
         if meanwhile is not None:
             meanwhile()
         if embedded is not None:
@@ -315,7 +323,7 @@ def check(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     if not plugins:
         log.warning("check.no_plugins")
-    with triton_for(settings, plugins) as (client, _):
+    with triton_for(settings, plugins, share=True) as (client, _):
         check_plugins(client, plugins)
     unreachable = 0
     for destination in settings.destinations():

@@ -86,6 +86,14 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 class EmbeddedTriton:
     """The ``tritonserver`` process; ``start()`` returns when it is ready."""
 
@@ -170,6 +178,17 @@ class EmbeddedTriton:
             log_file=str(self.log_path),
         )
 
+    def serving_gateway(self) -> int | None:
+        """The pid of the running gateway whose tritonserver (of this work folder)
+        holds our gRPC port, if one does: ``check`` uses that Triton as it is."""
+        ours = f"--backend-directory={self._work_dir / 'backends'}"
+        for holder in port_holders(self._settings.grpc_port):
+            if holder.name == "tritonserver" and ours in holder.command_line:
+                parent = _parent(holder.pid)
+                if parent is not None and parent > 1 and _alive(parent):
+                    return parent
+        return None
+
     def _clear_stale(self, backends: Path) -> None:
         """Stop a ``tritonserver`` an earlier run of ours left on our ports (it was
         started with our backend directory); refuse to start over anything else."""
@@ -185,6 +204,17 @@ class EmbeddedTriton:
                     raise TritonUnavailableError(
                         f"port {port} (triton.{key}) is held by process {holder.pid}"
                         f" ({holder.name}); stop it or choose another port"
+                    )
+                gateway = _parent(holder.pid)
+                if (
+                    gateway not in (None, 0, 1, os.getpid())
+                    and gateway is not None
+                    and _alive(gateway)
+                ):
+                    # Not left over: the Triton of a gateway that runs on this folder.
+                    raise TritonUnavailableError(
+                        f"port {port} (triton.{key}) is held by the tritonserver of a running"
+                        f" gateway (process {gateway}) on the same state folder"
                     )
                 log.warning(
                     "triton.embedded.stale_stopped",

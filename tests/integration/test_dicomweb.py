@@ -67,6 +67,9 @@ def test_results_reach_a_dicomweb_pacs_that_was_down_once_each(
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert "check.destination.answered" in checked.stdout + checked.stderr
+        # check used the running gateway's Triton, and left it running.
+        assert "triton.embedded.shared" in checked.stdout + checked.stderr
+        assert not [e for e in server.events() if e["event"] == "triton.embedded.died"]
         stored = {
             modality: pacs.find_instances(small_phantom.study_uid, modality)
             for modality in ("SEG", "SR")

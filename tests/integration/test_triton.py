@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -199,9 +200,16 @@ def test_a_region_that_cannot_be_made_falls_back_to_grpc(
     assert _our_regions() == before
 
 
-def _requests_served(client: TritonClient, model: str) -> int:
-    stats = client._client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return int(stats["inference_stats"]["success"].get("count", 0))
+def _requests_served(client: TritonClient, model: str, at_least: int = 0) -> int:
+    """The requests ``model`` answered. Triton counts one a moment after its answer
+    (seen under load in CI): waits, 5 s at most, until ``at_least`` are counted."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        stats = client._client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        count = int(stats["inference_stats"]["success"].get("count", 0))
+        if count >= at_least or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
 
 
 def test_chunks_in_flight_give_the_answer_of_one_request(triton: TritonClient) -> None:
@@ -214,14 +222,15 @@ def test_chunks_in_flight_give_the_answer_of_one_request(triton: TritonClient) -
     names = ("INVERSION_SCORE", "ROTATION_INDEX", "CLIPPED_FRACTION")
     plain = TritonClient(triton.url, timeout_s=60, max_in_flight=2)
     try:
+        start = _requests_served(plain, "cxr_quality")
         whole = plain.infer("cxr_quality", {"IMAGE": images}, names).outputs
-        before = _requests_served(plain, "cxr_quality")
+        before = _requests_served(plain, "cxr_quality", start + 1)
         answer = plain.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
         assert answer.model_version == "1"
         chunked = answer.outputs
-        assert _requests_served(plain, "cxr_quality") == before + 5
+        assert _requests_served(plain, "cxr_quality", before + 5) == before + 5
         triton.infer("cxr_quality", {"IMAGE": images}, names, slice_chunk=1)
-        assert _requests_served(plain, "cxr_quality") == before + 6
+        assert _requests_served(plain, "cxr_quality", before + 6) == before + 6
         with pytest.raises(InferenceError, match="Triton model 'absent_model' failed"):
             plain.infer("absent_model", {"IMAGE": images}, names, slice_chunk=2)
     finally:
