@@ -86,12 +86,16 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _parent(pid: int) -> int | None:
+def _other_gateway(tritonserver: int) -> int | None:
+    """The pid of the live process, not init and not this one, that started the
+    ``tritonserver`` process: a gateway still running it. None for one left over
+    (its parent gone, so init adopted it) or one this process started."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{tritonserver}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    parent = int(stat.rsplit(")", 1)[1].split()[1])
+    return parent if parent not in (0, 1, os.getpid()) and _alive(parent) else None
 
 
 class EmbeddedTriton:
@@ -184,9 +188,9 @@ class EmbeddedTriton:
         ours = f"--backend-directory={self._work_dir / 'backends'}"
         for holder in port_holders(self._settings.grpc_port):
             if holder.name == "tritonserver" and ours in holder.command_line:
-                parent = _parent(holder.pid)
-                if parent is not None and parent > 1 and _alive(parent):
-                    return parent
+                gateway = _other_gateway(holder.pid)
+                if gateway is not None:
+                    return gateway
         return None
 
     def _clear_stale(self, backends: Path) -> None:
@@ -205,12 +209,8 @@ class EmbeddedTriton:
                         f"port {port} (triton.{key}) is held by process {holder.pid}"
                         f" ({holder.name}); stop it or choose another port"
                     )
-                gateway = _parent(holder.pid)
-                if (
-                    gateway not in (None, 0, 1, os.getpid())
-                    and gateway is not None
-                    and _alive(gateway)
-                ):
+                gateway = _other_gateway(holder.pid)
+                if gateway is not None:
                     # Not left over: the Triton of a gateway that runs on this folder.
                     raise TritonUnavailableError(
                         f"port {port} (triton.{key}) is held by the tritonserver of a running"

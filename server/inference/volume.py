@@ -49,7 +49,7 @@ from infergate.dicom.geometry import irregular_gaps
 from infergate.errors import VolumeError
 from infergate.inference.projection import patient_orientation, pixel_spacing
 from infergate.inference.slices import Slice, modality_values, read_slices, vector
-from infergate.plugin_api import Series, VolumeArray
+from infergate.plugin_api import Series, VolumeArray, as_int16
 
 # Where the volume is made: a function of (shape, dtype), like numpy.empty.
 Allocate = Callable[[tuple[int, ...], np.dtype[np.float32] | np.dtype[np.int16]], VolumeArray]
@@ -325,11 +325,7 @@ def _volume_dtype(name: str) -> np.dtype[np.float32] | np.dtype[np.int16]:
 def _put(volume: VolumeArray, index: int, values: npt.NDArray[np.float32]) -> None:
     """Slice ``index`` of ``volume`` is ``values``, rounded and clipped to an integer
     volume's range."""
-    if volume.dtype == np.float32:
-        volume[index] = values
-        return
-    limits = np.iinfo(np.int16)
-    volume[index] = np.clip(np.rint(values), limits.min, limits.max)
+    volume[index] = values if volume.dtype == np.float32 else as_int16(values)
 
 
 def _fill(
