@@ -14,6 +14,7 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 from pydicom.errors import InvalidDicomError
@@ -43,9 +44,25 @@ def completion(
     the gateway's listeners took instances again after a start) runs from then: while
     the gateway was down its senders could not send, so an outage longer than the
     quiet period does not complete a series its sender will go on with."""
+    return next(
+        (trigger for trigger, at in _deadlines(group, settings, resumed_at) if now >= at), None
+    )
+
+
+def completes_at(
+    group: Sequence[SeriesRow], settings: AssemblySettings, resumed_at: float = 0.0
+) -> float:
+    """When ``group`` will be complete if nothing more arrives (see :func:`completion`)."""
+    return min(at for _, at in _deadlines(group, settings, resumed_at))
+
+
+def _deadlines(
+    group: Sequence[SeriesRow], settings: AssemblySettings, resumed_at: float
+) -> list[tuple[str, float]]:
+    """Each way ``group`` may complete and the time it does, in the order that
+    :func:`completion` names them when several hold."""
     last = max([*(s.last_received_at for s in group), resumed_at])
-    if now - last >= settings.quiet_period_s:
-        return "quiet"
+    deadlines = [("quiet", last + settings.quiet_period_s)]
     hint = settings.release_quiet_period_s
     # The hint holds when every sender released after its last instance, none is
     # still sending, and nothing arrived for the shorter quiet time since.
@@ -54,17 +71,21 @@ def completion(
         for s in group
         if s.released_at is not None and s.released_at >= s.last_received_at
     ]
-    if (
-        hint is not None
-        and len(released) == len(group)
-        and not any(s.open_senders for s in group)
-        and now - max(released) >= hint
-    ):
-        return "released"
+    if hint is not None and len(released) == len(group) and not any(s.open_senders for s in group):
+        deadlines.append(("released", max(released) + hint))
     age = settings.max_series_age_s
-    if age is not None and now - min(s.first_received_at for s in group) >= age:
-        return "max_age"
-    return None
+    if age is not None:
+        deadlines.append(("max_age", min(s.first_received_at for s in group) + age))
+    return deadlines
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """One round of assembly: the jobs it created, and when the next receiving series
+    will be complete if nothing more arrives (None: none is receiving)."""
+
+    jobs: list[str]
+    next_at: float | None
 
 
 def complete_quiet_series(
@@ -73,8 +94,8 @@ def complete_quiet_series(
     now: float,
     settings: Settings,
     resumed_at: float = 0.0,
-) -> list[str]:
-    """Close every complete series and create its jobs; returns the new job ids.
+) -> Assembled:
+    """Close every complete series and create its jobs.
     ``resumed_at``: when this gateway's listeners took instances again (see
     :func:`completion`)."""
     receiving = store.receiving_series()
@@ -86,9 +107,11 @@ def complete_quiet_series(
     else:
         groups = [[series] for series in receiving]
     created: list[str] = []
+    waiting: list[float] = []
     for group in groups:
         trigger = completion(group, now, settings.assembly, resumed_at)
         if trigger is None:
+            waiting.append(completes_at(group, settings.assembly, resumed_at))
             continue
         outcomes = [
             _complete(store, plugins, s, now=now, settings=settings, trigger=trigger) for s in group
@@ -103,7 +126,9 @@ def complete_quiet_series(
             )
         for jobs in completed:
             created.extend(jobs)
-    return created
+        if len(completed) < len(group):  # an instance arrived meanwhile: decide again soon
+            waiting.append(now)
+    return Assembled(created, min(waiting, default=None))
 
 
 def _complete(

@@ -45,7 +45,7 @@ from infergate.plugins import (
 from infergate.routing.explain import explain
 from infergate.store import Store
 from infergate.work.job_process import start_forkserver
-from infergate.work.loops import StageLoop
+from infergate.work.loops import StageLoop, each_interval
 from infergate.work.scheduler import JobScheduler
 from infergate.work.states import JobState
 
@@ -283,15 +283,20 @@ def _stage_loops(
     interval = settings.assembly.poll_interval_s
     stages = [
         StageLoop("inference", scheduler.step, interval, stop),
-        StageLoop("export", exporter.step, interval, stop),
+        StageLoop("export", each_interval(exporter.step), interval, stop),
     ]
     if settings.notifications.receivers:
-        stages.append(StageLoop("notify", lambda: send_due(store, settings), interval, stop))
+        stages.append(
+            StageLoop("notify", each_interval(lambda: send_due(store, settings)), interval, stop)
+        )
+    # A job's results recorded: its slot is free and what it found can go out now.
+    for stage in stages:
+        scheduler.when_a_job_ends(stage.wake)
     if settings.retention.enabled:
         stages.append(
             StageLoop(
                 "retention",
-                lambda: run_retention(store, settings),
+                each_interval(lambda: run_retention(store, settings)),
                 settings.retention.interval_s,
                 stop,
             )
@@ -299,7 +304,7 @@ def _stage_loops(
         stages.append(
             StageLoop(
                 "orphans",
-                lambda: sweep_orphans(store, settings),
+                each_interval(lambda: sweep_orphans(store, settings)),
                 settings.retention.orphan_sweep_interval_s,
                 stop,
             )

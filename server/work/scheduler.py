@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +77,14 @@ class JobScheduler:
         # When the listeners took instances again after a start (``accepting``); until
         # then no series completes for being quiet: its senders could not send.
         self._accepting_since: float | None = 0.0
+        # Called when a job's outcome is recorded (its slot free, its results ready).
+        self._on_job_end: list[Callable[[], None]] = []
+
+    def when_a_job_ends(self, call: Callable[[], None]) -> None:
+        """Call ``call`` each time a job's outcome has been recorded: the stages that
+        take its results, and this one's loop (its slot is free), need not wait for
+        their next round."""
+        self._on_job_end.append(call)
 
     def starting(self) -> None:
         """The gateway starts: the listeners do not take instances yet."""
@@ -86,11 +95,12 @@ class JobScheduler:
         arrived before runs from then (``assembly.completion``)."""
         self._accepting_since = since
 
-    def step(self) -> None:
+    def step(self) -> float | None:
         """One round: complete what is quiet, fail what ran past its deadline, start
-        what there is room for."""
+        what there is room for. Returns in how many seconds the next receiving series
+        completes if nothing more arrives (None: none is receiving)."""
         now = time.time()
-        complete_quiet_series(
+        assembled = complete_quiet_series(
             self._store,
             self._plugin_list,
             now,
@@ -105,6 +115,7 @@ class JobScheduler:
             if isinstance(verdict, str):  # "later"
                 continue
             self._start(job, verdict)
+        return None if assembled.next_at is None else assembled.next_at - time.time()
 
     def running(self) -> list[JobRow]:
         """The jobs holding a slot now."""
@@ -188,6 +199,8 @@ class JobScheduler:
             finally:
                 with self._lock:
                     self._running.pop(job.job_id, None)
+                for call in self._on_job_end:
+                    call()
 
     def _run_contained(self, job: JobRow) -> None:
         """Run ``job`` and record its outcome; whatever it raises fails it alone."""

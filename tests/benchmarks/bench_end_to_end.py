@@ -134,6 +134,8 @@ def one_run(
         study = complete["study_uid"]
         wait_until(lambda: orthanc.find_instances(study, "SR"), 180, "the SR in Orthanc", 0.02)
         stored = time.perf_counter()
+        stored_wall = time.time()
+        started_job = server.wait_event("inference.job.started", 5)[0]
         done = server.wait_event("inference.job.done", 5)[0]
         sent = server.wait_event("export.sent", 5)[0]
         compute = _model_compute_s(config["triton"]["grpc_port"], model)
@@ -151,10 +153,23 @@ def one_run(
         "send_s": acknowledged - started,
         "ack_to_sr_s": stored - acknowledged,
         "assembly_wait_s": _timestamp(complete) - acknowledged_wall,
+        # The quiet time the series had when it completed (from its last instance's
+        # commit, which comes before that instance's answer).
+        "quiet_s": float(complete["quiet_s"]),
         **{k: float(done[k]) for k in STAGES},
         "triton_model_s": compute,
         "triton_transfer_s": inference - compute,
         "export_s": float(sent["duration_s"]),
+        # Between the stages: the series complete to its job started; the job started
+        # to its first stage plus its end to the outcome recorded (the job process's
+        # start and exit, the result rows committed); the job done to its export
+        # begun; the export sent to the SR found in Orthanc.
+        "to_job_s": _timestamp(started_job) - _timestamp(complete),
+        "job_process_s": _timestamp(done)
+        - _timestamp(started_job)
+        - sum(float(done[k]) for k in STAGES),
+        "to_export_s": _timestamp(sent) - float(sent["duration_s"]) - _timestamp(done),
+        "to_found_s": stored_wall - _timestamp(sent),
     }
     result.update(measured)
     if "peak_memory_mib" in done:

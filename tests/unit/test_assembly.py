@@ -11,7 +11,7 @@ import structlog
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from infergate.assembly import complete_quiet_series, completion
+from infergate.assembly import complete_quiet_series, completes_at, completion
 from infergate.config import AssemblySettings, CalledAE, IngestSettings, Settings
 from infergate.ingest.scp import StorageSCP
 from infergate.ingest.spool import Spool
@@ -59,10 +59,10 @@ def test_series_completes_after_the_quiet_period_and_is_routed(tmp_path: Path) -
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "ct-series", "CT", at=100.0)
     _receive(store, "2.1", "mr-series", "MR", at=100.0)
-    assert complete_quiet_series(store, plugins, 105.0, SETTINGS) == []
+    assert complete_quiet_series(store, plugins, 105.0, SETTINGS).jobs == []
     assert len(store.receiving_series()) == 2
     with structlog.testing.capture_logs() as logs:
-        jobs = complete_quiet_series(store, plugins, 110.0, SETTINGS)
+        jobs = complete_quiet_series(store, plugins, 110.0, SETTINGS).jobs
     assert len(jobs) == 1
     assert store.job(jobs[0]).series_uid == "ct-series"
     assert store.receiving_series() == []
@@ -83,7 +83,7 @@ def test_a_called_ae_title_runs_only_its_plugins(tmp_path: Path) -> None:
     _receive(store, "1.1", "to-no-ai", "CT", at=100.0, called="NO_AI")
     _receive(store, "2.1", "to-lung", "CT", at=100.0, called="LUNG")
     with structlog.testing.capture_logs() as logs:
-        jobs = complete_quiet_series(store, plugins, 110.0, settings)
+        jobs = complete_quiet_series(store, plugins, 110.0, settings).jobs
     assert [store.job(j).series_uid for j in jobs] == ["to-lung"]
     (unrouted,) = [e for e in logs if e["event"] == "routing.series.routed" and not e["plugins"]]
     assert "not enabled for called AE title NO_AI" in unrouted["decisions"][0]["reason"]
@@ -133,6 +133,38 @@ def test_completion(group: list[SeriesRow], now: float, expected: str | None) ->
     assert completion(group, now, HINTED) == expected
 
 
+@pytest.mark.parametrize(
+    "group",
+    [
+        [_row(100)],
+        [_row(100, released_at=100.5)],
+        [_row(100, released_at=100.5, open_senders=1)],
+        [_row(101, released_at=100.5)],
+        [_row(700, first_received_at=100)],
+        [_row(100), _row(105, series_uid="t")],
+        [_row(100, released_at=106), _row(105, series_uid="t", released_at=106)],
+    ],
+)
+def test_completes_at_is_the_first_moment_the_group_is_complete(group: list[SeriesRow]) -> None:
+    at = completes_at(group, HINTED)
+    assert completion(group, at - 0.01, HINTED) is None
+    assert completion(group, at, HINTED) is not None
+
+
+def test_a_round_says_when_the_next_series_will_be_complete(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    plugins = [LoadedPlugin(_AnyCT(), "test")]
+    assert complete_quiet_series(store, plugins, 100.0, SETTINGS).next_at is None
+    _receive(store, "1.1", "early", "CT", at=100.0)
+    _receive(store, "2.1", "later", "CT", at=103.0)
+    assert complete_quiet_series(store, plugins, 105.0, SETTINGS).next_at == 110.0
+    assembled = complete_quiet_series(store, plugins, 110.0, SETTINGS)
+    assert len(assembled.jobs) == 1
+    assert assembled.next_at == 113.0
+    # Paused for a restart: the quiet period runs from when instances were taken again.
+    assert complete_quiet_series(store, plugins, 110.0, SETTINGS, resumed_at=109.0).next_at == 119.0
+
+
 def test_the_release_hint_is_off_unless_configured() -> None:
     settings = AssemblySettings(quiet_period_s=10)
     assert completion([_row(100, released_at=100.5)], 105, settings) is None
@@ -144,9 +176,9 @@ def test_series_of_a_study_complete_together(tmp_path: Path) -> None:
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "chest", "CT", at=100.0)
     _receive(store, "2.1", "scout", "CT", at=108.0)  # same study, later
-    assert complete_quiet_series(store, plugins, 112.0, settings) == []
+    assert complete_quiet_series(store, plugins, 112.0, settings).jobs == []
     with structlog.testing.capture_logs() as logs:
-        jobs = complete_quiet_series(store, plugins, 118.0, settings)
+        jobs = complete_quiet_series(store, plugins, 118.0, settings).jobs
     assert sorted(store.job(j).series_uid for j in jobs) == ["chest", "scout"]
     (study,) = [e for e in logs if e["event"] == "assembly.study.complete"]
     assert (study["series"], study["trigger"]) == (2, "quiet")
@@ -176,7 +208,7 @@ def test_a_released_association_lets_its_series_complete_early(
     assert series.released_at is not None
     assert series.open_senders == 0
     with structlog.testing.capture_logs() as logs:
-        jobs = complete_quiet_series(store, [], series.released_at + 0.5, settings)
+        jobs = complete_quiet_series(store, [], series.released_at + 0.5, settings).jobs
     assert jobs == []
     (done,) = [e for e in logs if e["event"] == "assembly.series.complete"]
     assert (done["trigger"], done["instances"]) == ("released", 5)
@@ -208,5 +240,5 @@ def test_the_quiet_period_of_a_series_runs_from_the_gateways_start_after_an_outa
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "ct-series", "CT", at=100.0)
     # Restarted at 130, 30 s after the last instance (quiet period 10 s).
-    assert complete_quiet_series(store, plugins, 131.0, SETTINGS, resumed_at=130.0) == []
-    assert len(complete_quiet_series(store, plugins, 140.0, SETTINGS, resumed_at=130.0)) == 1
+    assert complete_quiet_series(store, plugins, 131.0, SETTINGS, resumed_at=130.0).jobs == []
+    assert len(complete_quiet_series(store, plugins, 140.0, SETTINGS, resumed_at=130.0).jobs) == 1

@@ -301,3 +301,23 @@ def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
     # Not runnable before its time, runnable after it.
     assert store.runnable_jobs() == []
     assert [j.job_id for j in store.runnable_jobs(now=time.time() + 31)] == ["lung"]
+
+
+def test_a_job_recorded_wakes_the_stages_that_take_its_results(
+    tmp_path: Path, triton: TritonClient
+) -> None:
+    store = Store(tmp_path / "s.db")
+    queue_job(store, "j", "missing", [Path("/spool/missing.dcm")], now=1.0)
+    scheduler = JobScheduler(_settings(), store, [], triton)
+    woken = threading.Event()
+    states: list[JobState] = []
+
+    def wake() -> None:
+        states.append(store.job("j").state)
+        woken.set()
+
+    scheduler.when_a_job_ends(wake)
+    scheduler.step()
+    assert woken.wait(30)
+    # Called once its outcome was in the store, not before.
+    assert states == [JobState.FAILED]
