@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -14,39 +13,26 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prometheus_client.multiprocess import MultiProcessCollector
-
 from infergate import __version__
 from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
-from infergate.errors import ConfigError, InfergateError, ModelMismatchError, OpsClientError
-from infergate.export.scu import echo
-from infergate.export.stow import reach
-from infergate.export.worker import ExportWorker
+from infergate.errors import ConfigError, InfergateError, OpsClientError
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.shared_memory import remove_stale_regions
 from infergate.inference.triton import TritonClient
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
-from infergate.notify.worker import send_due
 from infergate.ops import commands
-from infergate.ops.health import Gateway
-from infergate.ops.http import OpsServer
-from infergate.ops.metrics import REGISTRY, LiveSources, PipelineCollector, job_ended
-from infergate.ops.retention import run_retention, sweep_orphans
-from infergate.ops.selftest import run_selftest
 from infergate.plugins import (
     LoadedPlugin,
     check_plugin_names,
+    check_plugins,
     discover,
     enabled_plugins,
 )
 from infergate.routing.explain import explain
 from infergate.store import Store
-from infergate.work.job_process import start_forkserver
-from infergate.work.loops import StageLoop, each_interval
-from infergate.work.scheduler import JobScheduler
 from infergate.work.states import JobState
 
 log = get_logger("infergate.cli")
@@ -97,27 +83,6 @@ def triton_for(
             embedded.stop()
 
 
-def check_plugins(client: TritonClient, plugins: list[LoadedPlugin]) -> None:
-    """Check every plugin against its live model; every mismatch is named before the
-    :class:`ModelMismatchError` that stops startup."""
-    problems = []
-    for loaded in plugins:
-        try:
-            client.check_plugin(loaded.spec)
-        except ModelMismatchError as exc:
-            log.error("check.plugin.failed", plugin=loaded.spec.name, reason=str(exc))
-            problems.append(str(exc))
-            continue
-        log.info(
-            "check.plugin.ok",
-            plugin=loaded.spec.name,
-            version=loaded.spec.version,
-            model=loaded.spec.model_name,
-        )
-    if problems:
-        raise ModelMismatchError("; ".join(problems))
-
-
 def serve(settings: Settings) -> int:
     stop = threading.Event()
     failed = False
@@ -135,21 +100,26 @@ def serve(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
-    if settings.work.job_processes:
-        start_forkserver()  # it warms up while Triton starts
     # The listeners start while Triton loads its models: instances are taken (and kept
     # durably) from the first seconds; their series wait for the stages below.
     listeners = ListenerPool(settings, store)
     taking_since = 0.0
 
-    def start_listeners() -> None:
+    def meanwhile() -> None:
         nonlocal taking_since
         listeners.start()
         taking_since = time.time()
+        # The stages' modules, imported while Triton loads (see infergate.stages).
+        from infergate import stages
+
+        if settings.work.job_processes:
+            stages.start_forkserver()  # it warms up while Triton starts
 
     try:
-        with triton_for(settings, plugins, meanwhile=start_listeners) as (client, embedded):
-            failed = _serve_until_stopped(
+        with triton_for(settings, plugins, meanwhile=meanwhile) as (client, embedded):
+            from infergate.stages import run_stages  # imported by meanwhile
+
+            failed = run_stages(
                 settings,
                 store,
                 plugins=plugins,
@@ -168,61 +138,6 @@ def serve(settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def _serve_until_stopped(
-    settings: Settings,
-    store: Store,
-    *,
-    plugins: list[LoadedPlugin],
-    client: TritonClient,
-    embedded: EmbeddedTriton | None,
-    listeners: ListenerPool,
-    taking_since: float,
-    stop: threading.Event,
-) -> bool:
-    """The stages started, ready, watched until ``stop``; whether one failed."""
-    failed = False
-    check_plugins(client, plugins)
-    _recover_work(store, settings)
-    scheduler = JobScheduler(settings, store, plugins, client)
-    scheduler.starting()
-    exporter = ExportWorker(settings, store)
-    stages = _stage_loops(settings, store, scheduler, exporter, stop)
-    for stage in stages:
-        stage.start()
-    scheduler.accepting(taking_since)
-    ops = _start_ops(Gateway(settings, store, client, plugins, stages, listeners))
-    log.info(
-        "serve.ready",
-        version=__version__,
-        ae_title=settings.ingest.ae_title,
-        port=settings.ingest.port,
-        listener_processes=settings.ingest.listener_processes,
-        inference_slots=settings.work.slots,
-        plugins=[p.spec.name for p in plugins],
-        results_to=[d.described for d in settings.destinations()],
-        ops=f"http://{settings.ops.host}:{settings.ops.port}" if settings.ops.enabled else None,
-    )
-    # The main thread only waits and watches; the signal handler only sets `stop`.
-    while not stop.wait(1.0):
-        listeners.watch()
-        if embedded is not None:
-            embedded.watch()
-        for stage in stages:
-            if not stage.is_alive():
-                failure = stage.failure or "its thread ended"
-                log.error("serve.stage.died", stage=stage.name, reason=failure)
-                failed = True
-                stop.set()
-    if ops is not None:
-        ops.stop()
-    listeners.stop()
-    for stage in stages:
-        stage.join(timeout_s=10)
-    scheduler.release_running(wait_s=settings.work.stop_grace_s)
-    exporter.shutdown(wait_s=settings.work.stop_grace_s)
-    return failed
-
-
 def _clean_after_the_last_run(store: Store, settings: Settings) -> None:
     """What a process that died left: half-written spool files, open associations."""
     orphans = Spool(settings.storage.spool_dir).clean_orphans()
@@ -231,85 +146,6 @@ def _clean_after_the_last_run(store: Store, settings: Settings) -> None:
     ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
     if ended:
         log.warning("ingest.associations.ended_at_start", associations=ended)
-
-
-def _recover_work(store: Store, settings: Settings) -> None:
-    """Jobs a process death interrupted go back in the queue, or to the dead letters."""
-    requeued, dead = store.recover(time.time(), settings.work.max_interruptions)
-    if requeued:
-        log.warning("work.recovered", jobs_requeued=requeued)
-    for job_id in dead:
-        job = store.job(job_id)
-        log.error("work.job.dead_letter", job_id=job_id, reason=job.error)
-        job_ended(job.plugin, "dead")
-    resent = store.recover_notifications(time.time())
-    if resent:
-        log.warning("notify.recovered", notifications_due_again=resent)
-
-
-def _start_ops(gateway: Gateway) -> OpsServer | None:
-    """The ops endpoint, listening, with the gateway's gauges in its metrics."""
-    settings = gateway.settings
-    if not settings.ops.enabled:
-        return None
-    sources = LiveSources(
-        store=gateway.store,
-        spool_dir_free=lambda: shutil.disk_usage(settings.storage.spool_dir).free,
-        spool_min_free=settings.ingest.min_free_bytes,
-        destinations=tuple(sorted({d.ae_title for d in settings.destinations()})),
-        triton_ready=gateway.triton.is_ready,
-        listener_processes=lambda: (
-            gateway.listeners.alive(),
-            settings.ingest.listener_processes,
-        ),
-    )
-    REGISTRY.register(PipelineCollector(sources))
-    # Ingest's metrics, from the listener processes' files (prometheus-client has no
-    # annotations for this class).
-    MultiProcessCollector(REGISTRY, path=str(gateway.listeners.metrics_dir))  # type: ignore[no-untyped-call]
-    server = OpsServer(settings.ops, gateway)
-    server.start()
-    return server
-
-
-def _stage_loops(
-    settings: Settings,
-    store: Store,
-    scheduler: JobScheduler,
-    exporter: ExportWorker,
-    stop: threading.Event,
-) -> list[StageLoop]:
-    """The gateway's stage loops, not yet started."""
-    interval = settings.assembly.poll_interval_s
-    stages = [
-        StageLoop("inference", scheduler.step, interval, stop),
-        StageLoop("export", each_interval(exporter.step), interval, stop),
-    ]
-    if settings.notifications.receivers:
-        stages.append(
-            StageLoop("notify", each_interval(lambda: send_due(store, settings)), interval, stop)
-        )
-    # A job's results recorded: its slot is free and what it found can go out now.
-    for stage in stages:
-        scheduler.when_a_job_ends(stage.wake)
-    if settings.retention.enabled:
-        stages.append(
-            StageLoop(
-                "retention",
-                each_interval(lambda: run_retention(store, settings)),
-                settings.retention.interval_s,
-                stop,
-            )
-        )
-        stages.append(
-            StageLoop(
-                "orphans",
-                each_interval(lambda: sweep_orphans(store, settings)),
-                settings.retention.orphan_sweep_interval_s,
-                stop,
-            )
-        )
-    return stages
 
 
 def check_tls_files(settings: Settings) -> None:
@@ -323,6 +159,9 @@ def check_tls_files(settings: Settings) -> None:
 
 
 def check(settings: Settings) -> int:
+    from infergate.export.scu import echo
+    from infergate.export.stow import reach
+
     check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
@@ -420,6 +259,8 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _admin(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "selftest":
+        from infergate.ops.selftest import run_selftest
+
         return run_selftest(settings, destination=args.destination, timeout_s=args.timeout)
     if args.command == "studies":
         return commands.studies(settings, limit=args.limit, as_json=args.json)

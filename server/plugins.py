@@ -6,14 +6,18 @@ import pickle
 import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from infergate.config import Settings
-from infergate.errors import ConfigError, PluginError
+from infergate.errors import ConfigError, ModelMismatchError, PluginError
 from infergate.logs import get_logger
 from infergate.plugin_api import API_VERSION, Plugin, PluginSpec
 from infergate.routing.rules import Condition
+
+if TYPE_CHECKING:
+    from infergate.inference.triton import TritonClient
 
 GROUP = "infergate.plugins"
 # Plugin names appear in config, job records and logs.
@@ -144,3 +148,24 @@ def pickling_error(plugin: object) -> Exception | None:
     except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
         return exc
     return None
+
+
+def check_plugins(client: TritonClient, plugins: list[LoadedPlugin]) -> None:
+    """Check every plugin against its live model; every mismatch is named before the
+    :class:`ModelMismatchError` that stops startup."""
+    problems = []
+    for loaded in plugins:
+        try:
+            client.check_plugin(loaded.spec)
+        except ModelMismatchError as exc:
+            log.error("check.plugin.failed", plugin=loaded.spec.name, reason=str(exc))
+            problems.append(str(exc))
+            continue
+        log.info(
+            "check.plugin.ok",
+            plugin=loaded.spec.name,
+            version=loaded.spec.version,
+            model=loaded.spec.model_name,
+        )
+    if problems:
+        raise ModelMismatchError("; ".join(problems))

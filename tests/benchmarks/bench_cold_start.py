@@ -5,6 +5,7 @@ not in the suite).
 Each run is a fresh server on a fresh state folder. From the moment the process is
 started, DCMTK's echoscu is tried every 50 ms until one association is accepted;
 ``serve.ready`` is read from the server's log (its timestamp against the start).
+``--timeline`` prints, for the first run, each log event's time since the start.
 
     .venv/bin/python tests/benchmarks/bench_cold_start.py --runs 3
     .venv/bin/python tests/benchmarks/bench_cold_start.py --runs 3 --reference b1ddaee
@@ -39,7 +40,7 @@ def _echo(port: int) -> bool:
     return done.returncode == 0
 
 
-def one_run(work: Path, code: dict[str, str] | None) -> dict[str, float]:
+def one_run(work: Path, code: dict[str, str] | None, timeline: bool = False) -> dict[str, float]:
     config = infergate_config(work / "var", None)
     config.pop("destinations", None)
     env = dict(PEER_ENV)
@@ -74,6 +75,13 @@ def one_run(work: Path, code: dict[str, str] | None) -> dict[str, float]:
         process.terminate()
         process.wait(30)
         log.close()
+    if timeline:
+        for line in (work / "serve.log").read_text().splitlines():
+            event = _event(line)
+            if event is not None and "timestamp" in event:
+                at = datetime.fromisoformat(str(event["timestamp"])).timestamp() - started_wall
+                print(f"  {at:6.2f} s  {event['event']}")
+        print(f"  {echo_s:6.2f} s  (first C-ECHO answered)")
     return {
         "first_echo_s": echo_s,
         "serve_ready_s": float("nan") if ready is None else ready - started_wall,
@@ -92,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--reference", default=None, help=f"a commit, e.g. {PREVIOUS_RELEASE}")
+    parser.add_argument("--timeline", action="store_true", help="the first run's log events")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -101,7 +110,10 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {name: [] for name in codes}
         for n in range(args.runs):  # interleaved; folder names without spaces (Triton)
             for index, (name, code) in enumerate(codes.items()):
-                results[name].append(one_run(root / f"run-{n}-{index}", code))
+                first = args.timeline and n == 0
+                if first:
+                    print(f"{name}, run 1:")
+                results[name].append(one_run(root / f"run-{n}-{index}", code, first))
         for name, runs in results.items():
             print(f"{name}, every plugin, embedded Triton, {args.runs} runs")
             for key in runs[0]:

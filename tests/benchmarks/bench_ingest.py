@@ -11,7 +11,11 @@ Debian defaults (strace shows one fdatasync per instance, and no folder fsync).
 Infergate runs as `infergate serve` with a quiet period long enough that no job
 starts during the measurement.
 
+``--reference REV`` adds the Infergate of commit REV (the previous release), from a
+``git archive`` of it, as one more receiver in the same rotation.
+
     .venv/bin/python tests/benchmarks/bench_ingest.py --repeats 3
+    .venv/bin/python tests/benchmarks/bench_ingest.py --repeats 3 --reference b1ddaee
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,11 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infergate.testing import write_chest_ct
 from peers import (
     PEER_ENV,
+    PREVIOUS_RELEASE,
     InfergateProcess,
     Orthanc,
     free_port,
     infergate_config,
     process_tree,
+    reference_tree,
     require_program,
     wait_until,
 )
@@ -87,8 +94,15 @@ def orthanc(work: Path) -> Iterator[Receiver]:
 
 
 @contextmanager
-def infergate(work: Path) -> Iterator[Receiver]:
-    server = InfergateProcess(work / "ig", infergate_config(work / "var", None, quiet_s=3600))
+def infergate(work: Path, code: dict[str, str] | None = None) -> Iterator[Receiver]:
+    """This tree's ``infergate serve``, or (``code``, from :func:`reference_tree`) that
+    of another commit."""
+    config = infergate_config(work / "var", None, quiet_s=3600)
+    env = {}
+    if code is not None:
+        config["triton"]["model_repository"] = code["MODEL_REPOSITORY"]
+        env = {"PYTHONPATH": code["PYTHONPATH"]}
+    server = InfergateProcess(work / "ig", config, extra_env=env)
     server.workdir.mkdir(parents=True)
     server.start()
     assert server.process is not None
@@ -138,21 +152,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--reference", default=None, help=f"a commit, e.g. {PREVIOUS_RELEASE}")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        receivers = dict(RECEIVERS)
+        if args.reference:
+            code = reference_tree(args.reference, root / "reference")
+            receivers[f"ig@{args.reference[:7]}"] = partial(infergate, code=code)
         phantom = write_chest_ct(root / "ct", slices=args.slices)
         files = list(phantom.paths)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         results: dict[tuple[str, int], list[tuple[float, float]]] = {}
         run = 0
-        names = list(RECEIVERS)
+        names = list(receivers)
         for repeat in range(args.repeats):
             for associations in (1, 4, 8):
                 # Interleaved, as the machine is noisy, and in a rotating order.
                 order = names[repeat % len(names) :] + names[: repeat % len(names)]
                 for name in order:
-                    receiver = RECEIVERS[name]
+                    receiver = receivers[name]
                     # What the previous receiver left unsynced (storescp and Orthanc do not
                     # fsync) would otherwise be written back during the next measurement.
                     os.sync()
@@ -168,17 +187,20 @@ def main() -> None:
                     results.setdefault((name, associations), []).append((seconds, cpu))
         print(f"{len(files)} images, {megabytes:.0f} MB, {args.repeats} repeats (median, range)")
         for associations in (1, 4, 8):
-            reference = statistics.median(s for s, _ in results[("storescp", associations)])
-            for name in RECEIVERS:
+
+            def rate_of(name: str, count: int = associations) -> float:
+                return statistics.median(len(files) / s for s, _ in results[(name, count)])
+
+            for name in receivers:
                 runs = results[(name, associations)]
                 rates = [len(files) / s for s, _ in runs]
                 rate = statistics.median(rates)
                 cpu = statistics.median(c for _, c in runs)
-                ratio = (len(files) / reference) / rate
                 print(
-                    f"  {associations} assoc  {name:9s} {rate:6.0f} img/s"
+                    f"  {associations} assoc  {name:11s} {rate:6.0f} img/s"
                     f" ({min(rates):.0f}-{max(rates):.0f})  {rate * megabytes / len(files):6.1f}"
-                    f" MB/s  cpu {cpu:5.1f} s  storescp/this {ratio:4.1f}x"
+                    f" MB/s  cpu {cpu:5.1f} s  of storescp {rate / rate_of('storescp'):4.2f}x"
+                    f"  of orthanc {rate / rate_of('orthanc'):4.2f}x"
                 )
 
 
