@@ -33,6 +33,7 @@ from infergate.plugins import (
 )
 from infergate.routing.explain import explain
 from infergate.store import Store
+from infergate.work.forkserver import start_forkserver
 from infergate.work.states import JobState
 
 log = get_logger("infergate.cli")
@@ -100,6 +101,8 @@ def serve(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
+    if settings.work.job_processes:
+        start_forkserver()  # it warms up, at a lower priority, while Triton starts
     # The listeners start while Triton loads its models: instances are taken (and kept
     # durably) from the first seconds; their series wait for the stages below.
     listeners = ListenerPool(settings, store)
@@ -110,10 +113,7 @@ def serve(settings: Settings) -> int:
         listeners.start()
         taking_since = time.time()
         # The stages' modules, imported while Triton loads (see infergate.stages).
-        from infergate import stages
-
-        if settings.work.job_processes:
-            stages.start_forkserver()  # it warms up while Triton starts
+        import infergate.stages  # noqa: F401
 
     try:
         with triton_for(settings, plugins, meanwhile=meanwhile) as (client, embedded):

@@ -28,11 +28,8 @@ from infergate.ops.metrics import REGISTRY, LiveSources, PipelineCollector, job_
 from infergate.ops.retention import run_retention, sweep_orphans
 from infergate.plugins import LoadedPlugin, check_plugins
 from infergate.store import Store
-from infergate.work.job_process import start_forkserver
 from infergate.work.loops import StageLoop, each_interval
 from infergate.work.scheduler import JobScheduler
-
-__all__ = ["run_stages", "start_forkserver"]
 
 log = get_logger(__name__)
 

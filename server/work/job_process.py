@@ -38,6 +38,7 @@ from infergate.lifetime import JOB_NICENESS, die_with_parent
 from infergate.logs import configure_logging, get_logger
 from infergate.plugins import LoadedPlugin
 from infergate.store import JobRow
+from infergate.work.forkserver import context
 
 log = get_logger(__name__)
 
@@ -55,26 +56,12 @@ class _Failure:
     triton_unavailable: bool = False
 
 
-def _context() -> Any:
-    context = multiprocessing.get_context("forkserver")
-    # Imported once by the forkserver, so each job process starts warm.
-    context.set_forkserver_preload(["infergate.work.forkserver_preload"])
-    return context
-
-
-def start_forkserver() -> None:
-    """Start the forkserver now, so that it imports and warms up while the gateway
-    starts (Triton, the listeners) rather than when the first job comes (~2 s)."""
-    _context()
-    multiprocessing.forkserver.ensure_running()
-
-
 class JobProcess:
     """One job's process: :meth:`run` starts it and waits for its outcome; :meth:`kill`
     (from another thread) stops it at once."""
 
     def __init__(self, work: JobInput, plugin: LoadedPlugin, settings: Settings) -> None:
-        self._context = _context()
+        self._context = context()
         self._arguments = (work, plugin, settings.for_child_process())
         self._process: Any = None
         self._killed = False

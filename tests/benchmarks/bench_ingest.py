@@ -9,7 +9,8 @@ storescp. Infergate acknowledges only after fsync of file and folder and a SQLit
 commit; storescp does not fsync (it is the upper bound); Orthanc runs with its
 Debian defaults (strace shows one fdatasync per instance, and no folder fsync).
 Infergate runs as `infergate serve` with a quiet period long enough that no job
-starts during the measurement.
+starts during the measurement, measured once its process tree is idle (after
+``serve.ready`` the forkserver may still be warming up).
 
 ``--reference REV`` adds the Infergate of commit REV (the previous release), from a
 ``git archive`` of it, as one more receiver in the same rotation.
@@ -64,6 +65,19 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def _until_idle(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until the tree of ``pid`` uses under 10% of a core: ``serve.ready`` comes
+    before the forkserver has warmed up and Triton's stubs have settled, and what
+    they do is not ingest."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = _cpu_seconds(pid)
+        time.sleep(0.5)
+        if _cpu_seconds(pid) - before < 0.05:
+            return
+    raise RuntimeError(f"process {pid} and its children did not go idle in {timeout_s} s")
+
+
 Receiver = tuple[int, int, Callable[[], int]]  # port, pid, how many instances it stored
 
 
@@ -106,6 +120,7 @@ def infergate(work: Path, code: dict[str, str] | None = None) -> Iterator[Receiv
     server.workdir.mkdir(parents=True)
     server.start()
     assert server.process is not None
+    _until_idle(server.process.pid)
     spool = work / "var" / "spool" / "instances"
     yield server.port, server.process.pid, lambda: len(list(spool.iterdir()))
     server.stop()
