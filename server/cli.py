@@ -18,8 +18,8 @@ from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
 from infergate.errors import ConfigError, InfergateError, OpsClientError
 from infergate.inference.embedded import EmbeddedTriton
+from infergate.inference.endpoints import Endpoints
 from infergate.inference.shared_memory import remove_stale_regions
-from infergate.inference.triton import TritonClient
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
@@ -46,12 +46,13 @@ def triton_for(
     meanwhile: Callable[[], None] | None = None,
     *,
     share: bool = False,
-) -> Iterator[tuple[TritonClient, EmbeddedTriton | None]]:
-    """A client for the configured Triton, and the embedded one when Infergate runs it
-    (started here with the models of ``plugins``, stopped on leaving). ``meanwhile``
-    runs while the embedded Triton loads its models (seconds: its Python-backend
-    stubs import numpy and scipy). ``share``: the embedded Triton of a gateway that
-    runs on the same state folder is used as it is (``check`` beside ``serve``)."""
+) -> Iterator[tuple[Endpoints, EmbeddedTriton | None]]:
+    """The configured Triton endpoints, at least one of them ready, and the embedded
+    Triton when Infergate runs it (started here with the models of ``plugins``,
+    stopped on leaving). ``meanwhile`` runs while the embedded Triton loads its models
+    (seconds: its Python-backend stubs import numpy and scipy). ``share``: the
+    embedded Triton of a gateway that runs on the same state folder is used as it is
+    (``check`` beside ``serve``)."""
     embedded = None
     try:
         if settings.triton.mode == "embedded":
@@ -70,15 +71,24 @@ def triton_for(
             meanwhile()
         if embedded is not None:
             embedded.wait_ready()
-        if settings.triton.use_shared_memory:
+        triton = settings.triton
+        if any(triton.shared_memory_with(url) for url in triton.endpoints):
             remove_stale_regions()
-        client = TritonClient.for_settings(settings.triton)
+        endpoints = Endpoints.for_settings(triton)
         try:
-            if not client.is_ready():
-                raise InfergateError(f"Triton at {settings.triton.grpc_url} is not ready")
-            yield client, embedded
+            ready = endpoints.check()
+            for url in endpoints.urls:
+                if url not in ready:
+                    log.warning("triton.endpoint.not_ready", url=url)
+            if not ready:
+                raise InfergateError(
+                    f"Triton at {', '.join(endpoints.urls)} is not ready"
+                    if len(endpoints.urls) == 1
+                    else f"no Triton endpoint is ready (of {', '.join(endpoints.urls)})"
+                )
+            yield endpoints, embedded
         finally:
-            client.close()
+            endpoints.close()
     finally:
         if embedded is not None:
             embedded.stop()
@@ -116,14 +126,14 @@ def serve(settings: Settings) -> int:
         import infergate.stages  # noqa: F401
 
     try:
-        with triton_for(settings, plugins, meanwhile=meanwhile) as (client, embedded):
+        with triton_for(settings, plugins, meanwhile=meanwhile) as (endpoints, embedded):
             from infergate.stages import run_stages  # imported by meanwhile
 
             failed = run_stages(
                 settings,
                 store,
                 plugins=plugins,
-                client=client,
+                endpoints=endpoints,
                 embedded=embedded,
                 listeners=listeners,
                 taking_since=taking_since,
@@ -167,8 +177,12 @@ def check(settings: Settings) -> int:
     check_plugin_names(settings, plugins)
     if not plugins:
         log.warning("check.no_plugins")
-    with triton_for(settings, plugins, share=True) as (client, _):
-        check_plugins(client, plugins)
+    with triton_for(settings, plugins, share=True) as (endpoints, _):
+        ready = endpoints.ready()
+        for url in ready:
+            check_plugins(endpoints.client(url), plugins)
+        # A replica that does not answer is a fault to report, though serve would run.
+        not_ready = len(endpoints.urls) - len(ready)
     unreachable = 0
     for destination in settings.destinations():
         reason = (
@@ -183,8 +197,12 @@ def check(settings: Settings) -> int:
             log.error(
                 "check.destination.unreachable", destination=destination.ae_title, reason=reason
             )
-    if unreachable:
-        log.error("check.failed", destinations_unreachable=unreachable)
+    if unreachable or not_ready:
+        log.error(
+            "check.failed",
+            destinations_unreachable=unreachable,
+            triton_endpoints_not_ready=not_ready,
+        )
         return 1
     log.info("check.ok", plugins=len(plugins), destinations=len(settings.destinations()))
     return 0

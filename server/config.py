@@ -386,6 +386,13 @@ class TritonSettings(_Section):
 
     mode: Literal["embedded", "remote"] = "embedded"
     url: str = "127.0.0.1:8001"
+    # remote: several Triton endpoints (gRPC host:port each, e.g. the replicas of a
+    # Kubernetes Service listed, or hosts of their own); jobs are spread over the
+    # ready ones. Empty: `url` alone.
+    urls: tuple[str, ...] = ()
+    # How often the gateway asks each endpoint whether it is ready; one that failed a
+    # job is skipped until it answers ready again.
+    health_interval_s: float = Field(default=5.0, gt=0)
     model_repository: AbsolutePath = Field(default=Path("model_repository"), validate_default=True)
 
     grpc_port: int = Field(default=8001, ge=1, le=65535)
@@ -407,16 +414,33 @@ class TritonSettings(_Section):
 
     @property
     def grpc_url(self) -> str:
+        """The first endpoint (the embedded Triton's, or the first remote one)."""
+        return self.endpoints[0]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every Triton endpoint, gRPC host:port, in the configured order."""
         if self.mode == "embedded":
-            return f"127.0.0.1:{self.grpc_port}"
-        return self.url
+            return (f"127.0.0.1:{self.grpc_port}",)
+        return self.urls or (self.url,)
 
     @property
     def use_shared_memory(self) -> bool:
+        return self.shared_memory_with(self.grpc_url)
+
+    def shared_memory_with(self, endpoint: str) -> bool:
+        """Whether inputs go to ``endpoint`` through system shared memory: ``auto``
+        when it is on this host (a loopback address)."""
         if self.shared_memory != "auto":
             return self.shared_memory == "on"
-        host = self.grpc_url.rsplit(":", 1)[0].strip("[]").lower()
+        host = endpoint.rsplit(":", 1)[0].strip("[]").lower()
         return host in {"127.0.0.1", "localhost", "::1"}
+
+    @model_validator(mode="after")
+    def _distinct_endpoints(self) -> TritonSettings:
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError("triton.urls names an endpoint twice")
+        return self
 
 
 class DeviceSettings(_Section):

@@ -18,7 +18,7 @@ from infergate import __version__
 from infergate.config import Settings
 from infergate.export.worker import ExportWorker
 from infergate.inference.embedded import EmbeddedTriton
-from infergate.inference.triton import TritonClient
+from infergate.inference.endpoints import Endpoints
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.logs import get_logger
 from infergate.notify.worker import send_due
@@ -39,7 +39,7 @@ def run_stages(
     store: Store,
     *,
     plugins: list[LoadedPlugin],
-    client: TritonClient,
+    endpoints: Endpoints,
     embedded: EmbeddedTriton | None,
     listeners: ListenerPool,
     taking_since: float,
@@ -47,16 +47,20 @@ def run_stages(
 ) -> bool:
     """The stages started, ready, watched until ``stop``; whether one failed."""
     failed = False
-    check_plugins(client, plugins)
+    for url in endpoints.ready():
+        check_plugins(endpoints.client(url), plugins)
     _recover_work(store, settings)
-    scheduler = JobScheduler(settings, store, plugins, client)
+    scheduler = JobScheduler(settings, store, plugins, endpoints)
     scheduler.starting()
     exporter = ExportWorker(settings, store)
     stages = _stage_loops(settings, store, scheduler, exporter, stop)
+    stages.append(
+        StageLoop("triton", each_interval(endpoints.check), settings.triton.health_interval_s, stop)
+    )
     for stage in stages:
         stage.start()
     scheduler.accepting(taking_since)
-    ops = _start_ops(Gateway(settings, store, client, plugins, stages, listeners))
+    ops = _start_ops(Gateway(settings, store, endpoints, plugins, stages, listeners))
     log.info(
         "serve.ready",
         version=__version__,
@@ -65,6 +69,7 @@ def run_stages(
         listener_processes=settings.ingest.listener_processes,
         inference_slots=settings.work.slots,
         plugins=[p.spec.name for p in plugins],
+        triton=list(endpoints.ready()),
         results_to=[d.described for d in settings.destinations()],
         ops=f"http://{settings.ops.host}:{settings.ops.port}" if settings.ops.enabled else None,
     )

@@ -119,6 +119,16 @@ class EmbeddedTriton:
         self._next_restart = 0.0
         self.restarts = 0
 
+    @property
+    def url(self) -> str:
+        """Its gRPC endpoint, host:port."""
+        return self._settings.grpc_url
+
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver's process id, once launched."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
         """Launch tritonserver and wait until it is ready."""
         self.launch()

@@ -88,6 +88,9 @@ class JobInput:
     # numbers are results.*_series_number + 10 times it, so that two plugins' results
     # in one study never share a series number.
     plugin_rank: int = 0
+    # The Triton endpoint (gRPC host:port) the job sends its request to ("": the first
+    # of triton.*).
+    triton_url: str = ""
 
 
 def run_job(

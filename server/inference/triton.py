@@ -78,11 +78,16 @@ class TritonClient:
 
     @classmethod
     def for_settings(cls, settings: TritonSettings) -> TritonClient:
-        """A client of the Triton that ``triton.*`` names."""
+        """A client of the (first) Triton that ``triton.*`` names."""
+        return cls.for_endpoint(settings, settings.grpc_url)
+
+    @classmethod
+    def for_endpoint(cls, settings: TritonSettings, url: str) -> TritonClient:
+        """A client of the Triton endpoint ``url``, with the settings of ``triton.*``."""
         return cls(
-            settings.grpc_url,
+            url,
             settings.request_timeout_s,
-            shared_memory=settings.use_shared_memory,
+            shared_memory=settings.shared_memory_with(url),
             max_in_flight=settings.max_requests_in_flight,
         )
 

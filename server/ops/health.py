@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from infergate.config import Settings
 from infergate.errors import StoreError
-from infergate.inference.triton import TritonClient
+from infergate.inference.endpoints import Endpoints
 from infergate.ingest.admission import space_shortfall
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.plugins import LoadedPlugin
@@ -33,7 +33,7 @@ class Gateway:
 
     settings: Settings
     store: Store
-    triton: TritonClient
+    triton: Endpoints
     plugins: list[LoadedPlugin]
     stages: list[StageLoop]
     listeners: ListenerPool
@@ -58,7 +58,9 @@ def readiness(gateway: Gateway) -> list[Finding]:
     """Work can be taken and done: listeners bound, the store writable, free space
     above ``ingest.min_free_bytes``, Triton ready, each enabled plugin's model loaded."""
     findings = [_listeners(gateway), _store(gateway), _free_space(gateway)]
-    triton_ready = gateway.triton.is_ready()
+    # Asked now, not as of the health loop's last round: a probe sees a Triton that
+    # just went away.
+    triton_ready = bool(gateway.triton.check())
     findings.append(
         Finding("triton", triton_ready, None if triton_ready else "Triton is not ready")
     )

@@ -141,7 +141,9 @@ def _child(
     job = work.job
     outcome: JobOutcome | _Failure
     with job_context(job):
-        triton = TritonClient.for_settings(settings.triton)
+        triton = TritonClient.for_endpoint(
+            settings.triton, work.triton_url or settings.triton.grpc_url
+        )
         try:
             outcome = replace(run_job(work, plugin, triton, settings), peak_memory_bytes=_peak())
         except TritonUnavailableError as exc:

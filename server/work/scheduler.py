@@ -29,6 +29,7 @@ from infergate.errors import (
     TritonUnavailableError,
     unexpected,
 )
+from infergate.inference.endpoints import Endpoints
 from infergate.inference.runner import JobInput, JobOutcome, run_job
 from infergate.inference.triton import TritonClient
 from infergate.logs import get_logger
@@ -59,7 +60,7 @@ class JobScheduler:
         settings: Settings,
         store: Store,
         plugins: list[LoadedPlugin],
-        triton: TritonClient,
+        triton: Endpoints | TritonClient,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -70,7 +71,8 @@ class JobScheduler:
             warm()  # the jobs run here: pay the first job's costs now
         self._plugins = {p.spec.name: p for p in plugins}
         self._plugin_list = plugins
-        self._triton = triton
+        # The Triton endpoints jobs are spread over (one client: its one endpoint).
+        self._endpoints = triton if isinstance(triton, Endpoints) else Endpoints.of(triton)
         self._lock = threading.Lock()
         self._running: dict[str, _Running] = {}
         self._machine_bytes = machine_memory_bytes()
@@ -204,12 +206,14 @@ class JobScheduler:
 
     def _run_contained(self, job: JobRow) -> None:
         """Run ``job`` and record its outcome; whatever it raises fails it alone."""
+        endpoint = self._endpoints.pick() if job.kind is JobKind.INFERENCE else None
         log.info(
             "inference.job.started",
             kind=job.kind.value,
             plugin=job.plugin,
             attempt=job.attempts + 1,
             priority=job.priority,
+            **({} if endpoint is None else {"triton": endpoint}),
         )
         try:
             critical: tuple[CriticalFinding, ...] = ()
@@ -221,10 +225,12 @@ class JobScheduler:
                 if plugin is None:
                     self._fail(job, f"plugin {job.plugin} is not installed")
                     return
-                outcome = self._run_inference(job, plugin)
+                outcome = self._run_inference(job, plugin, endpoint or "")
                 results, timings = outcome.results, outcome.timings_s
                 critical, peak = outcome.critical, outcome.peak_memory_bytes
         except TritonUnavailableError as exc:
+            if endpoint is not None:
+                self._endpoints.failed(endpoint, str(exc))
             self._retry_or_fail(job, exc)
             return
         except InfergateError as exc:
@@ -253,15 +259,16 @@ class JobScheduler:
         )
         job_ended(job.plugin, "done", timings, peak_memory_bytes=peak)
 
-    def _run_inference(self, job: JobRow, plugin: LoadedPlugin) -> JobOutcome:
+    def _run_inference(self, job: JobRow, plugin: LoadedPlugin, endpoint: str) -> JobOutcome:
         work = JobInput(
             job=job,
             paths=self._store.instance_paths(job.series_uid),
             supersedes=self._store.superseded_job(job.job_id),
             plugin_rank=sorted(self._plugins).index(plugin.spec.name),
+            triton_url=endpoint,
         )
         if not self._settings.work.job_processes:
-            return run_job(work, plugin, self._triton, self._settings)
+            return run_job(work, plugin, self._endpoints.client(endpoint), self._settings)
         process = JobProcess(work, plugin, self._settings)
         with self._lock:
             running = self._running.get(job.job_id)

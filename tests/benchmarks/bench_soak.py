@@ -145,9 +145,10 @@ def main() -> None:
     parser.add_argument("--plugin", choices=("ct_head_bleed", "ct_lung"), default="ct_head_bleed")
     parser.add_argument("--slices", type=int, default=100, help="ct_lung's phantom")
     parser.add_argument("--reference", default=None, help=f"a commit, e.g. {PREVIOUS_RELEASE}")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (the logs)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(tmp) if args.keep is None else args.keep
         codes: dict[str, dict[str, str] | None] = {"this tree": None}
         if args.reference:
             codes[args.reference] = reference_tree(args.reference, root / "reference")
