@@ -271,8 +271,11 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
             ):
                 return False
             db.executemany(
-                "INSERT OR REPLACE INTO results (sop_instance_uid, job_id, kind, path,"
-                " created_at, priority) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO results (sop_instance_uid, job_id, kind, path, created_at, priority)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET"
+                " job_id = excluded.job_id, kind = excluded.kind, path = excluded.path,"
+                " created_at = excluded.created_at, priority = excluded.priority,"
+                " planned_at = NULL, kept_reason = NULL",
                 [
                     (
                         r.sop_instance_uid,
@@ -462,14 +465,14 @@ def _record_instance(
     )
     db.execute(
         """
-        INSERT INTO series VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, 0, NULL)
+        INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, 0, NULL)
         ON CONFLICT (series_uid) DO UPDATE SET
             last_received_at = excluded.last_received_at,
-            instance_count = instance_count + 1,
-            generation = generation + (state = ?9),
-            first_received_at = CASE WHEN state = ?9
-                THEN excluded.first_received_at ELSE first_received_at END,
-            state = ?8
+            instance_count = series.instance_count + 1,
+            generation = series.generation + CASE WHEN series.state = ? THEN 1 ELSE 0 END,
+            first_received_at = CASE WHEN series.state = ?
+                THEN excluded.first_received_at ELSE series.first_received_at END,
+            state = excluded.state
         """,
         (
             rec.series_uid,
@@ -480,6 +483,7 @@ def _record_instance(
             at,
             at,
             SeriesState.RECEIVING.value,
+            SeriesState.COMPLETE.value,
             SeriesState.COMPLETE.value,
         ),
     )

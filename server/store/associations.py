@@ -19,6 +19,10 @@ _COLUMNS = (
     "association_id, peer_address, peer_port, calling_ae, called_ae, tls, outcome, reason,"
     " started_at, ended_at, instances, bytes, failures, process_id"
 )
+# An audit row written again (its end, its counts) replaces the one before.
+_REPLACING = "ON CONFLICT (association_id) DO UPDATE SET " + ", ".join(
+    f"{column} = excluded.{column}" for column in _COLUMNS.replace(" ", "").split(",")[1:]
+)
 
 
 class Verdict(Protocol):
@@ -107,8 +111,8 @@ class AssociationRecords(Database):
 
 def _insert(db: sqlite3.Connection, audit: AssociationAudit) -> None:
     db.execute(
-        f"INSERT OR REPLACE INTO associations ({_COLUMNS})"  # noqa: S608 - constant columns
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO associations ({_COLUMNS})"  # noqa: S608 - constant columns
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {_REPLACING}",
         (
             audit.association_id,
             audit.peer_address,

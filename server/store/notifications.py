@@ -68,9 +68,9 @@ def add_notifications(
     """Inside the transaction that finishes the job: a pending notification per
     finding and receiver, unless it is there already."""
     db.executemany(
-        "INSERT OR IGNORE INTO notifications (notification_id, job_id, receiver, finding,"
+        "INSERT INTO notifications (notification_id, job_id, receiver, finding,"
         " report_uid, state, created_at, updated_at, next_attempt_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         [
             (
                 notification_id(job_id, receiver, index),

@@ -170,8 +170,9 @@ class OutboxRecords(Database):
         with ``reason``. Done again (after a crash), it changes nothing more."""
         with self._transaction() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO results (sop_instance_uid, job_id, kind, path,"
-                " created_at, priority, planned_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO results (sop_instance_uid, job_id, kind, path,"
+                " created_at, priority, planned_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 [
                     (
                         r.sop_instance_uid,
@@ -186,8 +187,8 @@ class OutboxRecords(Database):
                 ],
             )
             db.executemany(
-                "INSERT OR IGNORE INTO delivery_items (delivery_id, sop_instance_uid, state)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO delivery_items (delivery_id, sop_instance_uid, state)"
+                " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 [(delivery_id, r.sop_instance_uid, ResultState.PENDING.value) for r in captures],
             )
             if not allowed(ResultState.PENDING, ResultState.REPLACED):
@@ -405,13 +406,14 @@ def _add_to_open_delivery(
     else:
         delivery_id = str(row[0])
         db.execute(
-            "UPDATE deliveries SET priority = MIN(priority, ?), updated_at = ?"
-            " WHERE delivery_id = ?",
-            (rank, now, delivery_id),
+            "UPDATE deliveries SET priority = CASE WHEN priority < ? THEN priority ELSE ? END,"
+            " updated_at = ? WHERE delivery_id = ?",
+            (rank, rank, now, delivery_id),
         )
     db.executemany(
-        "INSERT OR REPLACE INTO delivery_items (delivery_id, sop_instance_uid, state)"
-        " VALUES (?, ?, ?)",
+        "INSERT INTO delivery_items (delivery_id, sop_instance_uid, state) VALUES (?, ?, ?)"
+        " ON CONFLICT (delivery_id, sop_instance_uid) DO UPDATE SET"
+        " state = excluded.state, status = NULL, reason = NULL",
         [(delivery_id, uid, ResultState.PENDING.value) for uid in uids],
     )
     return delivery_id
