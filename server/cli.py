@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             # What they print is for a person or a script; their log lines are warnings up.
             configure_logging("warning", form=settings.logging.format)
             return _admin(args, settings)
-        configure_logging(settings.logging.level, form=settings.logging.format)
+        configure_logging(
+            settings.logging.level, form=settings.logging.format, node=settings.node.name
+        )
         if args.command == "plugins":
             return list_plugins()
         if args.command == "route":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -650,6 +651,19 @@ class PluginSettings(_Section):
     enabled: tuple[str, ...] | None = None
 
 
+def _host_name() -> str:
+    """This host's name, cut to what a node name may be."""
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return name.strip("._-")[:64] or "infergate"
+
+
+class NodeSettings(_Section):
+    """This gateway node: its name is on every log line (``node``), on the metrics
+    (``infergate_node_info``) and on each job it runs (the job record's ``node``)."""
+
+    name: str = Field(default_factory=_host_name, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # json: one JSON object a line; console: readable lines; auto: console on a
@@ -681,6 +695,7 @@ class Settings(BaseSettings):
     work: WorkSettings = WorkSettings()
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
+    node: NodeSettings = NodeSettings()
 
     def for_child_process(self) -> str:
         """These settings as JSON for a process of ours (a listener, a job), without

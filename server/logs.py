@@ -71,14 +71,27 @@ def _shared_processors() -> list[structlog.types.Processor]:
     ]
 
 
+def _on_node(node: str) -> structlog.types.Processor:
+    """A processor naming this gateway node on every event (``node.name``)."""
+
+    def add(
+        _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict.setdefault("node", node)
+        return event_dict
+
+    return add
+
+
 def configure_logging(
     level: str = "info",
     stream: TextIO | None = None,
     form: Literal["auto", "json", "console"] = "auto",
+    node: str | None = None,
 ) -> None:
     """Send structlog and stdlib logging to ``stream`` (stdout): JSON lines, or readable
     lines (structlog's console renderer) for ``form`` "console", or "auto" on a
-    terminal."""
+    terminal; each event names ``node`` when given."""
     out = stream if stream is not None else sys.stdout
     numeric = logging.getLevelNamesMapping()[level.upper()]
     console = form == "console" or (form == "auto" and out.isatty())
@@ -87,9 +100,10 @@ def configure_logging(
         if console
         else structlog.processors.JSONRenderer()
     )
+    shared = [*_shared_processors(), *([] if node is None else [_on_node(node)])]
     structlog.configure(
         processors=[
-            *_shared_processors(),
+            *shared,
             *([] if console else [structlog.processors.dict_tracebacks]),
             renderer,
         ],
@@ -102,7 +116,7 @@ def configure_logging(
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=_shared_processors(),
+            foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 renderer,

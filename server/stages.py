@@ -24,7 +24,7 @@ from infergate.logs import get_logger
 from infergate.notify.worker import send_due
 from infergate.ops.health import Gateway
 from infergate.ops.http import OpsServer
-from infergate.ops.metrics import REGISTRY, LiveSources, PipelineCollector, job_ended
+from infergate.ops.metrics import NODE, REGISTRY, LiveSources, PipelineCollector, job_ended
 from infergate.ops.retention import run_retention, sweep_orphans
 from infergate.plugins import LoadedPlugin, check_plugins
 from infergate.store import Store
@@ -124,6 +124,7 @@ def _start_ops(gateway: Gateway) -> OpsServer | None:
             settings.ingest.listener_processes,
         ),
     )
+    NODE.info({"node": settings.node.name, "version": __version__})
     REGISTRY.register(PipelineCollector(sources))
     # Ingest's metrics, from the listener processes' files (prometheus-client has no
     # annotations for this class).

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args(argv)
     settings = Settings.model_validate_json(sys.stdin.read())
-    configure_logging(settings.logging.level, form=settings.logging.format)
+    configure_logging(settings.logging.level, form=settings.logging.format, node=settings.node.name)
     parent = os.getppid()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

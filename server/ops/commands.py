@@ -105,6 +105,8 @@ def job_show(settings: Settings, job_id: str, *, as_json: bool) -> int:
     print(
         f"    sent to {job['called_ae']}), priority {job['priority']}, attempts {job['attempts']}"
     )
+    if job.get("node"):
+        print(f"  ran on node {job['node']}")
     # Each stage from its start to the next one's.
     marks = [
         ("receiving", job["first_received_at"], job["last_received_at"]),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -23,6 +23,13 @@ from infergate.store import Store
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(namespace="infergate", registry=REGISTRY)
+
+NODE = Info(
+    "infergate_node",
+    "This gateway node: its name (node.name, on its log lines and job records too) and"
+    " Infergate's version.",
+    registry=REGISTRY,
+)
 
 JOBS_ENDED = Counter(
     "infergate_jobs_ended",

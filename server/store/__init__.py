@@ -210,16 +210,17 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
         )
         return changed == 1
 
-    def start_job(self, job_id: str, now: float) -> bool:
-        """Queued → running; False if the job is no longer queued."""
+    def start_job(self, job_id: str, now: float, node: str | None = None) -> bool:
+        """Queued → running on ``node`` (the gateway node's name); False if the job is
+        no longer queued."""
         with self._transaction() as db:
             return self._set_job_state(
                 db,
                 job_id,
                 (JobState.QUEUED,),
                 JobState.RUNNING,
-                assignments="attempts = attempts + 1, updated_at = ?, started_at = ?",
-                parameters=(now, now),
+                assignments="attempts = attempts + 1, updated_at = ?, started_at = ?, node = ?",
+                parameters=(now, now, node),
             )
 
     def retry_job(self, job_id: str, error: str, not_before: float, now: float) -> bool:

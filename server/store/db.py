@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     route TEXT,
     -- a done job's stage durations in seconds (JSON)
     timings TEXT,
+    -- the gateway node (node.name) that started its latest attempt (version 10)
+    node TEXT,
     UNIQUE (series_uid, generation, kind, plugin)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, created_at);
@@ -162,7 +164,7 @@ _OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-_VERSION = 9
+_VERSION = 10
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -197,6 +199,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "'sc'" not in _table_sql(db, "results"):
         _to_secondary_captures(db)
     _execute_script(db, _WORK_SCHEMA)  # version 9: the notifications table
+    _add_columns(db, {("jobs", "node"): "TEXT"})  # version 10: the node that ran a job
     db.execute(f"PRAGMA user_version = {_VERSION}")
 
 

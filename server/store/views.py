@@ -19,7 +19,7 @@ _JOB_VIEW = (
     "SELECT j.job_id, j.kind, j.plugin, j.state, j.priority, j.attempts, j.interruptions,"
     " j.error, j.study_uid, j.series_uid, s.modality, s.instance_count, s.called_ae,"
     " s.first_received_at, s.last_received_at, j.created_at, j.started_at, j.updated_at,"
-    " j.timings, j.route FROM jobs j JOIN series s ON s.series_uid = j.series_uid"
+    " j.timings, j.route, j.node FROM jobs j JOIN series s ON s.series_uid = j.series_uid"
 )
 _DELIVERY_VIEW = (
     "SELECT delivery_id, study_uid, destination_ae, destination_host, destination_port,"
@@ -49,6 +49,7 @@ class JobView:
     started_at: float | None
     updated_at: float
     timings_s: dict[str, float] = field(default_factory=dict)  # a done job's stages
+    node: str | None = None  # the gateway node that started its latest attempt
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class ViewRecords(OutboxRecords):
         rows = self._rows(f"{_JOB_VIEW} WHERE j.job_id = ?", (job_id,))
         if not rows:
             raise NotFoundError(f"no job {job_id} in the state store")
-        route = rows[0][-1]
+        *_, route, _node = rows[0]
         results = self._rows(
             "SELECT sop_instance_uid, kind FROM results WHERE job_id = ? ORDER BY kind",
             (job_id,),
@@ -325,7 +326,7 @@ class ViewRecords(OutboxRecords):
 
 def _job_view(row: tuple[Any, ...]) -> JobView:
     job_id, kind, plugin, state, rank, attempts, interruptions, error, *rest = row
-    study_uid, series_uid, modality, instances, called_ae, *times, timings, _route = rest
+    study_uid, series_uid, modality, instances, called_ae, *times, timings, _route, node = rest
     first_received_at, last_received_at, completed_at, started_at, updated_at = times
     return JobView(
         job_id=job_id,
@@ -347,4 +348,5 @@ def _job_view(row: tuple[Any, ...]) -> JobView:
         started_at=started_at,
         updated_at=updated_at,
         timings_s=json.loads(timings) if timings else {},
+        node=node,
     )

@@ -137,7 +137,7 @@ def _child(
     # the cores first when jobs' own work competes with them.
     os.nice(max(0, JOB_NICENESS - os.nice(0)))  # the forkserver may have lowered it already
     settings = Settings.model_validate_json(settings_json)
-    configure_logging(settings.logging.level, form=settings.logging.format)
+    configure_logging(settings.logging.level, form=settings.logging.format, node=settings.node.name)
     job = work.job
     outcome: JobOutcome | _Failure
     with job_context(job):

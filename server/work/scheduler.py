@@ -165,7 +165,7 @@ class JobScheduler:
         return need
 
     def _start(self, job: JobRow, need_bytes: int) -> None:
-        if not self._store.start_job(job.job_id, time.time()):
+        if not self._store.start_job(job.job_id, time.time(), self._settings.node.name):
             return  # no longer queued
         with self._lock:
             self._running[job.job_id] = _Running(job, need_bytes, time.monotonic())

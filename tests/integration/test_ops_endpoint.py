@@ -19,6 +19,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from infergate import __version__
 from infergate.testing import ChestPhantom
 from peers import (
     PEER_ENV,
@@ -69,29 +70,48 @@ def _ingest_counted(
     assert samples[("infergate_series_completed_total", (("trigger", "quiet"),))] == 1
 
 
+def _probes_pass(server: InfergateProcess) -> None:
+    """Live and ready, each check of each probe named."""
+    status, body = server.http("/healthz")
+    assert status == 200, body
+    checks = {c["check"] for c in json.loads(body)["checks"]}
+    assert {"stage inference", "stage export", "listener processes"} <= checks
+    status, body = server.http("/readyz")
+    assert status == 200, body
+    assert {c["check"] for c in json.loads(body)["checks"]} >= {
+        "listener processes",
+        "state store",
+        "free space",
+        "triton",
+        "model ct_lung_seg (plugin ct_lung)",
+    }
+
+
+def _names_its_node(
+    server: InfergateProcess,
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    node: str,
+) -> None:
+    """The node's name on its metrics, on every line of every process (gateway,
+    listeners, the job's) and on the job it ran."""
+    assert samples[("infergate_node_info", (("node", node), ("version", __version__)))] == 1
+    assert {e.get("node") for e in server.events()} == {node}
+    (job,) = json.loads(server.http("/api/jobs")[1])
+    assert job["node"] == node
+
+
 def test_probes_and_metrics_of_a_running_gateway(
     tmp_path: Path, orthanc: Orthanc, small_phantom: ChestPhantom
 ) -> None:
     config = infergate_config(tmp_path / "var", orthanc, quiet_s=0.5)
     config["plugins"] = {"enabled": ["ct_lung"]}
     config["triton"].update({"retry_delay_s": 1.0, "unavailable_attempts": 10})
+    config["node"] = {"name": "ig-test-node-1"}
     server = InfergateProcess(tmp_path / "infergate", config)
     server.workdir.mkdir()
     try:
         server.start()
-        status, body = server.http("/healthz")
-        assert status == 200, body
-        checks = {c["check"] for c in json.loads(body)["checks"]}
-        assert {"stage inference", "stage export", "listener processes"} <= checks
-        status, body = server.http("/readyz")
-        assert status == 200, body
-        assert {c["check"] for c in json.loads(body)["checks"]} >= {
-            "listener processes",
-            "state store",
-            "free space",
-            "triton",
-            "model ct_lung_seg (plugin ct_lung)",
-        }
+        _probes_pass(server)
 
         storescu(server.port, list(small_phantom.paths))
         server.wait_event("export.delivered", timeout=120, fail_on=("export.dead_letter",))
@@ -122,6 +142,7 @@ def test_probes_and_metrics_of_a_running_gateway(
         delivered = ("destination", orthanc.ae_title), ("outcome", "delivered")
         assert samples[("infergate_delivery_attempts_total", delivered)] == 1
         assert samples[("infergate_triton_up", ())] == 1
+        _names_its_node(server, samples, "ig-test-node-1")
         assert samples[("infergate_oldest_undelivered_result_age_seconds", ())] == 0
         assert samples[("infergate_listener_processes", (("status", "up"),))] >= 1
         assert samples[("infergate_spool_free_bytes", ())] > 0

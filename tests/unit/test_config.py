@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from infergate.config import load_settings
+from infergate.config import Settings, load_settings
 from infergate.errors import ConfigError
 from peers import REPO
 
@@ -79,3 +80,10 @@ def test_the_example_config_loads() -> None:
     settings = load_settings(REPO / "deploy" / "infergate.example.yaml")
     assert settings.export.destination is not None
     assert settings.export.destination.ae_title == "ORTHANC"
+
+
+def test_the_node_is_named_after_the_host_unless_told() -> None:
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", Settings().node.name)
+    assert Settings.model_validate({"node": {"name": "ig-site-b-2"}}).node.name == "ig-site-b-2"
+    with pytest.raises(ValidationError, match=r"node\.name"):
+        Settings.model_validate({"node": {"name": "a name with spaces"}})

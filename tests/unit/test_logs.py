@@ -102,3 +102,12 @@ def test_readable_lines_on_a_terminal_and_json_lines_elsewhere() -> None:
     configure_logging(stream=console, form="console")
     get_logger("t").info("serve.ready")
     assert not console.getvalue().lstrip().startswith("{")
+
+
+def test_every_line_names_the_node_its_own_and_the_libraries() -> None:
+    out = io.StringIO()
+    configure_logging("info", out, form="json", node="ig-node-2")
+    get_logger("t").info("ingest.echo")
+    logging.getLogger("uvicorn").warning("Shutting down")
+    lines = [json.loads(line) for line in out.getvalue().strip().splitlines()]
+    assert [line["node"] for line in lines] == ["ig-node-2", "ig-node-2"]

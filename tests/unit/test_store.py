@@ -399,3 +399,28 @@ def test_a_critical_finding_is_one_notification_per_receiver_committed_with_its_
         store.resend_notification(first, 34.0)
     with pytest.raises(NotFoundError):
         store.resend_notification("nothing", 34.0)
+
+
+def test_a_job_records_the_node_that_started_it(store: Store) -> None:
+    _one_job(store)
+    assert store.start_job("job1", now=21.0, node="ig-node-1")
+    assert store.job_detail("job1").job.node == "ig-node-1"
+    assert store.recover(now=22.0, max_interruptions=3) == (["job1"], [])
+    # Its next attempt, on another node after a crash, names that one.
+    assert store.start_job("job1", now=23.0, node="ig-node-2")
+    assert store.job_detail("job1").job.node == "ig-node-2"
+    assert [job.node for job in store.job_views()] == ["ig-node-2"]
+
+
+def test_a_version_9_database_gets_the_node_of_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "v9.db"
+    Store(path).close()
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE jobs DROP COLUMN node")
+    old.execute("PRAGMA user_version = 9")
+    old.commit()
+    old.close()
+    store = Store(path)
+    _one_job(store)
+    assert store.start_job("job1", now=21.0, node="ig-node-1")
+    assert store.job_detail("job1").job.node == "ig-node-1"
