@@ -13,6 +13,7 @@ job, it took ~0.7 s of every job's start.
 """
 
 import os
+import warnings
 
 from infergate.lifetime import JOB_NICENESS
 
@@ -23,3 +24,13 @@ from infergate.work.warmup import warm  # noqa: E402 - imported at the lower pri
 warm()
 
 import infergate.cli  # noqa: E402, F401 - see above
+
+# Started as `python -m infergate.cli`, each child runs that module again by runpy,
+# which warns, on stderr and before the child's logging is set up, that the module is
+# imported already: it is, on purpose (above).
+warnings.filterwarnings(
+    "ignore",
+    message=r"'infergate\.cli' found in sys\.modules",
+    category=RuntimeWarning,
+    module="runpy",
+)

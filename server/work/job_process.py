@@ -154,8 +154,13 @@ def _child(
             outcome = _Failure(f"the job failed: {unexpected(exc)}", type(exc).__name__)
         finally:
             triton.close()
-    answer.send(outcome)
-    answer.close()
+        try:
+            answer.send(outcome)
+        except BrokenPipeError:
+            # The gateway died meanwhile: its next start puts the job back in the queue.
+            log.warning("inference.job.orphaned", reason="the gateway is gone; nothing records it")
+        finally:
+            answer.close()
 
 
 def _peak() -> int:
