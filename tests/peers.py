@@ -406,6 +406,20 @@ def reference_tree(rev: str, into: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(path), "MODEL_REPOSITORY": str(code / "model_repository")}
 
 
+def infergate_of(
+    workdir: Path, config: dict[str, Any], code: dict[str, str] | None = None
+) -> InfergateProcess:
+    """An ``infergate serve`` in ``workdir`` (made here), not yet started: this tree's,
+    or, given ``code`` (:func:`reference_tree`), that commit's with its own models."""
+    env = {}
+    if code is not None:
+        config["triton"]["model_repository"] = code["MODEL_REPOSITORY"]
+        env = {"PYTHONPATH": code["PYTHONPATH"]}
+    server = InfergateProcess(workdir, config, extra_env=env)
+    server.workdir.mkdir(parents=True)
+    return server
+
+
 def process_name(pid: int) -> str | None:
     """The command name of a live process (not a zombie), or None."""
     try:

@@ -52,10 +52,10 @@ from infergate.testing import (
 )
 from peers import (
     PREVIOUS_RELEASE,
-    InfergateProcess,
     Orthanc,
     TreeMemory,
     infergate_config,
+    infergate_of,
     reference_tree,
     storescu,
     wait_until,
@@ -114,12 +114,7 @@ def one_run(
     config = infergate_config(work / "var", orthanc, quiet_s)
     config["plugins"] = {"enabled": [plugin]}
     config["triton"]["shared_memory"] = TRANSPORTS[transport]
-    env = {}
-    if code is not None:
-        config["triton"]["model_repository"] = code["MODEL_REPOSITORY"]
-        env = {"PYTHONPATH": code["PYTHONPATH"]}
-    server = InfergateProcess(work / "ig", config, extra_env=env)
-    server.workdir.mkdir(parents=True)
+    server = infergate_of(work / "ig", config, code)
     try:
         server.start()
         assert server.process is not None

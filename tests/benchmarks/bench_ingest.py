@@ -39,10 +39,10 @@ from infergate.testing import write_chest_ct
 from peers import (
     PEER_ENV,
     PREVIOUS_RELEASE,
-    InfergateProcess,
     Orthanc,
     free_port,
     infergate_config,
+    infergate_of,
     process_tree,
     reference_tree,
     require_program,
@@ -112,12 +112,7 @@ def infergate(work: Path, code: dict[str, str] | None = None) -> Iterator[Receiv
     """This tree's ``infergate serve``, or (``code``, from :func:`reference_tree`) that
     of another commit."""
     config = infergate_config(work / "var", None, quiet_s=3600)
-    env = {}
-    if code is not None:
-        config["triton"]["model_repository"] = code["MODEL_REPOSITORY"]
-        env = {"PYTHONPATH": code["PYTHONPATH"]}
-    server = InfergateProcess(work / "ig", config, extra_env=env)
-    server.workdir.mkdir(parents=True)
+    server = infergate_of(work / "ig", config, code)
     server.start()
     assert server.process is not None
     _until_idle(server.process.pid)

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infergate.testing import LEFT_FRONTAL, RIGHT_PARIETAL, write_chest_ct, write_head_ct
 from peers import (
     PREVIOUS_RELEASE,
-    InfergateProcess,
     Orthanc,
     TreeMemory,
     infergate_config,
+    infergate_of,
     reference_tree,
     storescu,
     wait_until,
@@ -84,12 +84,7 @@ def soak(
     orthanc.start()
     config = infergate_config(work / "var", orthanc, 1.0)
     config["plugins"] = {"enabled": [plugin]}
-    env = {}
-    if code is not None:
-        config["triton"]["model_repository"] = code["MODEL_REPOSITORY"]
-        env = {"PYTHONPATH": code["PYTHONPATH"]}
-    server = InfergateProcess(work / "ig", config, extra_env=env)
-    server.workdir.mkdir(parents=True)
+    server = infergate_of(work / "ig", config, code)
     rows: list[dict[str, float]] = []
     try:
         server.start()

@@ -35,6 +35,12 @@ def _tool(name: str) -> str:
     return str(beside) if beside.exists() else require_program(name)
 
 
+def _passes(*command: str) -> None:
+    """``command`` exits 0; what it printed is the failure's message otherwise."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(instruction, arguments) of ``dockerfile``, continuation lines joined."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
@@ -54,13 +60,7 @@ def _compose() -> dict[str, Any]:
 
 @pytest.mark.parametrize("dockerfile", [IMAGE, TRITON_IMAGE], ids=["infergate", "triton"])
 def test_the_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
-    done = subprocess.run(
-        [_tool("hadolint"), "--failure-threshold", "info", str(dockerfile)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _passes(_tool("hadolint"), "--failure-threshold", "info", str(dockerfile))
 
 
 def test_the_image_is_multi_stage_pinned_and_not_root() -> None:
@@ -95,13 +95,7 @@ def test_the_image_settings_load_and_its_ports_are_the_ones_exposed() -> None:
 
 
 def test_the_compose_file_validates_against_the_compose_specification() -> None:
-    done = subprocess.run(
-        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _passes(_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
 
 
 def test_the_gateway_in_compose_gets_settings_that_load_and_reach_its_peers(
@@ -155,13 +149,7 @@ def test_the_compose_prometheus_configuration_passes_promtool() -> None:
     mounts = _compose()["services"]["prometheus"]["volumes"]
     config = next(m for m in mounts if m.endswith(":/etc/prometheus/prometheus.yml:ro"))
     path = DEPLOY / config.split(":")[0]
-    done = subprocess.run(
-        [require_program("promtool"), "check", "config", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _passes(require_program("promtool"), "check", "config", str(path))
     targets = {
         t
         for job in yaml.safe_load(path.read_text())["scrape_configs"]
