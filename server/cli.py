@@ -104,7 +104,7 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    store = Store(settings.storage.database)
+    store = Store(settings.storage.database, pool_size=settings.storage.database_pool_size)
     _clean_after_the_last_run(store, settings)
     check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())

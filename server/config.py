@@ -41,6 +41,7 @@ class _Section(BaseModel):
 AbsolutePath = Annotated[Path, AfterValidator(Path.resolve)]
 
 ANY_AE_TITLE = "*"
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 MAX_AUTO_PROCESSES = 4
 
 
@@ -315,9 +316,26 @@ class IngestSettings(_Section):
 
 
 class StorageSettings(_Section):
-    """Where state and spooled instances live."""
+    """Where state and spooled instances live.
+
+    ``database_url`` absent is the embedded SQLite file in ``var_dir``; ``sqlite:///F``
+    names another file (relative to the working directory, or ``sqlite:////abs``);
+    ``postgresql://host:port/db`` is a PostgreSQL database that several nodes may
+    share (its password from ``PGPASSWORD`` or a password file, never the URL).
+    """
 
     var_dir: AbsolutePath = Field(default=Path("var"), validate_default=True)
+    database_url: str | None = None
+    # Connections each process keeps to PostgreSQL at most (a node has a worker and
+    # its listener processes): nodes times processes times this stays under max_connections.
+    database_pool_size: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str | None) -> str | None:
+        if url is None or url.startswith(("sqlite:///", *POSTGRESQL_SCHEMES)):
+            return url
+        raise ValueError("database_url is sqlite:///FILE or postgresql://HOST:PORT/DATABASE")
 
     @property
     def spool_dir(self) -> Path:
@@ -328,8 +346,14 @@ class StorageSettings(_Section):
         return self.var_dir / "results"
 
     @property
-    def database(self) -> Path:
-        return self.var_dir / "infergate.db"
+    def database(self) -> Path | str:
+        """The SQLite file (absolute), or the PostgreSQL URL."""
+        url = self.database_url
+        if url is None:
+            return self.var_dir / "infergate.db"
+        if url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///")).resolve()
+        return url
 
 
 class UnmatchedSettings(_Section):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -15,6 +17,8 @@ import pydicom
 import pytest
 import structlog
 from listeners import Listener, ListenerFactory
+from postgres import PostgresServer, start_postgres
+from psycopg_pool import ConnectionPool
 
 from infergate.config import IngestSettings
 from infergate.ingest.scp import StorageSCP
@@ -29,6 +33,32 @@ from infergate.testing import (
     write_head_ct,
 )
 from peers import REAL_DATA, REPO, Orthanc, free_port
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for this test process, started on first use."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """Where a new, empty state store is, on each backend in turn: a SQLite file, or
+    a database of the tests' PostgreSQL server."""
+    if request.param == "sqlite":
+        yield tmp_path / "state.db"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    yield server.new_database()
+    # A store the test left open would have its pool closed by the pool's __del__, on
+    # whichever thread collects it (one of the pool's own, which cannot join itself).
+    for pool in [o for o in gc.get_objects() if isinstance(o, ConnectionPool)]:
+        pool.close()
 
 
 @pytest.fixture(scope="session")

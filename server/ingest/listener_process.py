@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    store = Store(settings.storage.database)
+    store = Store(settings.storage.database, pool_size=settings.storage.database_pool_size)
     spool = Spool(settings.storage.spool_dir, tmp_name(args.index))
     # A predecessor with this index died: what it was receiving was never acknowledged.
     orphans = spool.clean_orphans()

@@ -1,22 +1,23 @@
-"""The state store: instances, series and jobs, in SQLite.
+"""The state store: instances, series and jobs, in SQLite or PostgreSQL.
 
-The connection, schema and durability settings are in ``store.db``, the association
-audit trail in ``store.associations``, the outbox (results and their deliveries) in
-``store.outbox``, what is finished and its removal in ``store.retention``, what the
-ops endpoint gauges in ``store.gauges`` and what an operator sees in ``store.views``. Each public
-method is one transaction.
+The connection is in ``store.db``, the schema in ``store.schema``, the two backends in
+``store.sqlite`` and ``store.postgres``; the association audit trail in
+``store.associations``, the outbox (results and their deliveries) in ``store.outbox``,
+what is finished and its removal in ``store.retention``, what the ops endpoint gauges
+in ``store.gauges`` and what an operator sees in ``store.views``. Each public method is
+one transaction.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from infergate.errors import NotFoundError, RefusedError
 from infergate.store.associations import AssociationRecords
+from infergate.store.connection import Connection
 from infergate.store.db import set_state
 from infergate.store.gauges import GaugeRecords, PipelineGauges
 from infergate.store.notifications import NotificationRecords, add_notifications
@@ -191,7 +192,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
 
     @staticmethod
     def _set_job_state(
-        db: sqlite3.Connection,
+        db: Connection,
         job_id: str,
         old: tuple[JobState, ...],
         new: JobState,
@@ -432,7 +433,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
 
 
 def _record_instance(
-    db: sqlite3.Connection, rec: InstanceRecord, replace_changed: bool, at: float
+    db: Connection, rec: InstanceRecord, replace_changed: bool, at: float
 ) -> ArrivalOutcome:
     known = db.execute(
         "SELECT sha256, path, series_uid FROM instances WHERE sop_instance_uid = ?",

@@ -7,11 +7,11 @@ associations open now, in every listener process, which is what the limits count
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
+from infergate.store.connection import Connection
 from infergate.store.db import Database
 from infergate.store.rows import AssociationAudit
 
@@ -47,7 +47,7 @@ class AssociationRecords(Database):
         """
         with self._transaction() as db:
             total, same_address = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(peer_address = ?), 0) FROM associations"
+                "SELECT COUNT(*), COUNT(CASE WHEN peer_address = ? THEN 1 END) FROM associations"
                 " WHERE ended_at IS NULL",
                 (audit.peer_address,),
             ).fetchone()
@@ -109,7 +109,7 @@ class AssociationRecords(Database):
         return [AssociationAudit(r[0], r[1], r[2], r[3], r[4], bool(r[5]), *r[6:]) for r in rows]
 
 
-def _insert(db: sqlite3.Connection, audit: AssociationAudit) -> None:
+def _insert(db: Connection, audit: AssociationAudit) -> None:
     db.execute(
         f"INSERT INTO associations ({_COLUMNS})"  # noqa: S608 - constant columns
         f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {_REPLACING}",

@@ -9,13 +9,13 @@ the receiver answered: delivered, a retry after a backoff, or dead.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
 
 from infergate.codes import Code
 from infergate.errors import NotFoundError, RefusedError, StoreError
+from infergate.store.connection import Connection
 from infergate.store.db import Database, set_state
 from infergate.store.rows import CriticalFinding, NotificationRow, NotificationView
 from infergate.work.states import NotificationState
@@ -59,7 +59,7 @@ def _finding(text: str) -> CriticalFinding:
 
 
 def add_notifications(
-    db: sqlite3.Connection,
+    db: Connection,
     job_id: str,
     findings: tuple[CriticalFinding, ...],
     receivers: tuple[str, ...],

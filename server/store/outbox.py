@@ -9,7 +9,6 @@ accepted is not sent again, and one it refused for good does not hold up the oth
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Protocol
 
 from infergate.config import Destination
 from infergate.errors import NotFoundError, RefusedError, StoreError
+from infergate.store.connection import Connection
 from infergate.store.db import Database, set_state
 from infergate.store.rows import (
     DeliveryItem,
@@ -380,7 +380,7 @@ def _unplanned(row: tuple[Any, ...]) -> UnplannedResult:
 
 
 def _add_to_open_delivery(
-    db: sqlite3.Connection,
+    db: Connection,
     key: tuple[str, str, str, int, str],
     rank: int,
     uids: list[str],
@@ -419,7 +419,7 @@ def _add_to_open_delivery(
     return delivery_id
 
 
-def _mark_planned(db: sqlite3.Connection, uids: list[str], now: float, kept: str | None) -> None:
+def _mark_planned(db: Connection, uids: list[str], now: float, kept: str | None) -> None:
     db.executemany(
         "UPDATE results SET planned_at = ?, kept_reason = ? WHERE sop_instance_uid = ?",
         [(now, kept, uid) for uid in uids],
@@ -427,7 +427,7 @@ def _mark_planned(db: sqlite3.Connection, uids: list[str], now: float, kept: str
 
 
 def _set_delivery_state(
-    db: sqlite3.Connection,
+    db: Connection,
     delivery_id: str,
     old: tuple[DeliveryState, ...],
     new: DeliveryState,

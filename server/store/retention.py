@@ -10,10 +10,10 @@ is the latest of its last instance, its jobs' last change and its deliveries' en
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from infergate.store.connection import Connection
 from infergate.store.db import Database
 from infergate.work.states import DeliveryState, JobState, NotificationState, SeriesState
 
@@ -57,12 +57,12 @@ class RetentionRecords(Database):
         """Every finished study, the longest finished first."""
         rows = self._rows("SELECT study_uid, MAX(last_received_at) FROM series GROUP BY study_uid")
         finished = []
-        with self._lock:
+        with self._reading() as db:
             for study_uid, last_received in rows:
                 parameters = {"study": study_uid, **_STATES}
-                if self._db.execute(f"SELECT {_UNFINISHED}", parameters).fetchone()[0]:
+                if db.execute(f"SELECT {_UNFINISHED}", parameters).fetchone()[0]:
                     continue
-                job_at, delivered_at, size = self._db.execute(
+                job_at, delivered_at, size = db.execute(
                     "SELECT (SELECT MAX(updated_at) FROM jobs WHERE study_uid = :study),"
                     " (SELECT MAX(finished_at) FROM deliveries WHERE study_uid = :study),"
                     " (SELECT COALESCE(SUM(size), 0) FROM instances WHERE study_uid = :study)",
@@ -143,5 +143,5 @@ _DELETIONS = (
 )
 
 
-def _delete(db: sqlite3.Connection, statement: str, study_uid: str) -> int:
+def _delete(db: Connection, statement: str, study_uid: str) -> int:
     return db.execute(statement, (study_uid,)).rowcount

@@ -231,9 +231,9 @@ class ViewRecords(OutboxRecords):
         """Every destination deliveries went or go to, by AE title, host and port."""
         rows = self._rows(
             "SELECT destination_ae, destination_host, destination_port,"
-            " SUM(state IN ('pending', 'sending', 'retry_wait')),"
+            " COUNT(CASE WHEN state IN ('pending', 'sending', 'retry_wait') THEN 1 END),"
             " MIN(CASE WHEN state IN ('pending', 'sending', 'retry_wait') THEN created_at END),"
-            " SUM(state = 'dead' AND replayed_to IS NULL),"
+            " COUNT(CASE WHEN state = 'dead' AND replayed_to IS NULL THEN 1 END),"
             " MAX(CASE WHEN state = 'delivered' THEN finished_at END)"
             " FROM deliveries GROUP BY destination_ae, destination_host, destination_port"
             " ORDER BY destination_ae"

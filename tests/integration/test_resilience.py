@@ -162,7 +162,12 @@ def test_a_permanent_reject_is_a_dead_letter_at_once(
         server.stop()
     assert letter["outcome"] == "permanent"
     assert "Rejected Permanent" in letter["reason"]
-    assert not [e for e in server.events() if e["event"] == "export.retrying"]
+    # The reject is never retried. About one association in 200 that Orthanc rejects
+    # ends before its A-ASSOCIATE-RJ is read (measured: 199 of 200 read it): that try
+    # had no answer, which is transient and retried, and its retry reads the reject.
+    retried = [e["reason"] for e in server.events() if e["event"] == "export.retrying"]
+    assert all("gave no A-ASSOCIATE response" in reason for reason in retried), retried
+    assert len(retried) <= 1
 
 
 def test_a_pacs_down_for_a_while_then_back_gets_everything_exactly_once(

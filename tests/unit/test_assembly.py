@@ -54,8 +54,10 @@ def _receive(
     )
 
 
-def test_series_completes_after_the_quiet_period_and_is_routed(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_series_completes_after_the_quiet_period_and_is_routed(
+    database: Path | str, tmp_path: Path
+) -> None:
+    store = Store(database)
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "ct-series", "CT", at=100.0)
     _receive(store, "2.1", "mr-series", "MR", at=100.0)
@@ -71,14 +73,14 @@ def test_series_completes_after_the_quiet_period_and_is_routed(tmp_path: Path) -
     assert events.count("routing.series.unmatched") == 1
 
 
-def test_a_called_ae_title_runs_only_its_plugins(tmp_path: Path) -> None:
+def test_a_called_ae_title_runs_only_its_plugins(database: Path | str, tmp_path: Path) -> None:
     settings = Settings(
         assembly=AssemblySettings(quiet_period_s=10.0),
         ingest=IngestSettings(
             called_aes=(CalledAE(ae_title="NO_AI", plugins=()), CalledAE(ae_title="LUNG")),
         ),
     )
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "to-no-ai", "CT", at=100.0, called="NO_AI")
     _receive(store, "2.1", "to-lung", "CT", at=100.0, called="LUNG")
@@ -151,8 +153,10 @@ def test_completes_at_is_the_first_moment_the_group_is_complete(group: list[Seri
     assert completion(group, at, HINTED) is not None
 
 
-def test_a_round_says_when_the_next_series_will_be_complete(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_a_round_says_when_the_next_series_will_be_complete(
+    database: Path | str, tmp_path: Path
+) -> None:
+    store = Store(database)
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     assert complete_quiet_series(store, plugins, 100.0, SETTINGS).next_at is None
     _receive(store, "1.1", "early", "CT", at=100.0)
@@ -170,9 +174,9 @@ def test_the_release_hint_is_off_unless_configured() -> None:
     assert completion([_row(100, released_at=100.5)], 105, settings) is None
 
 
-def test_series_of_a_study_complete_together(tmp_path: Path) -> None:
+def test_series_of_a_study_complete_together(database: Path | str, tmp_path: Path) -> None:
     settings = Settings(assembly=AssemblySettings(quiet_period_s=10.0, scope="study"))
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "chest", "CT", at=100.0)
     _receive(store, "2.1", "scout", "CT", at=108.0)  # same study, later
@@ -185,13 +189,13 @@ def test_series_of_a_study_complete_together(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def hinted(tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
+def hinted(database: Path | str, tmp_path: Path) -> Iterator[tuple[Settings, Store]]:
     """A listener in this process, with the release hint on, and its store."""
     settings = Settings(
         ingest=IngestSettings(host="127.0.0.1", port=free_port(), min_free_bytes=0),
         assembly=AssemblySettings(quiet_period_s=600, release_quiet_period_s=0.5),
     )
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     scp = StorageSCP(settings.ingest, Spool(tmp_path / "spool"), store)
     scp.start()
     yield settings, store
@@ -232,11 +236,12 @@ def test_an_open_association_holds_the_release_hint(
 
 
 def test_the_quiet_period_of_a_series_runs_from_the_gateways_start_after_an_outage(
+    database: Path | str,
     tmp_path: Path,
 ) -> None:
     """Down longer than the quiet period: its senders could not send meanwhile, so at
     the restart the series is not complete until quiet since the start."""
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     plugins = [LoadedPlugin(_AnyCT(), "test")]
     _receive(store, "1.1", "ct-series", "CT", at=100.0)
     # Restarted at 130, 30 s after the last instance (quiet period 10 s).

@@ -19,8 +19,8 @@ class CountingStore(Store):
     """The real store, counting its transactions for instances and holding the first
     one until told, so that the others queue up behind it."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, where: Path | str) -> None:
+        super().__init__(where)
         self.groups: list[int] = []
         self.release_first = threading.Event()
 
@@ -81,9 +81,11 @@ def _joined(threads: list[threading.Thread]) -> bool:
     return not any(t.is_alive() for t in threads)
 
 
-def test_instances_waiting_together_are_committed_in_one_transaction(tmp_path: Path) -> None:
+def test_instances_waiting_together_are_committed_in_one_transaction(
+    database: Path | str, tmp_path: Path
+) -> None:
     spool = Spool(tmp_path / "spool")
-    store = CountingStore(tmp_path / "state.db")
+    store = CountingStore(database)
     committer = InstanceCommitter(spool, store, replace_changed=False)
     items = [_partial(spool, f"1.1.{i}", bytes([i]) * 100) for i in range(8)]
     # A second copy of one instance in the same group: it is a duplicate.
@@ -117,10 +119,11 @@ def test_instances_waiting_together_are_committed_in_one_transaction(tmp_path: P
 
 
 def test_a_failed_commit_fails_every_instance_of_its_group_and_keeps_nothing(
+    database: Path | str,
     tmp_path: Path,
 ) -> None:
     spool = Spool(tmp_path / "spool")
-    store = Store(tmp_path / "state.db")
+    store = Store(database)
     committer = InstanceCommitter(spool, store, replace_changed=False)
     store.close()  # every transaction now fails
     results = _commit_all(committer, [_partial(spool, f"1.1.{i}", b"x") for i in range(4)])
@@ -130,9 +133,9 @@ def test_a_failed_commit_fails_every_instance_of_its_group_and_keeps_nothing(
     assert list(spool.tmp_dir.iterdir()) == []
 
 
-def test_a_file_outside_tmp_is_refused(tmp_path: Path) -> None:
+def test_a_file_outside_tmp_is_refused(database: Path | str, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    store = Store(tmp_path / "state.db")
+    store = Store(database)
     committer = InstanceCommitter(spool, store, replace_changed=False)
     outside = tmp_path / "elsewhere.dcm"
     outside.write_bytes(b"x")

@@ -33,8 +33,8 @@ def _scrape(store: Store) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
     }
 
 
-def test_queue_depth_undelivered_age_and_what_is_down(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_queue_depth_undelivered_age_and_what_is_down(database: Path | str, tmp_path: Path) -> None:
+    store = Store(database)
     queue_job(store, "normal", "p", [tmp_path / "a.dcm"], now=1.0)
     queue_job(store, "urgent", "p", [tmp_path / "b.dcm"], priority="urgent", now=2.0)
     queue_job(store, "done", "p", [tmp_path / "c.dcm"], now=3.0)

@@ -176,9 +176,9 @@ def test_statuses_fall_into_their_classes() -> None:
 
 
 def test_without_a_destination_results_stay_on_disk_and_the_log_says_so(
-    tmp_path: Path, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     path = small_phantom.paths[0]
     (uid,) = _job_with_results(store, "job1", [(ResultKind.SR, path)])
     with structlog.testing.capture_logs() as logs:
@@ -191,9 +191,9 @@ def test_without_a_destination_results_stay_on_disk_and_the_log_says_so(
 
 
 def test_one_delivery_per_study_and_destination_takes_everything_ready(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     first = _job_with_results(store, "a", [(ResultKind.SEG, small_phantom.paths[0])])
     second = _job_with_results(store, "b", [(ResultKind.SR, small_phantom.paths[1])])
     other = _job_with_results(
@@ -208,9 +208,9 @@ def test_one_delivery_per_study_and_destination_takes_everything_ready(
 
 
 def test_urgent_results_go_first_with_c_store_priority_high(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "normal", [(ResultKind.SEG, small_phantom.paths[0])], now=1.0)
     _job_with_results(
         store,
@@ -240,12 +240,16 @@ def _as_segmentation(source: Path, target: Path) -> Path:
 
 
 def test_a_sop_class_the_destination_does_not_accept_is_that_objects_dead_letter(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs, chest_phantom: ChestPhantom
+    database: Path | str,
+    tmp_path: Path,
+    small_phantom: ChestPhantom,
+    pacs: Pacs,
+    chest_phantom: ChestPhantom,
 ) -> None:
     """The PACS takes CT but not Segmentation: the CT object goes, the SEG is refused
     for good with the reason, and nothing raises."""
     seg = _as_segmentation(small_phantom.paths[1], tmp_path / "seg.dcm")
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     ct_uid, seg_uid = _job_with_results(
         store, "job", [(ResultKind.SR, small_phantom.paths[0]), (ResultKind.SEG, seg)]
     )
@@ -263,9 +267,9 @@ def test_a_sop_class_the_destination_does_not_accept_is_that_objects_dead_letter
 
 
 def test_a_transient_status_is_retried_and_a_permanent_one_is_a_dead_letter(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     retried, refused = _job_with_results(
         store,
         "job",
@@ -289,9 +293,9 @@ def test_a_transient_status_is_retried_and_a_permanent_one_is_a_dead_letter(
 
 
 def test_a_warning_counts_as_delivered_and_is_recorded(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     (uid,) = _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     pacs.answer = lambda _n: 0xB000
     assert _send_all(store, pacs.settings()) == [DeliveryState.DELIVERED]
@@ -301,9 +305,9 @@ def test_a_warning_counts_as_delivered_and_is_recorded(
 
 
 def test_a_permanent_association_reject_is_a_dead_letter_at_once(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     settings = Settings.model_validate(
         {"export": {"destination": {"ae_title": "WRONG", "host": "127.0.0.1", "port": pacs.port}}}
@@ -318,9 +322,9 @@ def test_a_permanent_association_reject_is_a_dead_letter_at_once(
 
 
 def test_a_destination_down_waits_with_backoff_then_dead_letters_past_the_horizon(
-    tmp_path: Path, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     down = Pacs()  # never started: nothing listens
     settings = down.settings(timeout_s=2, retry_delay_s=10, max_retry_delay_s=15)
@@ -342,9 +346,9 @@ def test_a_destination_down_waits_with_backoff_then_dead_letters_past_the_horizo
 
 
 def test_an_abort_mid_send_resends_only_what_was_not_acknowledged(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     uids = _job_with_results(
         store, "job", [(ResultKind.FORWARDED, p) for p in small_phantom.paths[:3]]
     )
@@ -357,14 +361,14 @@ def test_an_abort_mid_send_resends_only_what_was_not_acknowledged(
 
 
 def test_a_silent_destination_delays_only_its_own_deliveries(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
     """One PACS accepts the connection and never answers; the other's results arrive
     while the first association is still waiting."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # connections complete in the backlog; nothing ever reads them
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "stuck", [(ResultKind.SR, small_phantom.paths[0])], called_ae="SILENT")
     (uid,) = _job_with_results(store, "fine", [(ResultKind.SR, small_phantom.paths[1])])
     destination = {"ae_title": "SILENT", "host": "127.0.0.1", "port": silent.getsockname()[1]}
@@ -405,13 +409,13 @@ def _with_alternate(primary: Pacs, alternate: Pacs, after: int = 3) -> Settings:
 
 
 def test_what_the_destination_refuses_for_good_goes_to_its_alternate(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
     archive = Pacs(sop_classes=(str(CTImageStorage), str(SegmentationStorage)), ae_title="ARCHIVE")
     archive.start()
     try:
         seg = _as_segmentation(small_phantom.paths[1], tmp_path / "seg.dcm")
-        store = Store(tmp_path / "s.db")
+        store = Store(database)
         ct_uid, seg_uid = _job_with_results(
             store, "job", [(ResultKind.SR, small_phantom.paths[0]), (ResultKind.SEG, seg)]
         )
@@ -429,10 +433,10 @@ def test_what_the_destination_refuses_for_good_goes_to_its_alternate(
 
 
 def test_a_destination_down_hands_over_after_its_transient_failures(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
     down = Pacs(ae_title="DOWN")  # never started
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     (uid,) = _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     settings = _with_alternate(down, pacs, after=2)
     assert _send_all(store, settings) == [DeliveryState.RETRY_WAIT]
@@ -445,11 +449,11 @@ def test_a_destination_down_hands_over_after_its_transient_failures(
 
 
 def test_results_return_to_the_sender_at_the_address_it_came_from(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
     """A PACS that sends a study gets its results back: its calling AE title, the
     address its association came from, the port of its peer entry."""
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     store.record_association(
         AssociationAudit(
             "a", "127.0.0.1", 50000, "PACS", "INFERGATE", False, "released", None, 1.0
@@ -478,9 +482,9 @@ def test_results_return_to_the_sender_at_the_address_it_came_from(
 
 
 def test_a_sender_without_a_port_gets_the_configured_destination(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     settings = pacs.settings(return_to_sender=True)  # the loopback peer has no port
     assert _send_all(store, settings) == [DeliveryState.DELIVERED]
@@ -488,11 +492,11 @@ def test_a_sender_without_a_port_gets_the_configured_destination(
 
 
 def test_a_replayed_dead_letter_sends_only_what_was_not_delivered_and_only_once(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
     """The PACS refused the SEG (not configured for it) and took the SR; the replay to
     a second destination carries the SEG alone, and the dead letter is no longer one."""
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     seg = _as_segmentation(small_phantom.paths[0], tmp_path / "seg.dcm")
     seg_uid, sr_uid = _job_with_results(
         store, "job", [(ResultKind.SEG, seg), (ResultKind.SR, small_phantom.paths[1])]
@@ -523,9 +527,9 @@ def test_a_replayed_dead_letter_sends_only_what_was_not_delivered_and_only_once(
 
 
 def test_only_a_dead_letter_is_replayed(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     assert _send_all(store, pacs.settings()) == [DeliveryState.DELIVERED]
     (delivered,) = store.deliveries()
@@ -536,11 +540,11 @@ def test_only_a_dead_letter_is_replayed(
 
 
 def test_a_done_jobs_kept_results_are_sent_on_request(
-    tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, pacs: Pacs
 ) -> None:
     """What the selftest does with --destination: results kept on disk (no
     destination) go to the one named."""
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     (uid,) = _job_with_results(store, "job", [(ResultKind.SR, small_phantom.paths[0])])
     plan(store, Settings(), time.time())
     assert store.result_states() == {uid: ResultState.KEPT}
@@ -555,9 +559,9 @@ def test_a_done_jobs_kept_results_are_sent_on_request(
 
 
 def test_an_operator_retries_a_failed_job_but_not_a_done_one_nor_one_without_its_files(
-    tmp_path: Path, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _job_with_results(store, "done", [(ResultKind.SR, small_phantom.paths[0])])
     with pytest.raises(RefusedError, match="only a failed or dead job is retried"):
         store.retry_failed_job("done", 2.0)
@@ -582,9 +586,9 @@ def test_an_operator_retries_a_failed_job_but_not_a_done_one_nor_one_without_its
 
 
 def test_a_failed_job_with_its_files_goes_back_in_the_queue_as_new(
-    tmp_path: Path, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     store.record_instance(
         InstanceRecord(
             "i.1", str(CTImageStorage), "se", "st", "CT", small_phantom.paths[0], 1,
@@ -606,11 +610,11 @@ def test_a_failed_job_with_its_files_goes_back_in_the_queue_as_new(
 
 
 def test_a_destination_set_to_secondary_capture_gets_the_seg_drawn_on_its_slices(
-    tmp_path: Path, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom
 ) -> None:
     """``segmentation: secondary_capture``: a PACS that could store the SEG gets the
     images instead, each once, and the SEG is recorded as replaced, not dead."""
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     for path in small_phantom.paths:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         uid = str(header.SOPInstanceUID)

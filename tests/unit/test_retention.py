@@ -102,9 +102,11 @@ def _settings(var: Path, **retention: float) -> Settings:
     return Settings.model_validate({"storage": {"var_dir": str(var)}, "retention": retention})
 
 
-def test_delivered_studies_go_after_keep_days_and_nothing_else_does(tmp_path: Path) -> None:
+def test_delivered_studies_go_after_keep_days_and_nothing_else_does(
+    database: Path | str, tmp_path: Path
+) -> None:
     var = tmp_path / "var"
-    store = Store(var / "infergate.db")
+    store = Store(database)
     now = time.time()
     old_delivered = _study(store, var, "old", at=now - 8 * _DAY, delivered=True)
     old_kept = _study(store, var, "kept", at=now - 8 * _DAY, delivered=None)
@@ -124,10 +126,11 @@ def test_delivered_studies_go_after_keep_days_and_nothing_else_does(tmp_path: Pa
 
 
 def test_a_critical_finding_not_yet_told_keeps_its_study_and_one_told_goes_with_it(
+    database: Path | str,
     tmp_path: Path,
 ) -> None:
     var = tmp_path / "var"
-    store = Store(var / "infergate.db")
+    store = Store(database)
     now = time.time()
     told = _study(store, var, "told", at=now - 8 * _DAY, delivered=True, notified=True)
     untold = _study(store, var, "untold", at=now - 8 * _DAY, delivered=True, notified=False)
@@ -138,9 +141,9 @@ def test_a_critical_finding_not_yet_told_keeps_its_study_and_one_told_goes_with_
     assert [n.job_id for n in store.notifications()] == ["job-untold"]
 
 
-def test_a_study_that_receives_again_is_not_finished(tmp_path: Path) -> None:
+def test_a_study_that_receives_again_is_not_finished(database: Path | str, tmp_path: Path) -> None:
     var = tmp_path / "var"
-    store = Store(var / "infergate.db")
+    store = Store(database)
     now = time.time()
     _study(store, var, "old", at=now - 8 * _DAY, delivered=True)
     late = var / "late.dcm"
@@ -157,13 +160,14 @@ def test_a_study_that_receives_again_is_not_finished(tmp_path: Path) -> None:
 
 
 def test_over_the_high_water_mark_the_oldest_finished_go_first_and_undelivered_stay(
+    database: Path | str,
     small_filesystem: Path,
 ) -> None:
     """A 48 MiB file system, 36 MiB of it in studies: over a 50% mark, finished studies
     go oldest first, even before keep_days, until under the 40% low mark; the study
     whose results are not delivered stays whatever the pressure."""
     var = small_filesystem / "var"
-    store = Store(var / "infergate.db")
+    store = Store(database)
     now = time.time()
     size = 3 * _MIB  # two instances each: 6 MiB a study
     waiting = _study(store, var, "waiting", at=now - 5 * _DAY, delivered=False, size=size)
@@ -187,8 +191,10 @@ def test_over_the_high_water_mark_the_oldest_finished_go_first_and_undelivered_s
     assert any(p.exists() for study in kept for p in study)  # it stopped under the mark
 
 
-def test_the_audit_trail_is_pruned_after_audit_keep_days(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_the_audit_trail_is_pruned_after_audit_keep_days(
+    database: Path | str, tmp_path: Path
+) -> None:
+    store = Store(database)
     now = time.time()
     for name, ended in (("old", now - 100 * _DAY), ("new", now - _DAY)):
         audit = AssociationAudit(name, "127.0.0.1", 1, "A", "B", False, "released", None, ended)
@@ -201,12 +207,12 @@ def _age(path: Path, seconds: float) -> None:
     os.utime(path, (old, old))
 
 
-def test_files_no_row_names_are_swept_once_old_enough(tmp_path: Path) -> None:
+def test_files_no_row_names_are_swept_once_old_enough(database: Path | str, tmp_path: Path) -> None:
     """What a crash between a study's rows and its files leaves: instances and result
     files that no row names. Old ones go; new ones (their row may be on its way) and
     named ones stay."""
     var = tmp_path / "var"
-    store = Store(var / "infergate.db")
+    store = Store(database)
     named = _study(store, var, "named", at=time.time(), delivered=False)
     old_orphan = var / "spool" / "instances" / "gone.dcm"
     new_orphan = var / "spool" / "instances" / "arriving.dcm"
@@ -227,11 +233,11 @@ def test_files_no_row_names_are_swept_once_old_enough(tmp_path: Path) -> None:
     assert event["files"] == 2
 
 
-def test_no_sweep_when_rows_name_files_elsewhere(tmp_path: Path) -> None:
+def test_no_sweep_when_rows_name_files_elsewhere(database: Path | str, tmp_path: Path) -> None:
     """A var folder moved (rows name the old place): every file would look unnamed,
     so nothing is swept."""
     old, moved = tmp_path / "old", tmp_path / "moved"
-    store = Store(tmp_path / "infergate.db")
+    store = Store(database)
     files = _study(store, old, "moved", at=time.time(), delivered=True)
     for path in files:
         target = moved / path.relative_to(old)

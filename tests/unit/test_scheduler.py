@@ -115,9 +115,9 @@ def test_an_urgent_job_goes_before_the_normal_jobs_still_queued(
 
 
 def test_an_urgent_job_starts_while_normal_jobs_hold_every_normal_slot(
-    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     slow = _Blocking("slow")
     queue_job(store, "normal1", "slow", small_phantom.paths, now=1.0)
     queue_job(store, "normal2", "slow", small_phantom.paths, now=2.0)
@@ -147,9 +147,9 @@ def test_an_urgent_job_starts_while_normal_jobs_hold_every_normal_slot(
 
 
 def test_a_plugin_that_raises_fails_its_own_job_and_the_next_one_runs(
-    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     buggy = _Raising("buggy")
     queue_job(store, "bad", "buggy", small_phantom.paths, now=1.0)
     queue_job(store, "next", "other", [Path("/spool/missing.dcm")], now=2.0)
@@ -168,7 +168,7 @@ def test_a_plugin_that_raises_fails_its_own_job_and_the_next_one_runs(
 
 
 def test_a_poisoned_header_fails_its_job_with_the_step_and_the_place(
-    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
     poisoned = []
     for index, path in enumerate(small_phantom.paths):
@@ -180,7 +180,7 @@ def test_a_poisoned_header_fails_its_job_with_the_step_and_the_place(
         # not write one): the header comes before the pixels, so the first match is it.
         target.write_bytes(target.read_bytes().replace(b"7.77", b"abcd", 1))
         poisoned.append(target)
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     queue_job(store, "poisoned", "ct_lung", poisoned)
     lung = [p for p in discover() if p.spec.name == "ct_lung"]
     scheduler = JobScheduler(_settings(), store, lung, triton)
@@ -192,9 +192,9 @@ def test_a_poisoned_header_fails_its_job_with_the_step_and_the_place(
 
 
 def test_a_job_past_its_deadline_fails_frees_its_slot_and_its_late_result_is_dropped(
-    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     hung = _Blocking("hung")
     queue_job(store, "hung", "hung", small_phantom.paths, now=1.0)
     queue_job(store, "after", "other", [Path("/spool/missing.dcm")], now=2.0)
@@ -216,9 +216,9 @@ def test_a_job_past_its_deadline_fails_frees_its_slot_and_its_late_result_is_dro
 
 
 def test_a_series_too_large_for_the_machine_fails_with_that_reason(
-    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     queue_job(store, "huge", "ct_lung", small_phantom.paths)
     lung = [p for p in discover() if p.spec.name == "ct_lung"]
     settings = _settings(memory_per_input_byte=1e9)
@@ -231,9 +231,9 @@ def test_a_series_too_large_for_the_machine_fails_with_that_reason(
 
 
 def test_a_job_over_the_memory_budget_waits_to_run_alone(
-    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+    database: Path | str, tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     slow = _Blocking("slow")
     queue_job(store, "first", "slow", small_phantom.paths, now=1.0)
     queue_job(store, "big", "other", small_phantom.paths, now=2.0)
@@ -259,9 +259,9 @@ def _lung_job(store: Store, small_phantom: ChestPhantom) -> None:
 
 
 def test_triton_unavailable_is_retried_with_backoff_then_fails_the_job(
-    tmp_path: Path, small_phantom: ChestPhantom, triton: TritonClient
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, triton: TritonClient
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _lung_job(store, small_phantom)
     settings = Settings.model_validate(
         {
@@ -282,9 +282,9 @@ def test_triton_unavailable_is_retried_with_backoff_then_fails_the_job(
 
 
 def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
-    tmp_path: Path, small_phantom: ChestPhantom, triton: TritonClient
+    database: Path | str, tmp_path: Path, small_phantom: ChestPhantom, triton: TritonClient
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     _lung_job(store, small_phantom)
     settings = Settings.model_validate(
         {"triton": {"retry_delay_s": 30}, "work": {"job_processes": False}}
@@ -304,9 +304,9 @@ def test_a_job_waiting_to_retry_lets_others_run_and_keeps_its_reason(
 
 
 def test_a_job_recorded_wakes_the_stages_that_take_its_results(
-    tmp_path: Path, triton: TritonClient
+    database: Path | str, tmp_path: Path, triton: TritonClient
 ) -> None:
-    store = Store(tmp_path / "s.db")
+    store = Store(database)
     queue_job(store, "j", "missing", [Path("/spool/missing.dcm")], now=1.0)
     scheduler = JobScheduler(_settings(), store, [], triton)
     woken = threading.Event()

@@ -41,8 +41,10 @@ def test_final_and_forbidden_transitions() -> None:
     assert allowed(JobState.RUNNING, JobState.DEAD)
 
 
-def test_the_store_refuses_a_transition_the_table_does_not_list(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+def test_the_store_refuses_a_transition_the_table_does_not_list(
+    database: Path | str, tmp_path: Path
+) -> None:
+    store = Store(database)
     with (
         pytest.raises(StoreError, match=r"jobs: queued -> done is not a transition"),
         store._transaction() as db,
