@@ -32,7 +32,7 @@ from infergate.plugins import (
     enabled_plugins,
 )
 from infergate.routing.explain import explain
-from infergate.store import Store
+from infergate.store import Recovered, Store
 from infergate.work.forkserver import start_forkserver
 from infergate.work.states import JobState
 
@@ -58,7 +58,7 @@ def triton_for(
         if settings.triton.mode == "embedded":
             embedded = EmbeddedTriton(
                 settings.triton,
-                settings.storage.var_dir / "triton",
+                settings.node_dir / "triton",
                 models=tuple(p.spec.model_name for p in plugins),
             )
             gateway = embedded.serving_gateway() if share else None
@@ -105,7 +105,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     store = Store(settings.storage.database, pool_size=settings.storage.database_pool_size)
-    _clean_after_the_last_run(store, settings)
+    recovered = _clean_after_the_last_run(store, settings)
     check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
@@ -137,10 +137,12 @@ def serve(settings: Settings) -> int:
                 embedded=embedded,
                 listeners=listeners,
                 taking_since=taking_since,
+                recovered=recovered,
                 stop=stop,
             )
     finally:
         listeners.stop()
+    store.leave(settings.node.name)
     store.close()
     log.info("serve.stopped", failed=failed)
     # A stage that could no longer work is a failure: a supervisor (systemd's
@@ -148,14 +150,32 @@ def serve(settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def _clean_after_the_last_run(store: Store, settings: Settings) -> None:
-    """What a process that died left: half-written spool files, open associations."""
-    orphans = Spool(settings.storage.spool_dir).clean_orphans()
+def _clean_after_the_last_run(store: Store, settings: Settings) -> Recovered:
+    """What this node's last run left, before its listeners start: its half-written
+    spool files, and the work it held (associations, jobs, deliveries, notifications;
+    every node's on SQLite, where there is only this one). The node then beats: it
+    is alive, to the nodes it shares the database with."""
+    node, now = settings.node.name, time.time()
+    alone = store.backend == "sqlite"
+    # A shared spool's tmp/ has a folder for each node; a lone node's is all its own.
+    orphans = Spool(settings.storage.spool_dir, None if alone else node).clean_orphans()
     if orphans:
         log.warning("ingest.spool.orphans_removed", files=orphans)
-    ended = store.abandon_open_associations("Infergate stopped during the association", time.time())
-    if ended:
-        log.warning("ingest.associations.ended_at_start", associations=ended)
+    others = [
+        n.node
+        for n in store.nodes()
+        if n.node != node and n.heartbeat_at >= now - settings.work.lease_s
+    ]
+    recovered = store.recover(
+        now,
+        settings.work.max_interruptions,
+        nodes=None if alone else [node],
+        fresh_quiet=not others,
+    )
+    store.beat(node, now, started_at=now, version=__version__)
+    if recovered.associations:
+        log.warning("ingest.associations.ended_at_start", associations=recovered.associations)
+    return recovered
 
 
 def check_tls_files(settings: Settings) -> None:

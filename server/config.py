@@ -537,6 +537,14 @@ class WorkSettings(_Section):
     # On SIGTERM, jobs and associations in flight get this long to finish; what is
     # still running then is put back (jobs queued, deliveries due) for the next start.
     stop_grace_s: float = Field(default=20.0, ge=0)
+    # Nodes sharing a PostgreSQL database: a node whose beat (every third of this) is
+    # older than this is gone, and another takes over its jobs, deliveries and
+    # notifications. Longer than any pause a live node may have (a stalled disk).
+    lease_s: float = Field(default=30.0, ge=1)
+
+    @property
+    def beat_interval_s(self) -> float:
+        return self.lease_s / 3
 
     @model_validator(mode="after")
     def _room_for_normal_jobs(self) -> WorkSettings:
@@ -720,6 +728,12 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     logging: LoggingSettings = LoggingSettings()
     node: NodeSettings = NodeSettings()
+
+    @property
+    def node_dir(self) -> Path:
+        """This node's own folder under ``storage.var_dir`` (which nodes may share): the
+        embedded Triton's files and the listeners' metrics."""
+        return self.storage.var_dir / "nodes" / self.node.name
 
     def for_child_process(self) -> str:
         """These settings as JSON for a process of ours (a listener, a job), without

@@ -27,7 +27,7 @@ from infergate.ops.http import OpsServer
 from infergate.ops.metrics import NODE, REGISTRY, LiveSources, PipelineCollector, job_ended
 from infergate.ops.retention import run_retention, sweep_orphans
 from infergate.plugins import LoadedPlugin, check_plugins
-from infergate.store import Store
+from infergate.store import Recovered, Store
 from infergate.work.loops import StageLoop, each_interval
 from infergate.work.scheduler import JobScheduler
 
@@ -43,13 +43,15 @@ def run_stages(
     embedded: EmbeddedTriton | None,
     listeners: ListenerPool,
     taking_since: float,
+    recovered: Recovered,
     stop: threading.Event,
 ) -> bool:
-    """The stages started, ready, watched until ``stop``; whether one failed."""
+    """The stages started, ready, watched until ``stop``; whether one failed.
+    ``recovered``: what this node took back at its start, told here."""
     failed = False
     for url in endpoints.ready():
         check_plugins(endpoints.client(url), plugins)
-    _recover_work(store, settings)
+    _tell_recovered(store, recovered)
     scheduler = JobScheduler(settings, store, plugins, endpoints)
     scheduler.starting()
     exporter = ExportWorker(settings, store)
@@ -94,18 +96,36 @@ def run_stages(
     return failed
 
 
-def _recover_work(store: Store, settings: Settings) -> None:
-    """Jobs a process death interrupted go back in the queue, or to the dead letters."""
-    requeued, dead = store.recover(time.time(), settings.work.max_interruptions)
-    if requeued:
-        log.warning("work.recovered", jobs_requeued=requeued)
-    for job_id in dead:
+def _tell_recovered(store: Store, recovered: Recovered, *, taken_over: bool = False) -> None:
+    """Log (and count) what was taken back: at this node's start, what it held, or
+    (``taken_over``) what the nodes named, gone, held."""
+    if taken_over:
+        log.warning(
+            "work.node.taken_over",
+            nodes=list(recovered.nodes),
+            jobs_requeued=recovered.requeued,
+            jobs_dead=recovered.dead,
+            deliveries_due_again=recovered.deliveries,
+            notifications_due_again=recovered.notifications,
+            associations_ended=recovered.associations,
+        )
+    elif recovered.requeued:
+        log.warning("work.recovered", jobs_requeued=recovered.requeued)
+    for job_id in recovered.dead:
         job = store.job(job_id)
         log.error("work.job.dead_letter", job_id=job_id, reason=job.error)
         job_ended(job.plugin, "dead")
-    resent = store.recover_notifications(time.time())
-    if resent:
-        log.warning("notify.recovered", notifications_due_again=resent)
+    if recovered.notifications and not taken_over:
+        log.warning("notify.recovered", notifications_due_again=recovered.notifications)
+
+
+def _keep_the_lease(store: Store, settings: Settings) -> None:
+    """One beat of this node, then whatever a node gone held is taken over."""
+    node, now = settings.node.name, time.time()
+    store.beat(node, now, version=__version__)
+    taken = store.take_over(node, now, settings.work.lease_s, settings.work.max_interruptions)
+    if taken:
+        _tell_recovered(store, taken, taken_over=True)
 
 
 def _start_ops(gateway: Gateway) -> OpsServer | None:
@@ -146,6 +166,12 @@ def _stage_loops(
     stages = [
         StageLoop("inference", scheduler.step, interval, stop),
         StageLoop("export", each_interval(exporter.step), interval, stop),
+        StageLoop(
+            "lease",
+            each_interval(lambda: _keep_the_lease(store, settings)),
+            settings.work.beat_interval_s,
+            stop,
+        ),
     ]
     if settings.notifications.receivers:
         stages.append(

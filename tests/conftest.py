@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 import shutil
@@ -18,12 +17,12 @@ import pytest
 import structlog
 from listeners import Listener, ListenerFactory
 from postgres import PostgresServer, start_postgres
-from psycopg_pool import ConnectionPool
 
 from infergate.config import IngestSettings
 from infergate.ingest.scp import StorageSCP
 from infergate.ingest.spool import Spool
 from infergate.store import Store
+from infergate.store.postgres import PostgresBackend
 from infergate.testing import (
     LEFT_FRONTAL,
     RIGHT_PARIETAL,
@@ -46,19 +45,33 @@ def postgres() -> Iterator[PostgresServer]:
         shutil.rmtree(server.root, ignore_errors=True)
 
 
+@pytest.fixture
+def closing_pools(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every PostgreSQL store the test opens is closed after it. Left to the garbage
+    collector, its pool's ``__del__`` may run on one of the pool's own threads, which
+    cannot join itself (an error in whichever test is running then)."""
+    opened: list[PostgresBackend] = []
+    original = PostgresBackend.__init__
+
+    def keeping(self: PostgresBackend, url: str, *, pool_size: int = 4) -> None:
+        original(self, url, pool_size=pool_size)
+        opened.append(self)
+
+    monkeypatch.setattr(PostgresBackend, "__init__", keeping)
+    yield
+    for backend in opened:
+        backend.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     """Where a new, empty state store is, on each backend in turn: a SQLite file, or
     a database of the tests' PostgreSQL server."""
     if request.param == "sqlite":
-        yield tmp_path / "state.db"
-        return
+        return tmp_path / "state.db"
+    request.getfixturevalue("closing_pools")
     server: PostgresServer = request.getfixturevalue("postgres")
-    yield server.new_database()
-    # A store the test left open would have its pool closed by the pool's __del__, on
-    # whichever thread collects it (one of the pool's own, which cannot join itself).
-    for pool in [o for o in gc.get_objects() if isinstance(o, ConnectionPool)]:
-        pool.close()
+    return server.new_database()
 
 
 @pytest.fixture(scope="session")

@@ -256,6 +256,7 @@ def _apply(
         reason=reason,
         next_attempt_at=now + delay if state is DeliveryState.RETRY_WAIT else now,
         now=now,
+        node=settings.node.name,
     )
     delivery_attempted(delivery.destination.ae_title, outcome_class.value, duration_s)
     _log(

@@ -37,7 +37,9 @@ class ExportWorker:
                 sending = self._sending.setdefault(key, set())
                 if len(sending) >= self._settings.export.max_associations:
                     continue
-                if not self._store.claim_delivery(delivery.delivery_id, now):
+                if not self._store.claim_delivery(
+                    delivery.delivery_id, now, self._settings.node.name
+                ):
                     continue
                 sending.add(delivery.delivery_id)
             threading.Thread(
@@ -77,6 +79,7 @@ class ExportWorker:
                 reason=reason,
                 next_attempt_at=now + backoff_s(self._settings, attempts),
                 now=now,
+                node=self._settings.node.name,
             )
         except InfergateError as exc:
             # Still `sending`: the next start puts it back (recover), with the same UIDs.

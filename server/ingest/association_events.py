@@ -45,6 +45,7 @@ class AssociationEvents:
     settings: IngestSettings
     store: Store
     spool_root: Path
+    node: str = ""
     process_id: int = field(default_factory=os.getpid)
 
     def connected(
@@ -161,6 +162,7 @@ class AssociationEvents:
             reason=reason,
             started_at=info.started_wall,
             process_id=self.process_id,
+            node=self.node,
         )
 
     def _record(self, info: AssociationInfo, outcome: str, reason: str) -> None:

@@ -60,7 +60,7 @@ class ListenerPool:
     @property
     def metrics_dir(self) -> Path:
         """Where the listener processes write their metrics (``ingest.metrics``)."""
-        return self.settings.storage.var_dir / "metrics"
+        return self.settings.node_dir / "metrics"
 
     @property
     def pids(self) -> list[int]:
@@ -153,7 +153,7 @@ class ListenerPool:
             if time.monotonic() - listener.started_at < RESTART_INTERVAL_S:
                 continue  # a crash loop: try again after the interval
             ended = self.store.abandon_open_associations(
-                "listener process died", time.time(), listener.process.pid
+                "listener process died", time.time(), self.settings.node.name, listener.process.pid
             )
             log.error(
                 "ingest.listener.died",

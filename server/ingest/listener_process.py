@@ -26,9 +26,10 @@ from infergate.store import Store
 log = get_logger("infergate.ingest.listener_process")
 
 
-def tmp_name(index: int) -> str:
-    """The spool's ``tmp/`` folder of listener ``index``."""
-    return f"listener-{index}"
+def tmp_name(node: str, index: int) -> str:
+    """The spool's ``tmp/`` folder of listener ``index`` of ``node`` (a spool on shared
+    storage has the listeners of several nodes)."""
+    return f"{node}/listener-{index}"
 
 
 def _inherited(fd: int | None) -> socket.socket | None:
@@ -54,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     store = Store(settings.storage.database, pool_size=settings.storage.database_pool_size)
-    spool = Spool(settings.storage.spool_dir, tmp_name(args.index))
+    spool = Spool(settings.storage.spool_dir, tmp_name(settings.node.name, args.index))
     # A predecessor with this index died: what it was receiving was never acknowledged.
     orphans = spool.clean_orphans()
     if orphans:
         log.warning("ingest.spool.orphans_removed", files=orphans, listener=args.index)
-    scp = StorageSCP(settings.ingest, spool, store)
+    scp = StorageSCP(settings.ingest, spool, store, settings.node.name)
     scp.start(ListeningSockets(plain=_inherited(args.plain_fd), tls=_inherited(args.tls_fd)))
     os.write(args.ready_fd, b"1")
     os.close(args.ready_fd)

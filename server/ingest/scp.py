@@ -121,6 +121,8 @@ class StorageSCP:
     settings: IngestSettings
     spool: Spool
     store: Store
+    # The gateway node (node.name) its associations are audited and counted under.
+    node: str = ""
     _events: AssociationEvents = field(init=False)
     _committer: InstanceCommitter = field(init=False)
     _contexts: list[PresentationContext] = field(init=False)
@@ -134,7 +136,7 @@ class StorageSCP:
     _addresses: dict[int, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._events = AssociationEvents(self.settings, self.store, self.spool.root)
+        self._events = AssociationEvents(self.settings, self.store, self.spool.root, self.node)
         self._committer = InstanceCommitter(
             self.spool, self.store, self.settings.changed_instance_policy == "replace"
         )

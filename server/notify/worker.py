@@ -64,7 +64,7 @@ def send_due(store: Store, settings: Settings) -> int:
     """One round: send every due notification once; returns how many were sent."""
     sent = 0
     for row in store.due_notifications(time.time()):
-        if not store.claim_notification(row.notification_id, time.time()):
+        if not store.claim_notification(row.notification_id, time.time(), settings.node.name):
             continue
         sent += 1
         deliver(store, settings, row)
@@ -94,7 +94,9 @@ def deliver(store: Store, settings: Settings, row: NotificationRow) -> Notificat
         state, next_at = NotificationState.RETRY_WAIT, now + _backoff_s(settings, attempts)
     else:
         state, next_at = NotificationState.DEAD, now
-    store.record_notification(row.notification_id, state, reason, next_at, now)
+    store.record_notification(
+        row.notification_id, state, reason, next_at, now, node=settings.node.name
+    )
     event = {
         NotificationState.DELIVERED: "notify.delivered",
         NotificationState.RETRY_WAIT: "notify.retrying",

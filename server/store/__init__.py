@@ -20,6 +20,7 @@ from infergate.store.associations import AssociationRecords
 from infergate.store.connection import Connection
 from infergate.store.db import set_state
 from infergate.store.gauges import GaugeRecords, PipelineGauges
+from infergate.store.nodes import NodeRecords, NodeRow, Recovered
 from infergate.store.notifications import NotificationRecords, add_notifications
 from infergate.store.retention import RetentionRecords
 from infergate.store.rows import (
@@ -42,7 +43,6 @@ from infergate.store.views import ViewRecords
 from infergate.work.states import (
     PRIORITY_OF_RANK,
     PRIORITY_RANK,
-    DeliveryState,
     JobKind,
     JobState,
     SeriesState,
@@ -58,9 +58,11 @@ __all__ = [
     "InstanceRecord",
     "JobRow",
     "NewJob",
+    "NodeRow",
     "NotificationRow",
     "NotificationView",
     "PipelineGauges",
+    "Recovered",
     "ResultRow",
     "SeriesRow",
     "Store",
@@ -68,7 +70,14 @@ __all__ = [
 ]
 
 
-class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, NotificationRecords):
+class Store(
+    AssociationRecords,
+    ViewRecords,
+    RetentionRecords,
+    GaugeRecords,
+    NotificationRecords,
+    NodeRecords,
+):
     """Typed access to the state database. Safe to share between threads."""
 
     # -- ingest -----------------------------------------------------------------
@@ -199,6 +208,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
         *,
         assignments: str,
         parameters: tuple[Any, ...],
+        holder: str | None = None,
     ) -> bool:
         changed = set_state(
             db,
@@ -208,6 +218,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
             new,
             assignments=assignments,
             parameters=parameters,
+            holder=holder,
         )
         return changed == 1
 
@@ -224,8 +235,11 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
                 parameters=(now, now, node),
             )
 
-    def retry_job(self, job_id: str, error: str, not_before: float, now: float) -> bool:
-        """Running → queued, to run again no sooner than ``not_before``."""
+    def retry_job(
+        self, job_id: str, error: str, not_before: float, now: float, node: str | None = None
+    ) -> bool:
+        """Running → queued, to run again no sooner than ``not_before``; with ``node``,
+        only while that node holds it (see ``store.nodes``)."""
         with self._transaction() as db:
             return self._set_job_state(
                 db,
@@ -234,10 +248,12 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
                 JobState.QUEUED,
                 assignments="error = ?, not_before = ?, updated_at = ?",
                 parameters=(error, not_before, now),
+                holder=node,
             )
 
-    def fail_job(self, job_id: str, error: str, now: float) -> bool:
-        """Queued or running → failed, with the reason; False if it had ended already."""
+    def fail_job(self, job_id: str, error: str, now: float, node: str | None = None) -> bool:
+        """Queued or running → failed, with the reason; False if it had ended already
+        (or, with ``node``, if another node holds it now)."""
         with self._transaction() as db:
             return self._set_job_state(
                 db,
@@ -246,6 +262,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
                 JobState.FAILED,
                 assignments="error = ?, updated_at = ?",
                 parameters=(error, now),
+                holder=node,
             )
 
     def finish_job(
@@ -257,11 +274,12 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
         *,
         critical: tuple[CriticalFinding, ...] = (),
         receivers: tuple[str, ...] = (),
+        node: str | None = None,
     ) -> bool:
         """Record a job's result files (and its stage durations) and mark it done, in
         one transaction, with a notification of each ``critical`` finding to each of
         ``receivers``; False (and nothing recorded) if the job is no longer running,
-        e.g. failed at its deadline."""
+        e.g. failed at its deadline, or (with ``node``) if another node took it over."""
         with self._transaction() as db:
             if not self._set_job_state(
                 db,
@@ -270,6 +288,7 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
                 JobState.DONE,
                 assignments="error = NULL, updated_at = ?, timings = ?",
                 parameters=(now, json.dumps(timings_s or {})),
+                holder=node,
             ):
                 return False
             db.executemany(
@@ -333,8 +352,9 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
                 parameters=(now,),
             )
 
-    def requeue_jobs(self, job_ids: list[str], now: float) -> None:
-        """Running → queued at an orderly stop, not counted as an interruption."""
+    def requeue_jobs(self, job_ids: list[str], now: float, node: str | None = None) -> None:
+        """Running → queued at an orderly stop, not counted as an interruption (those
+        ``node`` still holds, with it)."""
         with self._transaction() as db:
             for job_id in job_ids:
                 self._set_job_state(
@@ -344,64 +364,8 @@ class Store(AssociationRecords, ViewRecords, RetentionRecords, GaugeRecords, Not
                     JobState.QUEUED,
                     assignments="updated_at = ?",
                     parameters=(now,),
+                    holder=node,
                 )
-
-    def recover(self, now: float, max_interruptions: int) -> tuple[list[str], list[str]]:
-        """Put back what a dead process left: jobs it was running are queued again, or
-        dead-lettered once ``max_interruptions`` runs of theirs were cut short
-        (a job that kills the process must not kill every restart); deliveries it was
-        sending are due again. Returns the ids of the requeued and the dead jobs.
-
-        Series still receiving get a fresh quiet period from ``now``: their senders
-        could not reach us while we were down, and completing them at once would run
-        a job on part of a series and another when the rest arrives.
-        """
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE series SET last_received_at = ? WHERE state = ? AND last_received_at < ?",
-                (now, SeriesState.RECEIVING.value, now),
-            )
-            interrupted = db.execute(
-                "SELECT job_id, interruptions FROM jobs WHERE state = ?",
-                (JobState.RUNNING.value,),
-            ).fetchall()
-            requeued, dead = [], []
-            for job_id, interruptions in interrupted:
-                count = interruptions + 1
-                if count >= max_interruptions:
-                    reason = (
-                        f"dead letter: its run was interrupted by a process death {count} times"
-                        " (work.max_interruptions); retry it once the cause is mended"
-                    )
-                    self._set_job_state(
-                        db,
-                        job_id,
-                        (JobState.RUNNING,),
-                        JobState.DEAD,
-                        assignments="interruptions = ?, error = ?, updated_at = ?",
-                        parameters=(count, reason, now),
-                    )
-                    dead.append(str(job_id))
-                else:
-                    self._set_job_state(
-                        db,
-                        job_id,
-                        (JobState.RUNNING,),
-                        JobState.QUEUED,
-                        assignments="interruptions = ?, updated_at = ?",
-                        parameters=(count, now),
-                    )
-                    requeued.append(str(job_id))
-            set_state(
-                db,
-                "deliveries",
-                None,
-                (DeliveryState.SENDING,),
-                DeliveryState.PENDING,
-                assignments="updated_at = ?",
-                parameters=(now,),
-            )
-            return requeued, dead
 
     def superseded_job(self, job_id: str) -> str | None:
         """The done job of the same series and plugin in the latest earlier generation:

@@ -17,7 +17,7 @@ from infergate.store.rows import AssociationAudit
 
 _COLUMNS = (
     "association_id, peer_address, peer_port, calling_ae, called_ae, tls, outcome, reason,"
-    " started_at, ended_at, instances, bytes, failures, process_id"
+    " started_at, ended_at, instances, bytes, failures, process_id, node"
 )
 # An audit row written again (its end, its counts) replaces the one before.
 _REPLACING = "ON CONFLICT (association_id) DO UPDATE SET " + ", ".join(
@@ -42,14 +42,15 @@ class AssociationRecords(Database):
         """Record ``audit`` as accepted, or as rejected if ``judge`` refuses it.
 
         ``judge(open_associations, open_from_its_address)`` sees the associations open
-        now in every process, and decides in the same transaction that records its
-        verdict, so two listener processes cannot both take the last slot.
+        now in every process of the audit's node (the limits are a node's), and decides
+        in the same transaction that records its verdict, so two listener processes
+        cannot both take the last slot.
         """
         with self._transaction() as db:
             total, same_address = db.execute(
                 "SELECT COUNT(*), COUNT(CASE WHEN peer_address = ? THEN 1 END) FROM associations"
-                " WHERE ended_at IS NULL",
-                (audit.peer_address,),
+                " WHERE ended_at IS NULL AND node = ?",
+                (audit.peer_address, audit.node),
             ).fetchone()
             verdict = judge(total, same_address)
             if verdict is not None:
@@ -88,17 +89,15 @@ class AssociationRecords(Database):
                     (now, association_id),
                 )
 
-    def abandon_open_associations(
-        self, reason: str, now: float, process_id: int | None = None
-    ) -> int:
-        """End the associations a dead listener process (any, if None) left open;
+    def abandon_open_associations(self, reason: str, now: float, node: str, process_id: int) -> int:
+        """End the associations a dead listener process of ``node`` left open;
         returns how many. Their instance and byte counts, kept by the dead process
         until the end, are lost; the instances table still has every instance."""
         with self._transaction() as db:
             cur = db.execute(
                 "UPDATE associations SET outcome = 'aborted', reason = ?, ended_at = ?"
-                " WHERE ended_at IS NULL AND (? IS NULL OR process_id = ?)",
-                (reason, now, process_id, process_id),
+                " WHERE ended_at IS NULL AND node = ? AND process_id = ?",
+                (reason, now, node, process_id),
             )
             return cur.rowcount
 
@@ -112,7 +111,7 @@ class AssociationRecords(Database):
 def _insert(db: Connection, audit: AssociationAudit) -> None:
     db.execute(
         f"INSERT INTO associations ({_COLUMNS})"  # noqa: S608 - constant columns
-        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {_REPLACING}",
+        f" VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) {_REPLACING}",
         (
             audit.association_id,
             audit.peer_address,
@@ -128,5 +127,6 @@ def _insert(db: Connection, audit: AssociationAudit) -> None:
             audit.bytes,
             audit.failures,
             audit.process_id,
+            audit.node,
         ),
     )

@@ -7,6 +7,7 @@ durable once committed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,12 @@ from typing import Any
 from infergate.errors import StoreError
 from infergate.store.connection import Backend, Connection, Parameters
 from infergate.store.sqlite import SqliteBackend
-from infergate.work.states import State, allowed
+from infergate.work.states import DeliveryState, JobState, State, allowed
+
+# The states in which a node holds a row (see store.nodes); a notification's is the
+# same word as a delivery's.
+_RUNNING = JobState.RUNNING.value
+_SENDING = DeliveryState.SENDING.value
 
 
 def set_state(
@@ -26,10 +32,16 @@ def set_state(
     *,
     assignments: str = "",
     parameters: tuple[Any, ...] = (),
+    holder: str | None = None,
+    held_by: Sequence[str] | None = None,
 ) -> int:
     """Move the row ``key`` (column, value) of ``table`` (every row, when None) from
     one of the states ``old`` to ``new``, setting ``assignments`` too; returns how many
     rows changed (none when the row is in another state now).
+
+    ``holder``: only while the gateway node of that name holds the row (its ``node``)
+    if the row is in a state a node holds (a job running, a delivery or notification
+    sending); ``held_by``: only rows one of these nodes holds ('' for none).
 
     Raises :class:`StoreError` for a transition the table does not list: a bug.
     """
@@ -38,10 +50,17 @@ def set_state(
             raise StoreError(f"{table}: {source.value} -> {new.value} is not a transition")
     extra = f", {assignments}" if assignments else ""
     where = "" if key is None else f"{key[0]} = ? AND "
+    conditions: list[Any] = [] if key is None else [key[1]]
+    if holder is not None:
+        where += f"(node = ? OR state NOT IN ('{_RUNNING}', '{_SENDING}')) AND "
+        conditions.append(holder)
+    if held_by is not None:
+        where += f"COALESCE(node, '') IN ({', '.join('?' * len(held_by))}) AND "
+        conditions.extend(held_by)
     cur = db.execute(
         f"UPDATE {table} SET state = ?{extra}"  # noqa: S608 - constant fragments
         f" WHERE {where}state IN ({', '.join('?' * len(old))})",
-        (new.value, *parameters, *(() if key is None else (key[1],)), *(s.value for s in old)),
+        (new.value, *parameters, *conditions, *(s.value for s in old)),
     )
     return cur.rowcount
 

@@ -120,8 +120,9 @@ class NotificationRecords(Database):
             for row in rows
         ]
 
-    def claim_notification(self, notification_id: str, now: float) -> bool:
-        """Mark it being sent (counting the attempt); False when another claimed it."""
+    def claim_notification(self, notification_id: str, now: float, node: str | None = None) -> bool:
+        """Mark it being sent by ``node`` (counting the attempt); False when another
+        claimed it."""
         with self._transaction() as db:
             return bool(
                 set_state(
@@ -131,8 +132,8 @@ class NotificationRecords(Database):
                     (NotificationState.PENDING, NotificationState.RETRY_WAIT),
                     NotificationState.SENDING,
                     assignments="attempts = attempts + 1, updated_at = ?,"
-                    " first_attempt_at = COALESCE(first_attempt_at, ?)",
-                    parameters=(now, now),
+                    " first_attempt_at = COALESCE(first_attempt_at, ?), node = ?",
+                    parameters=(now, now, node),
                 )
             )
 
@@ -143,7 +144,10 @@ class NotificationRecords(Database):
         reason: str | None,
         next_attempt_at: float,
         now: float,
+        *,
+        node: str | None = None,
     ) -> None:
+        """An attempt's outcome; with ``node``, only while that node holds it."""
         with self._transaction() as db:
             if not set_state(
                 db,
@@ -153,22 +157,12 @@ class NotificationRecords(Database):
                 state,
                 assignments="reason = ?, next_attempt_at = ?, updated_at = ?",
                 parameters=(reason, next_attempt_at, now),
+                holder=node,
             ):
-                raise StoreError(f"notification {notification_id} was not being sent")
-
-    def recover_notifications(self, now: float) -> int:
-        """At start: those a dead process was sending are due again (the receiver may
-        have them: each message carries the same id, for it to tell)."""
-        with self._transaction() as db:
-            return set_state(
-                db,
-                "notifications",
-                None,
-                (NotificationState.SENDING,),
-                NotificationState.PENDING,
-                assignments="next_attempt_at = ?, updated_at = ?",
-                parameters=(now, now),
-            )
+                raise StoreError(
+                    f"notification {notification_id} was not being sent"
+                    + ("" if node is None else f" by node {node}")
+                )
 
     def notification_views(self, *, dead_only: bool, limit: int) -> list[NotificationView]:
         """Notifications newest first (dead letters only, if asked), as operators see

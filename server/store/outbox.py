@@ -234,9 +234,9 @@ class OutboxRecords(Database):
         )
         return [_delivery(row) for row in rows]
 
-    def claim_delivery(self, delivery_id: str, now: float) -> bool:
-        """Pending or waiting → sending, counting the attempt; False if another worker
-        took it or it is no longer open."""
+    def claim_delivery(self, delivery_id: str, now: float, node: str | None = None) -> bool:
+        """Pending or waiting → sending by ``node``, counting the attempt; False if
+        another worker took it or it is no longer open."""
         with self._transaction() as db:
             return _set_delivery_state(
                 db,
@@ -244,8 +244,8 @@ class OutboxRecords(Database):
                 (DeliveryState.PENDING, DeliveryState.RETRY_WAIT),
                 DeliveryState.SENDING,
                 assignments="attempts = attempts + 1, updated_at = ?,"
-                " first_attempt_at = COALESCE(first_attempt_at, ?)",
-                parameters=(now, now),
+                " first_attempt_at = COALESCE(first_attempt_at, ?), node = ?",
+                parameters=(now, now, node),
             )
 
     def delivery_items(
@@ -282,9 +282,11 @@ class OutboxRecords(Database):
         reason: str | None,
         next_attempt_at: float,
         now: float,
+        node: str | None = None,
     ) -> None:
         """The outcome of one association: each object's own, then the delivery's new
-        state, in one transaction."""
+        state, in one transaction; with ``node``, only while that node holds it (raises
+        :class:`StoreError`, recording nothing, once another took it over)."""
         with self._transaction() as db:
             db.executemany(
                 "UPDATE delivery_items SET state = ?, status = ?, reason = ?"
@@ -310,8 +312,12 @@ class OutboxRecords(Database):
                 assignments="outcome = ?, reason = ?, next_attempt_at = ?, updated_at = ?,"
                 " finished_at = ?",
                 parameters=(outcome, reason, next_attempt_at, now, now if finished else None),
+                holder=node,
             ):
-                raise StoreError(f"delivery {delivery_id} was not being sent")
+                raise StoreError(
+                    f"delivery {delivery_id} was not being sent"
+                    + ("" if node is None else f" by node {node}")
+                )
 
     # -- reading ----------------------------------------------------------------
 
@@ -434,6 +440,7 @@ def _set_delivery_state(
     *,
     assignments: str,
     parameters: tuple[Any, ...],
+    holder: str | None = None,
 ) -> bool:
     changed = set_state(
         db,
@@ -443,6 +450,7 @@ def _set_delivery_state(
         new,
         assignments=assignments,
         parameters=parameters,
+        holder=holder,
     )
     return changed == 1
 

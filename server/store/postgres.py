@@ -34,6 +34,7 @@ from psycopg_pool import ConnectionPool
 from infergate.errors import StoreError
 from infergate.store.connection import Connection, Cursor, Parameters
 from infergate.store.schema import (
+    ADDED_COLUMNS,
     OPEN_ASSOCIATIONS_INDEX,
     SCHEMA,
     VERSION,
@@ -159,6 +160,17 @@ class PostgresBackend:
                     f"the state store {self._where} has schema version {version}, written"
                     f" by a newer Infergate; this one knows version {VERSION}"
                 )
+            if version == VERSION:
+                return
+            for step in sorted(v for v in ADDED_COLUMNS if v > version):
+                for (table, column), definition in ADDED_COLUMNS[step].items():
+                    db.execute(
+                        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}"
+                        f" {for_postgresql(definition)}"
+                    )
+            execute_script(db, for_postgresql(SCHEMA))
+            execute_script(db, for_postgresql(WORK_SCHEMA))
+            db.execute("UPDATE infergate_schema SET version = ?", (VERSION,))
 
     @contextmanager
     def _locked(self, connection: psycopg.Connection[Any]) -> Iterator[Connection]:

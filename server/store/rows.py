@@ -164,6 +164,8 @@ class AssociationAudit:
     failures: int = 0
     # The listener process that served it, so a dead one's associations can be ended.
     process_id: int = 0
+    # The gateway node it came to ('' before there were several).
+    node: str = ""
 
 
 @dataclass(frozen=True)

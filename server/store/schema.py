@@ -3,10 +3,10 @@ written by an earlier Infergate to it.
 
 The schema is written once, in SQL both backends take; PostgreSQL gets it with its
 own names for the two types whose SQLite meaning is wider than PostgreSQL's
-(:func:`for_postgresql`). Version 10 is where PostgreSQL starts: a PostgreSQL
-database is created at it, and the steps below it are SQLite's own history. A later
-version is a step both backends take at start, in the transaction that checks the
-version.
+(:func:`for_postgresql`). Version 10 is where PostgreSQL started: the steps below it
+are SQLite's own history; a later version is a step both backends take at start, in
+the transaction that checks the version (``ADDED_COLUMNS``, then the schema again
+for its new tables).
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     reason TEXT,
     finished_at REAL,
     -- a dead letter an operator replayed: the delivery that carries its objects now
-    replayed_to TEXT
+    replayed_to TEXT,
+    -- the gateway node that claimed its latest attempt (version 11)
+    node TEXT
 );
 -- One open delivery per study and destination: what becomes ready joins it.
 CREATE UNIQUE INDEX IF NOT EXISTS deliveries_open ON deliveries(
@@ -105,9 +107,19 @@ CREATE TABLE IF NOT EXISTS notifications (
     updated_at REAL NOT NULL,
     first_attempt_at REAL,
     next_attempt_at REAL NOT NULL,
-    reason TEXT
+    reason TEXT,
+    node TEXT  -- the gateway node that claimed its latest attempt (version 11)
 );
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_attempt_at);
+-- Version 11: the gateway nodes sharing this database, each beating while it lives;
+-- the work a node holds (a running job, a delivery or notification it sends) is
+-- taken over by another once its beat is older than work.lease_s.
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    version TEXT NOT NULL
+);
 """
 
 SCHEMA = """
@@ -151,7 +163,8 @@ CREATE TABLE IF NOT EXISTS associations (
     instances INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0,
-    process_id INTEGER NOT NULL DEFAULT 0
+    process_id INTEGER NOT NULL DEFAULT 0,
+    node TEXT NOT NULL DEFAULT ''  -- the gateway node it came to (version 11)
 );
 """
 
@@ -160,7 +173,17 @@ OPEN_ASSOCIATIONS_INDEX = (
     "CREATE INDEX IF NOT EXISTS associations_open ON associations(peer_address)"
     " WHERE ended_at IS NULL"
 )
-VERSION = 10
+VERSION = 11
+# What each version after 10 added, which both backends add at start (a table new in
+# it is in the schema above, which they run again).
+ADDED_COLUMNS: dict[int, dict[tuple[str, str], str]] = {
+    # the node that claims a delivery or notification, and that an association came to
+    11: {
+        ("deliveries", "node"): "TEXT",
+        ("notifications", "node"): "TEXT",
+        ("associations", "node"): "TEXT NOT NULL DEFAULT ''",
+    },
+}
 
 
 def migrate_sqlite(db: sqlite3.Connection) -> None:
@@ -196,6 +219,10 @@ def migrate_sqlite(db: sqlite3.Connection) -> None:
         _to_secondary_captures(db)
     execute_script(db, WORK_SCHEMA)  # version 9: the notifications table
     _add_columns(db, {("jobs", "node"): "TEXT"})  # version 10: the node that ran a job
+    for version in sorted(ADDED_COLUMNS):
+        _add_columns(db, ADDED_COLUMNS[version])
+    execute_script(db, SCHEMA)
+    execute_script(db, WORK_SCHEMA)
     db.execute(f"PRAGMA user_version = {VERSION}")
 
 

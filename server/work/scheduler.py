@@ -241,12 +241,19 @@ class JobScheduler:
             return
         receivers = tuple(r.name for r in self._settings.notifications.receivers)
         if not self._store.finish_job(
-            job.job_id, results, time.time(), timings, critical=critical, receivers=receivers
+            job.job_id,
+            results,
+            time.time(),
+            timings,
+            critical=critical,
+            receivers=receivers,
+            node=self._settings.node.name,
         ):
             log.warning(
                 "inference.job.discarded",
                 plugin=job.plugin,
-                reason="the job had been failed meanwhile (its deadline); its results are not sent",
+                reason="the job had been failed meanwhile (its deadline), or another node"
+                " took it over; its results are not sent from here",
             )
             return
         log.info(
@@ -288,7 +295,7 @@ class JobScheduler:
         return rows
 
     def _fail(self, job: JobRow, reason: str, exc: Exception | None = None) -> None:
-        if self._store.fail_job(job.job_id, reason, time.time()):
+        if self._store.fail_job(job.job_id, reason, time.time(), self._settings.node.name):
             error = {} if exc is None else {"error": _error_name(exc)}
             log.error(
                 "inference.job.failed",
@@ -309,7 +316,7 @@ class JobScheduler:
             return
         delay = min(triton.retry_delay_s * 2 ** (attempt - 1), triton.max_retry_delay_s)
         now = time.time()
-        if self._store.retry_job(job.job_id, str(exc), now + delay, now):
+        if self._store.retry_job(job.job_id, str(exc), now + delay, now, self._settings.node.name):
             log.warning(
                 "inference.job.retrying",
                 plugin=job.plugin,
@@ -328,7 +335,7 @@ class JobScheduler:
             time.sleep(0.1)
         ids = [job.job_id for job in self.running()]
         if ids:
-            self._store.requeue_jobs(ids, time.time())
+            self._store.requeue_jobs(ids, time.time(), self._settings.node.name)
             log.warning("inference.jobs.requeued_at_stop", jobs=ids)
         with self._lock:
             processes = [r.process for r in self._running.values() if r.process is not None]

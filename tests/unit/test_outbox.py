@@ -152,7 +152,7 @@ def _send_all(store: Store, settings: Settings) -> list[DeliveryState]:
     plan(store, settings, time.time())
     states = []
     for delivery in store.due_deliveries(now=1e12):  # due or not: the next attempt now
-        assert store.claim_delivery(delivery.delivery_id, now=time.time())
+        assert store.claim_delivery(delivery.delivery_id, time.time(), settings.node.name)
         states.append(deliver(store, settings, store.delivery(delivery.delivery_id)))
     return states
 
@@ -516,7 +516,7 @@ def test_a_replayed_dead_letter_sends_only_what_was_not_delivered_and_only_once(
         assert store.pipeline_gauges().dead_deliveries == 0
         assert store.pipeline_gauges().dead_objects == 0
         assert [i.sop_instance_uid for i in store.delivery_items(replay_id)] == [seg_uid]
-        assert store.claim_delivery(replay_id, now=time.time())
+        assert store.claim_delivery(replay_id, time.time(), other.settings().node.name)
         replayed = store.delivery(replay_id)
         assert deliver(store, other.settings(), replayed) is DeliveryState.DELIVERED
     finally:
@@ -551,7 +551,7 @@ def test_a_done_jobs_kept_results_are_sent_on_request(
     destination = pacs.settings().export.destination
     assert destination is not None
     delivery_id = store.send_job_results("job", destination, "INFERGATE", time.time())
-    assert store.claim_delivery(delivery_id, now=time.time())
+    assert store.claim_delivery(delivery_id, time.time(), pacs.settings().node.name)
     assert deliver(store, pacs.settings(), store.delivery(delivery_id)) is DeliveryState.DELIVERED
     assert [u for u, _ in pacs.received] == [uid]
     with pytest.raises(NotFoundError):

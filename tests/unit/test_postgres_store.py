@@ -18,6 +18,8 @@ from infergate.store import Arrival, AssociationAudit, InstanceRecord, NewJob, S
 from infergate.store.postgres import describe, to_psycopg
 from infergate.work.states import JobKind
 
+pytestmark = pytest.mark.usefixtures("closing_pools")
+
 
 def _record(uid: str, series: str = "1.2.3") -> InstanceRecord:
     return InstanceRecord(
@@ -165,3 +167,21 @@ def test_the_last_association_slot_goes_to_one_node_only(postgres: PostgresServe
     assert admitted.count(True) == 1
     for store in nodes:
         store.close()
+
+
+def test_a_version_10_database_is_brought_to_this_version(postgres: PostgresServer) -> None:
+    """Version 10 is where PostgreSQL started; the step to 11 runs on it as on SQLite."""
+    url = postgres.new_database()
+    Store(url).close()
+    with psycopg.connect(url, autocommit=True) as db:
+        for table in ("deliveries", "notifications", "associations"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN node")
+        db.execute("DROP TABLE nodes")
+        db.execute("UPDATE infergate_schema SET version = 10")
+    store = Store(url)
+    store.beat("ig-node-1", 30.0, started_at=30.0, version="test")
+    assert [n.node for n in store.nodes()] == ["ig-node-1"]
+    with psycopg.connect(url, autocommit=True) as db:
+        (version,) = db.execute("SELECT version FROM infergate_schema").fetchone() or (0,)
+    assert version == 11
+    store.close()

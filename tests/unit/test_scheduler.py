@@ -90,8 +90,8 @@ def test_an_urgent_job_goes_before_the_normal_jobs_still_queued(
     class Arriving(Store):
         arrival: str | None = None
 
-        def fail_job(self, job_id: str, error: str, now: float) -> bool:
-            changed = super().fail_job(job_id, error, now)
+        def fail_job(self, job_id: str, error: str, now: float, node: str | None = None) -> bool:
+            changed = super().fail_job(job_id, error, now, node)
             if self.arrival is not None:
                 arrival, self.arrival = self.arrival, None
                 queue_job(

@@ -30,6 +30,12 @@ def _record(
     )
 
 
+def _recovered(store: Store, now: float, max_interruptions: int) -> tuple[list[str], list[str]]:
+    """What a lone node's start took back: the requeued and the dead jobs."""
+    recovered = store.recover(now, max_interruptions)
+    return recovered.requeued, recovered.dead
+
+
 @pytest.fixture
 def store(database: Path | str) -> Store:
     return Store(database)
@@ -163,7 +169,7 @@ def test_job_lifecycle_and_recovery(store: Store) -> None:
     assert store.start_job("job1", now=21.0)
     assert not store.start_job("job1", now=21.5)  # running already: the table refuses
     assert store.runnable_jobs() == []
-    assert store.recover(now=22.0, max_interruptions=3) == (["job1"], [])  # a crash
+    assert _recovered(store, 22.0, 3) == (["job1"], [])  # a crash
     (job,) = store.runnable_jobs()
     assert (job.attempts, job.interruptions) == (1, 1)
     store.start_job("job1", now=23.0)
@@ -192,9 +198,9 @@ def test_a_job_failed_at_its_deadline_cannot_be_finished_after(store: Store) -> 
 def test_a_job_interrupted_max_interruptions_times_is_a_dead_letter(store: Store) -> None:
     _one_job(store)
     store.start_job("job1", now=21.0)
-    assert store.recover(now=22.0, max_interruptions=2) == (["job1"], [])
+    assert _recovered(store, 22.0, 2) == (["job1"], [])
     store.start_job("job1", now=23.0)
-    assert store.recover(now=24.0, max_interruptions=2) == ([], ["job1"])
+    assert _recovered(store, 24.0, 2) == ([], ["job1"])
     job = store.job("job1")
     assert (job.state, job.interruptions) == (JobState.DEAD, 2)
     assert job.error is not None
@@ -206,7 +212,7 @@ def test_an_orderly_stop_requeues_without_counting_an_interruption(store: Store)
     _one_job(store)
     store.start_job("job1", now=21.0)
     store.requeue_jobs(["job1"], now=22.0)
-    assert store.recover(now=23.0, max_interruptions=1) == ([], [])
+    assert _recovered(store, 23.0, 1) == ([], [])
     (job,) = store.runnable_jobs()
     assert (job.state, job.interruptions) == (JobState.QUEUED, 0)
 
@@ -382,7 +388,7 @@ def test_a_critical_finding_is_one_notification_per_receiver_committed_with_its_
     first = due[0].notification_id
     assert store.claim_notification(first, 24.0)
     assert not store.claim_notification(first, 24.0)  # claimed once
-    assert store.recover_notifications(25.0) == 1  # a crash while sending: due again
+    assert store.recover(25.0, 3).notifications == 1  # a crash while sending: due again
     assert store.claim_notification(first, 26.0)
     store.record_notification(first, NotificationState.DELIVERED, "acknowledged", 27.0, 27.0)
     assert [n.receiver for n in store.due_notifications(30.0)] == [due[1].receiver]
@@ -410,7 +416,7 @@ def test_a_job_records_the_node_that_started_it(store: Store) -> None:
     _one_job(store)
     assert store.start_job("job1", now=21.0, node="ig-node-1")
     assert store.job_detail("job1").job.node == "ig-node-1"
-    assert store.recover(now=22.0, max_interruptions=3) == (["job1"], [])
+    assert _recovered(store, 22.0, 3) == (["job1"], [])
     # Its next attempt, on another node after a crash, names that one.
     assert store.start_job("job1", now=23.0, node="ig-node-2")
     assert store.job_detail("job1").job.node == "ig-node-2"
@@ -429,3 +435,21 @@ def test_a_version_9_database_gets_the_node_of_its_jobs(tmp_path: Path) -> None:
     _one_job(store)
     assert store.start_job("job1", now=21.0, node="ig-node-1")
     assert store.job_detail("job1").job.node == "ig-node-1"
+
+
+def test_a_version_10_database_gets_the_nodes_and_what_they_hold(tmp_path: Path) -> None:
+    path = tmp_path / "v10.db"
+    Store(path).close()
+    old = sqlite3.connect(path)
+    for table in ("deliveries", "notifications", "associations"):
+        old.execute(f"ALTER TABLE {table} DROP COLUMN node")
+    old.execute("DROP TABLE nodes")
+    old.execute("PRAGMA user_version = 10")
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.beat("ig-node-1", 30.0, started_at=30.0, version="test")
+    assert [n.node for n in store.nodes()] == ["ig-node-1"]
+    _one_job(store)
+    assert store.start_job("job1", now=31.0, node="ig-node-1")
+    assert store.take_over("ig-node-2", 100.0, 10.0, 3).requeued == ["job1"]
