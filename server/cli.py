@@ -275,13 +275,14 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     deliveries.add_argument("--all-dead", action="store_true", help="replay every dead letter")
     deliveries.add_argument("--to", help="replay to this configured destination (AE title)")
     studies = commands.add_parser("studies", help="per study: what arrived, ran, was delivered")
+    nodes = commands.add_parser("nodes", help="the gateway nodes sharing this state store")
     notifications = commands.add_parser(
         "notifications", help="critical findings sent to people: list, or resend ID (a dead one)"
     )
     notifications.add_argument("action", nargs="?", choices=["resend"])
     notifications.add_argument("notification_id", nargs="?")
     notifications.add_argument("--dead", action="store_true", help="only dead letters")
-    for sub in (jobs, deliveries, studies, notifications):
+    for sub in (jobs, deliveries, studies, notifications, nodes):
         sub.add_argument("--config", type=Path, help="the running gateway's YAML settings")
         sub.add_argument("--json", action="store_true", help="JSON instead of a table")
         sub.add_argument("--limit", type=int, default=100, help="at most this many rows")
@@ -300,8 +301,9 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
         from infergate.ops.selftest import run_selftest
 
         return run_selftest(settings, destination=args.destination, timeout_s=args.timeout)
-    if args.command == "studies":
-        return commands.studies(settings, limit=args.limit, as_json=args.json)
+    listing = {"studies": commands.studies, "nodes": commands.nodes}.get(args.command)
+    if listing is not None:
+        return listing(settings, limit=args.limit, as_json=args.json)
     if args.command == "notifications":
         return _notifications(args, settings)
     if args.command == "deliveries":
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The commands that ask a running gateway (its ops endpoint) rather than being one.
-_ASKING = frozenset({"jobs", "deliveries", "studies", "notifications", "selftest"})
+_ASKING = frozenset({"jobs", "deliveries", "studies", "notifications", "nodes", "selftest"})
 
 
 if __name__ == "__main__":

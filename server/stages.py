@@ -143,6 +143,7 @@ def _start_ops(gateway: Gateway) -> OpsServer | None:
             gateway.listeners.alive(),
             settings.ingest.listener_processes,
         ),
+        lease_s=settings.work.lease_s,
     )
     NODE.info({"node": settings.node.name, "version": __version__})
     REGISTRY.register(PipelineCollector(sources))

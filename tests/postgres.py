@@ -46,6 +46,8 @@ def _as_owner() -> dict[str, Any]:
 class PostgresServer:
     root: Path
     port: int = field(default_factory=free_port)
+    # More server settings, e.g. ("shared_preload_libraries=pg_stat_statements",).
+    settings: tuple[str, ...] = ()
     _names: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -62,7 +64,10 @@ class PostgresServer:
             check=True, capture_output=True, **_as_owner(),
         )  # fmt: skip
         # fsync off: the tests kill gateways, not this server, and it saves seconds.
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        options = " ".join(
+            [f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"]
+            + [f"-c {setting}" for setting in self.settings]
+        )
         subprocess.run(
             [postgres_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"),
              "-o", options, "-w", "start"],
@@ -90,7 +95,7 @@ class PostgresServer:
         return path.read_text() if path.exists() else ""
 
 
-def start_postgres() -> PostgresServer:
-    server = PostgresServer(Path(tempfile.mkdtemp(prefix="infergate-pg-")))
+def start_postgres(*settings: str) -> PostgresServer:
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="infergate-pg-")), settings=settings)
     server.start()
     return server

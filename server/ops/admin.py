@@ -216,6 +216,9 @@ def routes(gateway: Gateway) -> list[Route]:
         log.info("ops.notification.resent", notification_id=notification_id)
         return {"notification_id": notification_id, "state": "pending"}
 
+    def nodes(_: Request, __: dict[str, Any]) -> Any:
+        return store.node_views(time.time(), settings.work.lease_s)
+
     def change(handler: Handler) -> Callable[[Request], Awaitable[JSONResponse]]:
         return _authorised(settings, _answered(handler))
 
@@ -230,6 +233,7 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/deliveries/{delivery_id}", _answered(delivery)),
         Route("/api/deliveries/{delivery_id}/replay", change(replay_one), methods=["POST"]),
         Route("/api/studies", _answered(studies)),
+        Route("/api/nodes", _answered(nodes)),
         Route("/api/notifications", _answered(notifications)),
         Route("/api/notifications/{notification_id}/resend", change(resend), methods=["POST"]),
     ]

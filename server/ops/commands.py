@@ -231,6 +231,26 @@ def resend(settings: Settings, notification_id: str | None) -> int:
     return 0
 
 
+def nodes(settings: Settings, *, limit: int, as_json: bool) -> int:
+    """The gateway nodes sharing the running gateway's state store."""
+    found = OpsClient(settings.ops).get("/api/nodes")[:limit]
+    rows = [
+        [
+            n["node"],
+            "alive" if n["alive"] else "gone",
+            _when(n["heartbeat_at"]),
+            _when(n["started_at"]),
+            n["running_jobs"],
+            n["sending_deliveries"],
+            n["version"],
+        ]
+        for n in found
+    ]
+    headers = ["node", "", "last beat", "started", "jobs", "sending", "version"]
+    _print(found, as_json, rows, headers)
+    return 0
+
+
 def studies(settings: Settings, *, limit: int, as_json: bool) -> int:
     found = OpsClient(settings.ops).get(f"/api/studies?limit={limit}")
 

@@ -118,6 +118,7 @@ class LiveSources:
     spool_min_free: int
     triton_ready: Callable[[], bool]
     listener_processes: Callable[[], tuple[int, int]]  # (alive, configured)
+    lease_s: float  # work.lease_s: a node that beat within it is alive
     destinations: tuple[str, ...] = ()  # the configured destinations' AE titles
 
 
@@ -196,3 +197,13 @@ class PipelineCollector(Collector):
         listeners.add_metric(["up"], alive)
         listeners.add_metric(["configured"], configured)
         yield listeners
+        views = self._sources.store.node_views(time.time(), self._sources.lease_s)
+        nodes = GaugeMetricFamily(
+            "infergate_nodes",
+            "Gateway nodes sharing the state store: alive (beat within work.lease_s), or"
+            " gone (their work is taken over; a node stopped in order is not counted).",
+            labels=["state"],
+        )
+        nodes.add_metric(["alive"], sum(v.alive for v in views))
+        nodes.add_metric(["gone"], sum(not v.alive for v in views))
+        yield nodes

@@ -20,7 +20,7 @@ from infergate.store.associations import AssociationRecords
 from infergate.store.connection import Connection
 from infergate.store.db import set_state
 from infergate.store.gauges import GaugeRecords, PipelineGauges
-from infergate.store.nodes import NodeRecords, NodeRow, Recovered
+from infergate.store.nodes import NodeRecords, NodeRow, NodeView, Recovered
 from infergate.store.notifications import NotificationRecords, add_notifications
 from infergate.store.retention import RetentionRecords
 from infergate.store.rows import (
@@ -59,6 +59,7 @@ __all__ = [
     "JobRow",
     "NewJob",
     "NodeRow",
+    "NodeView",
     "NotificationRow",
     "NotificationView",
     "PipelineGauges",

@@ -34,6 +34,17 @@ class NodeRow:
 
 
 @dataclass(frozen=True)
+class NodeView:
+    node: str
+    version: str
+    started_at: float
+    heartbeat_at: float
+    alive: bool  # it beat within work.lease_s
+    running_jobs: int
+    sending_deliveries: int
+
+
+@dataclass(frozen=True)
 class Recovered:
     """What was taken back from the nodes named (all of them, at a lone node's start)."""
 
@@ -64,13 +75,28 @@ class NodeRecords(Database):
             )
 
     def leave(self, node: str) -> None:
-        """An orderly stop: what ``node`` still holds is for the others to take at once."""
+        """An orderly stop: ``node`` is no longer one of the nodes, and what it still
+        holds is for the others to take at once."""
         with self._transaction() as db:
-            db.execute("UPDATE nodes SET heartbeat_at = 0 WHERE node = ?", (node,))
+            db.execute("DELETE FROM nodes WHERE node = ?", (node,))
 
     def nodes(self) -> list[NodeRow]:
         rows = self._rows("SELECT node, started_at, heartbeat_at, version FROM nodes ORDER BY node")
         return [NodeRow(*row) for row in rows]
+
+    def node_views(self, now: float, lease_s: float) -> list[NodeView]:
+        """Every node that beat and did not leave, as operators see it."""
+        rows = self._rows(
+            "SELECT n.node, n.version, n.started_at, n.heartbeat_at,"
+            " (SELECT COUNT(*) FROM jobs j WHERE j.node = n.node AND j.state = ?),"
+            " (SELECT COUNT(*) FROM deliveries d WHERE d.node = n.node AND d.state = ?)"
+            " FROM nodes n ORDER BY n.node",
+            (JobState.RUNNING.value, DeliveryState.SENDING.value),
+        )
+        return [
+            NodeView(node, version, started, beat, beat >= now - lease_s, jobs, sending)
+            for node, version, started, beat, jobs, sending in rows
+        ]
 
     def recover(
         self,

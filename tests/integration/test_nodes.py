@@ -11,6 +11,7 @@ Orthanc."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections import Counter
@@ -165,8 +166,15 @@ def test_a_series_sent_in_halves_to_two_nodes_gets_its_results_once(
     (series,) = cluster.rows("SELECT instance_count, state FROM series")
     assert series == (len(paths), "complete")
     assert started["job_id"]
+    status, body = ran.http("/api/nodes")
+    assert status == 200
+    assert {(n["node"], n["alive"]) for n in json.loads(body)} == {
+        ("node-0", True),
+        ("node-1", True),
+    }
     for node in cluster.nodes:
         node.stop()
+    assert cluster.rows("SELECT node FROM nodes") == []  # each left as it stopped
     assert cluster.results_in_orthanc(study) == {"SEG": 1, "SR": 1}
     every = [e for node in cluster.nodes for e in node.events()]
     assert not [e for e in every if e["level"] in ("error", "critical")]
@@ -195,6 +203,8 @@ def test_a_node_killed_while_it_runs_the_job_has_it_finished_by_another(
     (taken,) = survivor.wait_event("work.node.taken_over", LEASE_S * 6)
     assert taken["nodes"] == [holder]
     assert taken["jobs_requeued"] == [job_id]
+    seen = {n["node"]: n["alive"] for n in json.loads(survivor.http("/api/nodes")[1])}
+    assert seen == {holder: False, survivor.config["node"]["name"]: True}
     wait_until(lambda: cluster.orthanc.find_instances(study, "SR"), 120, "the SR")
     survivor.stop()
     _acknowledged(cluster, paths)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 
 from infergate.config import Settings, load_settings
 from infergate.plugins import discover
@@ -127,6 +128,33 @@ def test_the_gateway_in_compose_gets_settings_that_load_and_reach_its_peers(
     published = {str(p).rsplit(":", 2)[-1] for p in gateway["ports"]}
     assert {str(settings.ingest.port), str(settings.ops.port)} <= published
     assert gateway["volumes"] == [f"infergate-var:{settings.storage.var_dir}"]
+
+
+def test_the_compose_gateways_share_the_postgresql_state_and_the_spool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = _compose()["services"]
+    database = services["postgres"]
+    names, published = set(), set()
+    for service in ("infergate", "infergate-2"):
+        gateway = services[service]
+        for key, value in gateway["environment"].items():
+            monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "x" * 24, str(value)))
+        settings = load_settings(IMAGE_SETTINGS)
+        parts = conninfo_to_dict(str(settings.storage.database))
+        assert parts["host"] in services
+        assert parts["host"] == "postgres"
+        assert parts["user"] == database["environment"]["POSTGRES_USER"]
+        assert parts["dbname"] == database["environment"]["POSTGRES_DB"]
+        assert "password" not in parts  # libpq takes it from PGPASSWORD
+        assert gateway["environment"]["PGPASSWORD"] == database["environment"]["POSTGRES_PASSWORD"]
+        assert gateway["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        assert gateway["volumes"] == [f"infergate-var:{settings.storage.var_dir}"]
+        names.add(settings.node.name)
+        published |= {str(p).rsplit(":", 1)[0] for p in gateway["ports"]}
+    assert len(names) == 2  # a node name each
+    assert len(published) == 4  # and host ports of its own
+    assert services["infergate-2"]["profiles"] == ["two-nodes"]
 
 
 def test_the_triton_image_loads_the_models_the_plugins_call() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,6 +23,7 @@ def _scrape(store: Store) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
         spool_min_free=1000,
         triton_ready=lambda: False,
         listener_processes=lambda: (1, 2),
+        lease_s=30.0,
         destinations=("PACS", "ARCHIVE"),
     )
     registry.register(PipelineCollector(sources))
@@ -63,3 +65,15 @@ def test_queue_depth_undelivered_age_and_what_is_down(database: Path | str, tmp_
     assert samples[("infergate_listener_processes", (("status", "configured"),))] == 2
     assert samples[("infergate_dead_letters", (("kind", "delivery"),))] == 0
     assert samples[("infergate_dead_letters", (("kind", "notification"),))] == 0
+
+
+def test_nodes_alive_and_gone(database: Path | str) -> None:
+    store = Store(database)
+    now = time.time()
+    store.beat("alive", now - 5, started_at=now - 100, version="test")
+    store.beat("gone", now - 60, started_at=now - 100, version="test")  # lease 30 s
+    store.beat("stopped", now - 5, started_at=now - 100, version="test")
+    store.leave("stopped")
+    samples = _scrape(store)
+    assert samples[("infergate_nodes", (("state", "alive"),))] == 1
+    assert samples[("infergate_nodes", (("state", "gone"),))] == 1

@@ -1,10 +1,11 @@
 """The Helm chart (deploy/helm/infergate), checked without a cluster: `helm lint
---strict` passes, every manifest it renders (default values, and with DICOM TLS)
-validates strictly against the Kubernetes API schemas of the oldest and newest
-versions it supports (kubernetes-validate), and the manifests agree with Infergate:
-the settings in the ConfigMap load, the ports, probes and mounts are the ones those
-settings use, Triton's Service is where they point, and Triton loads the models the
-plugins call. Nothing here installs the chart (README: "Kubernetes")."""
+--strict` passes, every manifest it renders (default values, with DICOM TLS, and three
+nodes on PostgreSQL with a shared spool) validates strictly against the Kubernetes API
+schemas of the oldest and newest versions it supports (kubernetes-validate), and the
+manifests agree with Infergate: the settings in the ConfigMap load, the ports, probes,
+mounts and the state are the ones those settings use, Triton's Service is where they
+point, and Triton loads the models the plugins call. Nothing here installs the chart
+(README: "Kubernetes")."""
 
 from __future__ import annotations
 
@@ -17,25 +18,31 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from infergate.config import load_settings
+from infergate.config import Settings, load_settings
 from infergate.plugins import discover
 from peers import REPO
 
 CHART = REPO / "deploy" / "helm" / "infergate"
 # The chart's kubeVersion floor, and the newest schemas the validator ships.
 KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")
-VALUES = {"default": [], "tls": ["--set", "secrets.tls=infergate-tls"]}
+NODES = [
+    "--set", "gateway.replicas=3",
+    "--set", "database.url=postgresql://infergate@db.example.org:5432/infergate",
+    "--set", "secrets.database=infergate-db",
+    "--set", "gateway.persistence.sharedClaim=infergate-spool",
+]  # fmt: skip
+VALUES = {"default": [], "tls": ["--set", "secrets.tls=infergate-tls"], "nodes": NODES}
 
 
-def _helm(*arguments: str) -> str:
+def _helm(*arguments: str, fails: bool = False) -> str:
     done = subprocess.run(
         [str(Path(sys.executable).parent / "helm"), *arguments],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    assert (done.returncode != 0) is fails, done.stdout + done.stderr
+    return done.stdout + done.stderr
 
 
 def _rendered(values: list[str]) -> list[dict[str, Any]]:
@@ -50,6 +57,16 @@ def _one(manifests: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any
 
 def test_the_chart_lints() -> None:
     _helm("lint", "--strict", str(CHART))
+
+
+def test_several_nodes_without_postgresql_or_a_shared_spool_are_refused() -> None:
+    told = _helm("template", "site", str(CHART), "--set", "gateway.replicas=2", fails=True)
+    assert "needs database.url" in told
+    url = "database.url=postgresql://infergate@db:5432/infergate"
+    told = _helm(
+        "template", "site", str(CHART), "--set", "gateway.replicas=2", "--set", url, fails=True
+    )
+    assert "needs gateway.persistence.sharedClaim" in told
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -73,6 +90,29 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(values: str, ve
         kubernetes_validate.validate(manifest, version, strict=True)
 
 
+def _assert_state(
+    values: str, gateway: dict[str, Any], env: dict[str, Any], settings: Settings
+) -> None:
+    """Several nodes: PostgreSQL with its password from a secret and the shared claim;
+    one: SQLite on the pod's own volume."""
+    if values == "nodes":
+        assert gateway["spec"]["replicas"] == 3
+        assert str(settings.storage.database).startswith("postgresql://")
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "infergate-db",
+            "key": "password",
+        }
+        volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["var"]["persistentVolumeClaim"]["claimName"] == "infergate-spool"
+        assert "volumeClaimTemplates" not in gateway["spec"]
+    else:
+        assert gateway["spec"]["replicas"] == 1
+        assert settings.storage.database == settings.storage.var_dir / "infergate.db"
+        assert "PGPASSWORD" not in env
+        (claim,) = gateway["spec"]["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "var"
+
+
 @pytest.mark.parametrize("values", list(VALUES), ids=list(VALUES))
 def test_the_manifests_agree_with_the_settings_they_carry(values: str, tmp_path: Path) -> None:
     manifests = _rendered(VALUES[values])
@@ -81,7 +121,6 @@ def test_the_manifests_agree_with_the_settings_they_carry(values: str, tmp_path:
     settings = load_settings(tmp_path / "infergate.yaml")
 
     gateway = _one(manifests, "StatefulSet", "site-infergate")
-    assert gateway["spec"]["replicas"] == 1  # SQLite state: one node
     pod = gateway["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
@@ -94,8 +133,11 @@ def test_the_manifests_agree_with_the_settings_they_carry(values: str, tmp_path:
     assert mounts["var"] == str(settings.storage.var_dir)
     assert container["args"] == ["serve", "--config", "/etc/infergate/infergate.yaml"]
     assert mounts["config"] == "/etc/infergate/infergate.yaml"
-    (token,) = [e for e in container["env"] if e["name"] == "INFERGATE_OPS__TOKEN"]
-    assert "secretKeyRef" in token["valueFrom"]
+    env = {e["name"]: e for e in container["env"]}
+    assert "secretKeyRef" in env["INFERGATE_OPS__TOKEN"]["valueFrom"]
+    # Each pod is a node of its own name.
+    assert env["INFERGATE_NODE__NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    _assert_state(values, gateway, env, settings)
 
     dicom = _one(manifests, "Service", "site-infergate-dicom")
     assert dicom["spec"]["type"] == "LoadBalancer"

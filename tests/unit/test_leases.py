@@ -194,3 +194,16 @@ def test_open_associations_are_a_nodes_own(nodes: tuple[Store, Store]) -> None:
 
 class _Full:
     reason = "no slot left"
+
+
+def test_operators_see_each_node_alive_or_gone_with_what_it_holds(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    _job(a, "job1", "a", 101.0)
+    b.beat("b", 112.0, version="test")
+    views = {v.node: v for v in b.node_views(112.0, LEASE)}
+    assert (views["a"].alive, views["a"].running_jobs) == (False, 1)
+    assert (views["b"].alive, views["b"].running_jobs) == (True, 0)
+    b.leave("b")
+    assert [v.node for v in a.node_views(112.0, LEASE)] == ["a"]

@@ -17,6 +17,18 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* More than one gateway node needs PostgreSQL state and a shared spool. */}}
+{{- define "infergate.checkNodes" -}}
+{{- if gt (int .Values.gateway.replicas) 1 -}}
+{{- if not .Values.database.url -}}
+{{- fail "gateway.replicas > 1 needs database.url: several nodes share PostgreSQL state" -}}
+{{- end -}}
+{{- if not .Values.gateway.persistence.sharedClaim -}}
+{{- fail "gateway.replicas > 1 needs gateway.persistence.sharedClaim: a ReadWriteMany claim for the spool the nodes share" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Infergate's settings: the chart's own under the user's config. */}}
 {{- define "infergate.settings" -}}
 {{- $ours := dict
@@ -25,6 +37,9 @@ app.kubernetes.io/component: {{ .component }}
   "ops" (dict "host" "0.0.0.0" "port" 9111)
   "triton" (dict "mode" "remote" "url" (printf "%s-triton:8001" (include "infergate.fullname" .)))
 -}}
+{{- if .Values.database.url -}}
+{{- $_ := set $ours.storage "database_url" .Values.database.url -}}
+{{- end -}}
 {{- if .Values.secrets.tls -}}
 {{- $_ := set $ours.ingest "tls" (dict
   "port" (int .Values.service.tlsPort)
