@@ -20,6 +20,7 @@ value's, as in SQLite. The password does not belong in the URL: libpq reads it f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -174,9 +175,16 @@ class PostgresBackend:
 
     @contextmanager
     def _locked(self, connection: psycopg.Connection[Any]) -> Iterator[Connection]:
-        with connection.transaction():
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+        """A write transaction; its BEGIN and the lock in one round trip (the client-side
+        cursor sends both in one query)."""
+        connection.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_WRITE_LOCK})")
+        try:
             yield _Connection(connection)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
+                connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
     def close(self) -> None:
         self._pool.close()

@@ -16,9 +16,12 @@ the bench's own (remote mode, as on a GPU host) and Orthanc as the PACS. Then:
 
 PostgreSQL runs with ``fsync=on`` (the test suite's runs without) and
 pg_stat_statements counts every statement our sessions send, BEGIN and COMMIT
-included: each is one round trip, except those of one ``executemany``, which psycopg
-sends in a pipeline (so the counts are an upper bound on round trips). Everything
-shares this machine's cores: the nodes, PostgreSQL, Triton, Orthanc and storescu.
+included. Round trips are the statements less one for each write transaction (its
+BEGIN travels with its advisory lock); the statements of one ``executemany`` go in a
+pipeline, so that is still an upper bound. What the stage loops' polls send while
+idle (measured first, for 10 s) is taken out of the per-instance and per-job counts.
+Everything shares this machine's cores: the nodes, PostgreSQL, Triton, Orthanc and
+storescu.
 
     .venv/bin/python tests/benchmarks/bench_nodes.py [--slices 200] [--studies 12]
 """
@@ -34,7 +37,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,23 +63,38 @@ QUIET_S = 4.0
 class Measured:
     backend: str
     nodes: int
-    idle_statements_per_s: float | None
     ingest_images_per_s: float
     ingest_mb_per_s: float
-    statements_per_instance: float | None
     studies_per_min: float
-    statements_per_job: float | None
+    # (statements, round trips); None on SQLite
+    per_instance: tuple[float, float] | None
+    per_job: tuple[float, float] | None
+    idle_per_s: tuple[float, float] | None
 
 
-def _statements(url: str | None) -> int | None:
+def _statements(url: str | None) -> Counts | None:
+    """Statements and round trips our sessions sent so far: a write transaction's
+    BEGIN goes with its advisory lock, so it takes one round trip fewer."""
     if url is None:
         return None
     with psycopg.connect(url, autocommit=True) as db:
         row = db.execute(
-            "SELECT COALESCE(SUM(calls), 0) FROM pg_stat_statements"
+            "SELECT COALESCE(SUM(calls), 0),"
+            " COALESCE(SUM(calls) FILTER (WHERE query LIKE '%pg_advisory_xact_lock%'), 0)"
+            " FROM pg_stat_statements"
             " WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
-    return int(row[0]) if row else 0
+    statements, writes = (int(row[0]), int(row[1])) if row else (0, 0)
+    return Counts(statements, statements - writes)
+
+
+@dataclass(frozen=True)
+class Counts:
+    statements: int
+    round_trips: int
+
+    def __sub__(self, other: Counts) -> Counts:
+        return Counts(self.statements - other.statements, self.round_trips - other.round_trips)
 
 
 def _nodes(
@@ -87,6 +104,7 @@ def _nodes(
     for index in range(count):
         config = infergate_config(root / "var", orthanc, quiet_s=QUIET_S)
         config["node"] = {"name": f"node-{index}"}
+        del config["assembly"]["poll_interval_s"]  # the default's polls, not the tests' faster ones
         if url is not None:
             config["storage"]["database_url"] = url
         config["ingest"]["processes"] = 1
@@ -139,27 +157,22 @@ def _measure(
         for thread in starting:
             thread.join()
         time.sleep(5.0)  # past the start: the forkservers warm, the first beats
-        before, started = _statements(url), time.monotonic()
+        idle = _Phase(url)
         time.sleep(10.0)
-        idle_rate = None
-        if before is not None:
-            idle_rate = ((_statements(url) or 0) - before) / (time.monotonic() - started)
+        idle.end()
 
         # Ingest: two associations a node, at once.
         parts = [chest[k :: 2 * count] for k in range(2 * count)]
-        jobs = [(nodes[k % count].port, part) for k, part in enumerate(parts)]
-        before, started = _statements(url), time.monotonic()
-        _concurrently(jobs)
-        ingest_s = time.monotonic() - started
-        ingest_statements = None if before is None else (_statements(url) or 0) - before
+        ingest = _Phase(url)
+        _concurrently([(nodes[k % count].port, part) for k, part in enumerate(parts)])
+        ingest.end()
         size = sum(p.stat().st_size for p in chest)
-        # Its job runs and its results go out before the next phase.
-        wait_until(lambda: _all_done(nodes, 1), 300, "the chest's job")
-        time.sleep(QUIET_S)
+        # No plugin runs on it (only the head one is enabled): it completes, unmatched.
+        wait_until(lambda: _seen(nodes, "routing.series.unmatched"), 120, "the chest complete")
 
         # End to end: the head studies, one sender a node, each sending its share in turn.
         shares: list[list[tuple[str, list[Path]]]] = [heads[k::count] for k in range(count)]
-        before, started = _statements(url), time.monotonic()
+        e2e = _Phase(url)
         senders = [
             threading.Thread(target=_send_each, args=(node.port, share))
             for node, share in zip(nodes, shares, strict=True)
@@ -173,28 +186,68 @@ def _measure(
             900,
             "every study's SR",
         )
-        e2e_s = time.monotonic() - started
-        e2e_statements = None if before is None else (_statements(url) or 0) - before
+        e2e.end()
     finally:
         for node in nodes:
             node.stop()
-    per_instance = None
-    per_job = None
-    if ingest_statements is not None and e2e_statements is not None and idle_rate is not None:
-        per_instance = (ingest_statements - idle_rate * ingest_s) / len(chest)
-        instances = sum(len(paths) for _, paths in heads)
-        per_job = (e2e_statements - idle_rate * e2e_s - per_instance * instances) / len(heads)
     shutil.rmtree(root, ignore_errors=True)
+    instances = sum(len(paths) for _, paths in heads)
+    per_instance = ingest.per(len(chest), idle)
     return Measured(
         backend,
         count,
-        None if idle_rate is None else round(idle_rate, 1),
-        round(len(chest) / ingest_s, 1),
-        round(size / ingest_s / 1e6, 1),
-        None if per_instance is None else round(per_instance, 1),
-        round(len(heads) / e2e_s * 60, 1),
-        None if per_job is None else round(per_job, 1),
+        round(len(chest) / ingest.seconds, 1),
+        round(size / ingest.seconds / 1e6, 1),
+        round(len(heads) / e2e.seconds * 60, 1),
+        per_instance,
+        e2e.per(len(heads), idle, per_instance, instances),
+        idle.per_second(),
     )
+
+
+class _Phase:
+    """A phase of the run: its seconds, and what our sessions sent meanwhile."""
+
+    def __init__(self, url: str | None) -> None:
+        self._url = url
+        self._before = _statements(url)
+        self._started = time.monotonic()
+        self.seconds = 0.0
+        self.sent: Counts | None = None
+
+    def end(self) -> None:
+        self.seconds = time.monotonic() - self._started
+        after = _statements(self._url)
+        if after is not None and self._before is not None:
+            self.sent = after - self._before
+
+    def per_second(self) -> tuple[float, float] | None:
+        """(statements, round trips) a second."""
+        if self.sent is None:
+            return None
+        return (
+            round(self.sent.statements / self.seconds, 1),
+            round(self.sent.round_trips / self.seconds, 1),
+        )
+
+    def per(
+        self,
+        count: int,
+        idle: _Phase,
+        each: tuple[float, float] | None = None,
+        items: int = 0,
+    ) -> tuple[float, float] | None:
+        """(statements, round trips) for each of ``count``, less what the idle polls sent
+        meanwhile and ``each`` for each of ``items`` (the instances of the studies)."""
+        rate = idle.per_second()
+        if self.sent is None or rate is None:
+            return None
+        spent = (self.sent.statements, self.sent.round_trips)
+        less = each or (0.0, 0.0)
+        return (
+            round((spent[0] - rate[0] * self.seconds - less[0] * items) / count, 1),
+            round((spent[1] - rate[1] * self.seconds - less[1] * items) / count, 1),
+        )
 
 
 def _send_each(port: int, studies: list[tuple[str, list[Path]]]) -> None:
@@ -202,10 +255,8 @@ def _send_each(port: int, studies: list[tuple[str, list[Path]]]) -> None:
         storescu(port, paths)
 
 
-def _all_done(nodes: list[InfergateProcess], jobs: int) -> bool:
-    events = [e for node in nodes for e in node.events()]
-    delivered: int = sum(e["event"] == "export.delivered" for e in events)
-    return delivered >= jobs
+def _seen(nodes: list[InfergateProcess], event: str) -> bool:
+    return any(e["event"] == event for node in nodes for e in node.events())
 
 
 def main() -> None:
@@ -247,21 +298,22 @@ def main() -> None:
 
 
 def _table(results: list[Measured]) -> None:
-    def shown(value: Any) -> str:
-        return "-" if value is None else str(value)
+    def shown(value: tuple[float, float] | None) -> str:
+        return "-" if value is None else f"{value[0]}, {value[1]}"
 
     print()
     print(
-        "| state | nodes | ingest images/s | MB/s | studies/min | statements/instance"
-        " | statements/job | idle statements/s |"
+        "| state | nodes | ingest images/s | MB/s | studies/min"
+        " | per instance | per job | idle, a second |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for m in results:
         print(
             f"| {m.backend} | {m.nodes} | {m.ingest_images_per_s} | {m.ingest_mb_per_s}"
-            f" | {m.studies_per_min} | {shown(m.statements_per_instance)}"
-            f" | {shown(m.statements_per_job)} | {shown(m.idle_statements_per_s)} |"
+            f" | {m.studies_per_min} | {shown(m.per_instance)} | {shown(m.per_job)}"
+            f" | {shown(m.idle_per_s)} |"
         )
+    print("(statements, round trips) sent to PostgreSQL")
 
 
 if __name__ == "__main__":
