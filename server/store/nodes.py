@@ -107,7 +107,7 @@ class NodeRecords(Database):
         fresh_quiet: bool = True,
     ) -> Recovered:
         """At a node's start, take back what ``nodes`` held (every node's work, when
-        None: the only node, on SQLite).
+        None: the only node, on SQLite, which forgets any other name it had).
 
         ``fresh_quiet``: series still receiving get a fresh quiet period from ``now``,
         for their senders could not reach us while we were down, and completing them
@@ -121,6 +121,8 @@ class NodeRecords(Database):
                     " WHERE state = ? AND last_received_at < ?",
                     (now, SeriesState.RECEIVING.value, now),
                 )
+            if nodes is None:
+                db.execute("DELETE FROM nodes")  # a host renamed is not a node gone
             return _take_back(db, now, max_interruptions, nodes)
 
     def take_over(self, me: str, now: float, lease_s: float, max_interruptions: int) -> Recovered:

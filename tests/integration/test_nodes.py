@@ -4,10 +4,11 @@ folder, with one tritonserver of their own (standing in for Triton on a GPU host
 Orthanc as the PACS.
 
 A series whose halves go to different nodes is assembled whole and its results
-arrive once; a node SIGKILLed while it runs the job, or while it is in the association
-that sends the results, has its work taken over by the other after the lease, with
-the same result UIDs: every acknowledged instance in the store, each result once in
-Orthanc."""
+arrive once; a series whose node is SIGKILLed before its quiet period ends is
+completed by the other; a node SIGKILLed while it runs the job, or while it is in the
+association that sends the results, has its work taken over by the other after the
+lease, with the same result UIDs: every acknowledged instance in the store, each
+result once in Orthanc."""
 
 from __future__ import annotations
 
@@ -247,3 +248,22 @@ def test_a_node_killed_in_the_association_that_sends_the_results_is_taken_over(
     assert states == {delivery_id: ("delivered", survivor.config["node"]["name"])}
     assert cluster.results_in_orthanc(study) == {"SEG": 1, "SR": 1}
     assert cluster.orthanc.get("/statistics")["CountInstances"] == 2
+
+
+def test_a_series_completes_while_the_node_that_received_it_is_down(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    cluster.orthanc.start()
+    _start(cluster)
+    study, paths = _head(tmp_path / "head")
+    receiver, other = cluster.nodes
+    storescu(receiver.port, paths)  # every instance to the first node, acknowledged
+    receiver.kill()  # before its quiet period ends
+    assert cluster.rows("SELECT state FROM series") == [("receiving",)]
+    wait_until(lambda: cluster.orthanc.find_instances(study, "SR"), 120, "the SR")
+    other.stop()
+    _acknowledged(cluster, paths)
+    assert cluster.rows("SELECT state, node FROM jobs") == [("done", "node-1")]
+    (series,) = cluster.rows("SELECT instance_count, state FROM series")
+    assert series == (len(paths), "complete")
+    assert cluster.results_in_orthanc(study) == {"SEG": 1, "SR": 1}

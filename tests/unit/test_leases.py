@@ -207,3 +207,10 @@ def test_operators_see_each_node_alive_or_gone_with_what_it_holds(
     assert (views["b"].alive, views["b"].running_jobs) == (True, 0)
     b.leave("b")
     assert [v.node for v in a.node_views(112.0, LEASE)] == ["a"]
+
+
+def test_a_lone_node_forgets_the_names_it_had(nodes: tuple[Store, Store]) -> None:
+    """On SQLite there is one node: a host renamed since is not a node gone."""
+    a, _ = nodes
+    a.recover(200.0, 3)
+    assert a.nodes() == []
