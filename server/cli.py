@@ -275,7 +275,11 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     deliveries.add_argument("--all-dead", action="store_true", help="replay every dead letter")
     deliveries.add_argument("--to", help="replay to this configured destination (AE title)")
     studies = commands.add_parser("studies", help="per study: what arrived, ran, was delivered")
-    nodes = commands.add_parser("nodes", help="the gateway nodes sharing this state store")
+    nodes = commands.add_parser(
+        "nodes", help="the gateway nodes on this state store: list, or forget NAME (a gone one)"
+    )
+    nodes.add_argument("action", nargs="?", choices=["forget"])
+    nodes.add_argument("node", nargs="?")
     notifications = commands.add_parser(
         "notifications", help="critical findings sent to people: list, or resend ID (a dead one)"
     )
@@ -301,16 +305,22 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
         from infergate.ops.selftest import run_selftest
 
         return run_selftest(settings, destination=args.destination, timeout_s=args.timeout)
-    listing = {"studies": commands.studies, "nodes": commands.nodes}.get(args.command)
-    if listing is not None:
-        return listing(settings, limit=args.limit, as_json=args.json)
-    if args.command == "notifications":
-        return _notifications(args, settings)
-    if args.command == "deliveries":
-        if args.action == "replay":
-            return commands.replay(settings, args.delivery_id, all_dead=args.all_dead, to=args.to)
-        return commands.deliveries(settings, dead=args.dead, limit=args.limit, as_json=args.json)
-    return _jobs(args, settings)
+    if args.command == "studies":
+        return commands.studies(settings, limit=args.limit, as_json=args.json)
+    asking = {"nodes": _nodes, "notifications": _notifications, "deliveries": _deliveries}
+    return asking.get(args.command, _jobs)(args, settings)
+
+
+def _deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "replay":
+        return commands.replay(settings, args.delivery_id, all_dead=args.all_dead, to=args.to)
+    return commands.deliveries(settings, dead=args.dead, limit=args.limit, as_json=args.json)
+
+
+def _nodes(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "forget":
+        return commands.forget(settings, args.node)
+    return commands.nodes(settings, limit=args.limit, as_json=args.json)
 
 
 def _notifications(args: argparse.Namespace, settings: Settings) -> int:

@@ -219,6 +219,12 @@ def routes(gateway: Gateway) -> list[Route]:
     def nodes(_: Request, __: dict[str, Any]) -> Any:
         return store.node_views(time.time(), settings.work.lease_s)
 
+    def forget(request: Request, _: dict[str, Any]) -> Any:
+        node = request.path_params["node"]
+        store.forget(node, time.time(), settings.work.lease_s)
+        log.info("ops.node.forgotten", forgotten=node)
+        return {"node": node, "forgotten": True}
+
     def change(handler: Handler) -> Callable[[Request], Awaitable[JSONResponse]]:
         return _authorised(settings, _answered(handler))
 
@@ -234,6 +240,7 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/deliveries/{delivery_id}/replay", change(replay_one), methods=["POST"]),
         Route("/api/studies", _answered(studies)),
         Route("/api/nodes", _answered(nodes)),
+        Route("/api/nodes/{node}/forget", change(forget), methods=["POST"]),
         Route("/api/notifications", _answered(notifications)),
         Route("/api/notifications/{notification_id}/resend", change(resend), methods=["POST"]),
     ]

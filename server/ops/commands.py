@@ -251,6 +251,14 @@ def nodes(settings: Settings, *, limit: int, as_json: bool) -> int:
     return 0
 
 
+def forget(settings: Settings, node: str | None) -> int:
+    if node is None:
+        raise OpsClientError("nodes forget takes a node name")
+    OpsClient(settings.ops).post(f"/api/nodes/{urllib.parse.quote(node)}/forget", {})
+    print(f"node {node} is forgotten")
+    return 0
+
+
 def studies(settings: Settings, *, limit: int, as_json: bool) -> int:
     found = OpsClient(settings.ops).get(f"/api/studies?limit={limit}")
 

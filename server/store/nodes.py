@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from infergate.errors import NotFoundError, RefusedError
 from infergate.store.connection import Connection
 from infergate.store.db import Database, set_state
 from infergate.work.states import DeliveryState, JobState, NotificationState, SeriesState
@@ -78,6 +79,34 @@ class NodeRecords(Database):
         """An orderly stop: ``node`` is no longer one of the nodes, and what it still
         holds is for the others to take at once."""
         with self._transaction() as db:
+            db.execute("DELETE FROM nodes WHERE node = ?", (node,))
+
+    def forget(self, node: str, now: float, lease_s: float) -> None:
+        """An operator's word that a gone node is not coming back: its row goes.
+
+        Raises :class:`NotFoundError`, or :class:`RefusedError` while it beats, or
+        while it still holds work (before another node took it over)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT heartbeat_at FROM nodes WHERE node = ?", (node,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no node {node} in the state store")
+            if row[0] >= now - lease_s:
+                raise RefusedError(f"node {node} is alive: it beat within work.lease_s")
+            (held,) = db.execute(
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE node = :node AND state = :running)"
+                " + (SELECT COUNT(*) FROM deliveries WHERE node = :node AND state = :sending)"
+                " + (SELECT COUNT(*) FROM notifications WHERE node = :node AND state = :sending)",
+                {
+                    "node": node,
+                    "running": JobState.RUNNING.value,
+                    "sending": DeliveryState.SENDING.value,
+                },
+            ).fetchone()
+            if held:
+                raise RefusedError(
+                    f"node {node} still holds {held} job(s), delivery(ies) or notification(s):"
+                    " another node takes them over first"
+                )
             db.execute("DELETE FROM nodes WHERE node = ?", (node,))
 
     def nodes(self) -> list[NodeRow]:

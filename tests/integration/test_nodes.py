@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from postgres import PostgresServer
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.testing import LEFT_FRONTAL, RIGHT_PARIETAL, ChestPhantom, write_head_ct
 from peers import (
+    PEER_ENV,
     REPO,
     InfergateProcess,
     Orthanc,
@@ -42,6 +45,7 @@ from peers import (
 pytestmark = pytest.mark.integration
 
 LEASE_S = 4.0
+TOKEN = "test-token-0123456789abcdef"  # noqa: S105 - a test's own
 MODELS = ("ct_head_bleed", "ct_lung_seg")
 
 
@@ -79,6 +83,15 @@ class Cluster:
         return Counter({m: len(self.orthanc.find_instances(study_uid, m)) for m in ("SEG", "SR")})
 
 
+def _cli(node: InfergateProcess, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``infergate ARGUMENTS`` against the running ``node``'s settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "infergate.cli", *arguments,
+         "--config", str(node.workdir / "infergate.yaml")],
+        capture_output=True, text=True, timeout=60, env=PEER_ENV, check=False,
+    )  # fmt: skip
+
+
 def _cluster(
     tmp_path: Path, database: str, triton: EmbeddedTriton, orthanc: Orthanc, count: int = 2
 ) -> Cluster:
@@ -95,7 +108,7 @@ def _cluster(
             "model_repository": str(REPO / "model_repository"),
         }
         config["work"] = {"lease_s": LEASE_S}
-        config["ops"] = {"port": free_port()}
+        config["ops"] = {"port": free_port(), "token": TOKEN}
         node = InfergateProcess(tmp_path / f"node-{index}", config)
         node.workdir.mkdir(parents=True)
         nodes.append(node)
@@ -206,6 +219,11 @@ def test_a_node_killed_while_it_runs_the_job_has_it_finished_by_another(
     assert taken["jobs_requeued"] == [job_id]
     seen = {n["node"]: n["alive"] for n in json.loads(survivor.http("/api/nodes")[1])}
     assert seen == {holder: False, survivor.config["node"]["name"]: True}
+    # The operator says it is not coming back (a change: the ops token).
+    forgot = _cli(survivor, "nodes", "forget", holder)
+    assert forgot.returncode == 0, forgot.stderr
+    left = [n["node"] for n in json.loads(survivor.http("/api/nodes")[1])]
+    assert left == [survivor.config["node"]["name"]]
     wait_until(lambda: cluster.orthanc.find_instances(study, "SR"), 120, "the SR")
     survivor.stop()
     _acknowledged(cluster, paths)

@@ -10,7 +10,7 @@ import pytest
 
 from infergate.codes import HEMORRHAGE, PRESENT
 from infergate.config import Settings
-from infergate.errors import StoreError
+from infergate.errors import NotFoundError, RefusedError, StoreError
 from infergate.store import (
     AssociationAudit,
     CriticalFinding,
@@ -214,3 +214,19 @@ def test_a_lone_node_forgets_the_names_it_had(nodes: tuple[Store, Store]) -> Non
     a, _ = nodes
     a.recover(200.0, 3)
     assert a.nodes() == []
+
+
+def test_a_gone_node_is_forgotten_once_its_work_was_taken_over(
+    nodes: tuple[Store, Store],
+) -> None:
+    a, b = nodes
+    _job(a, "job1", "a", 101.0)
+    with pytest.raises(RefusedError, match="alive"):
+        b.forget("a", 105.0, LEASE)
+    with pytest.raises(RefusedError, match="still holds 1"):
+        b.forget("a", 120.0, LEASE)
+    assert b.take_over("b", 120.0, LEASE, 3).requeued == ["job1"]
+    b.forget("a", 121.0, LEASE)
+    assert [n.node for n in b.nodes()] == ["b"]
+    with pytest.raises(NotFoundError):
+        b.forget("a", 122.0, LEASE)
