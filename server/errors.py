@@ -21,6 +21,11 @@ class StoreError(InfergateError):
     """The state store could not record or read something."""
 
 
+class StoreUnavailableError(StoreError):
+    """The state store cannot be reached now (its database down, restarting or failing
+    over): what needs it waits, and goes on once it is back."""
+
+
 class NotFoundError(StoreError):
     """What an operator asked for (a job, a delivery) is not in the state store."""
 

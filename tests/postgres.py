@@ -63,7 +63,12 @@ class PostgresServer:
              "--no-sync", "-E", "UTF8", "--locale=C"],
             check=True, capture_output=True, **_as_owner(),
         )  # fmt: skip
-        # fsync off: the tests kill gateways, not this server, and it saves seconds.
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the server on its data folder (after ``stop``), on the same port."""
+        # fsync off: the tests kill gateways and this server's processes, never the
+        # machine (what a killed server wrote is in the kernel's cache), and it saves seconds.
         options = " ".join(
             [f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"]
             + [f"-c {setting}" for setting in self.settings]

@@ -30,9 +30,9 @@ from typing import Any
 import psycopg
 from psycopg.adapt import Buffer, Loader
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from infergate.errors import StoreError
+from infergate.errors import StoreError, StoreUnavailableError
 from infergate.store.connection import Connection, Cursor, Parameters
 from infergate.store.schema import (
     ADDED_COLUMNS,
@@ -49,6 +49,9 @@ _WRITE_LOCK = 0x494E464552474154
 _LOCK_WAIT = "10s"
 _STALLED_TRANSACTION = "60s"
 _CONNECT_TIMEOUT_S = 10
+# How long a query waits for a pooled connection when none can be had (the server
+# down): then it fails as unavailable, instead of holding a listener thread longer.
+_POOL_WAIT_S = 5.0
 # A string literal, a cast, a named parameter, a positional one, or a percent sign.
 _TOKEN = re.compile(r"'(?:[^']|'')*'|::|:([A-Za-z_]\w*)|\?|%")
 
@@ -142,6 +145,7 @@ class PostgresBackend:
             max_size=pool_size,
             kwargs={"connect_timeout": _CONNECT_TIMEOUT_S, **options},
             configure=_configure,
+            timeout=_POOL_WAIT_S,
             name="infergate-store",
             open=True,
         )
@@ -194,6 +198,8 @@ class PostgresBackend:
         try:
             with self._pool.connection() as connection, self._locked(connection) as db:
                 yield db
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailableError(self._unavailable(exc)) from exc
         except psycopg.Error as exc:
             raise StoreError(f"state store transaction failed ({self._where}): {exc}") from exc
 
@@ -202,5 +208,13 @@ class PostgresBackend:
         try:
             with self._pool.connection() as connection:
                 yield _Connection(connection)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailableError(self._unavailable(exc)) from exc
         except psycopg.Error as exc:
             raise StoreError(f"state store read failed ({self._where}): {exc}") from exc
+
+    def _unavailable(self, exc: Exception) -> str:
+        """A connection lost or refused, a lock not had in time: the server's words,
+        first line only (libpq adds hints)."""
+        told = str(exc).strip().splitlines() or [type(exc).__name__]
+        return f"the state store {self._where} is unavailable: {told[0]}"

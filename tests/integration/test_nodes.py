@@ -13,10 +13,12 @@ result once in Orthanc."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from postgres import PostgresServer
+from postgres import PostgresServer, start_postgres
 
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.testing import LEFT_FRONTAL, RIGHT_PARIETAL, ChestPhantom, write_head_ct
@@ -285,3 +287,38 @@ def test_a_series_completes_while_the_node_that_received_it_is_down(
     (series,) = cluster.rows("SELECT instance_count, state FROM series")
     assert series == (len(paths), "complete")
     assert cluster.results_in_orthanc(study) == {"SEG": 1, "SR": 1}
+
+
+def test_a_node_waits_out_a_postgresql_restart_and_goes_on(
+    tmp_path: Path, triton: EmbeddedTriton
+) -> None:
+    """PostgreSQL stopped hard under a running node, for longer than a stage's 60
+    failed rounds: the node is not ready and refuses associations meanwhile, does not
+    exit, and takes and processes a study once the server is back."""
+    database = start_postgres()
+    orthanc = Orthanc(tmp_path / "orthanc")
+    orthanc.start()
+    (node,) = _cluster(tmp_path, database.new_database(), triton, orthanc, count=1).nodes
+    study, paths = _head(tmp_path / "head")
+    try:
+        node.start()
+        database.stop()
+        wait_until(lambda: node.http("/readyz")[0] == 503, 30, "readiness to see it")
+        with pytest.raises(RuntimeError, match="storescu failed"):
+            storescu(node.port, paths)  # nothing is acknowledged without the store
+        time.sleep(15)  # 60 rounds of the 0.2 s poll and more
+        assert node.process is not None
+        assert node.process.poll() is None
+        database.start_again()
+        wait_until(lambda: node.http("/readyz")[0] == 200, 60, "ready again")
+        storescu(node.port, paths)
+        wait_until(lambda: orthanc.find_instances(study, "SR"), 120, "the SR")
+    finally:
+        node.stop()
+        orthanc.stop()
+        database.stop()
+        shutil.rmtree(database.root, ignore_errors=True)
+    events = [e["event"] for e in node.events()]
+    assert "work.stage.waiting_for_store" in events
+    assert "work.stage.store_back" in events
+    assert "work.stage.failed" not in events

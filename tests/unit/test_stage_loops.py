@@ -6,6 +6,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+import structlog
+
+from infergate.errors import StoreUnavailableError
+from infergate.work import loops
 from infergate.work.loops import StageLoop, each_interval
 from peers import wait_until
 
@@ -72,3 +77,36 @@ def test_a_stage_whose_every_round_fails_stops_and_says_why() -> None:
     assert not loop.is_alive()
     assert loop.failure is not None
     assert loop.failure.startswith("3 rounds in a row failed")
+
+
+def test_a_stage_waits_for_a_store_that_cannot_be_reached_and_goes_on_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A database restarting is not a stage that cannot work: however many rounds find
+    it down, the stage waits (trying every few seconds) and goes on once it is back."""
+    monkeypatch.setattr(loops, "_STORE_RETRY_S", 0.001)
+    down = threading.Event()
+    down.set()
+    rounds: list[bool] = []
+
+    def step() -> None:
+        rounds.append(down.is_set())
+        if down.is_set():
+            raise StoreUnavailableError("the state store postgresql://db:5432/x is unavailable")
+
+    stop = threading.Event()
+    loop = StageLoop("waiting", each_interval(step), 0.001, stop, max_failures=3)
+    with structlog.testing.capture_logs() as logs:
+        loop.start()
+        wait_until(lambda: len(rounds) >= 40, 5, "forty rounds with the store down", 0.01)
+        down.clear()
+        wait_until(lambda: rounds and not rounds[-1], 5, "a round with the store back", 0.01)
+        stop.set()
+        loop.join(5)
+    assert loop.failure is None
+    events = [e["event"] for e in logs]
+    assert "work.stage.failed" not in events
+    # The first round that found it down, then every 30th.
+    told = events.count("work.stage.waiting_for_store")
+    assert told == 1 + (rounds.count(True) - 1) // 30 >= 2
+    assert "work.stage.store_back" in events
