@@ -23,6 +23,12 @@ _RUNNING = JobState.RUNNING.value
 _SENDING = DeliveryState.SENDING.value
 
 
+def held_by_condition(nodes: Sequence[str]) -> str:
+    """The condition (one mark a node) that a row's ``node`` is one of ``nodes``, ''
+    standing for a row no node holds."""
+    return f"COALESCE(node, '') IN ({', '.join('?' * len(nodes))})"
+
+
 def set_state(
     db: Connection,
     table: str,
@@ -55,7 +61,7 @@ def set_state(
         where += f"(node = ? OR state NOT IN ('{_RUNNING}', '{_SENDING}')) AND "
         conditions.append(holder)
     if held_by is not None:
-        where += f"COALESCE(node, '') IN ({', '.join('?' * len(held_by))}) AND "
+        where += f"{held_by_condition(held_by)} AND "
         conditions.extend(held_by)
     cur = db.execute(
         f"UPDATE {table} SET state = ?{extra}"  # noqa: S608 - constant fragments

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from infergate.errors import NotFoundError, RefusedError
 from infergate.store.connection import Connection
-from infergate.store.db import Database, set_state
+from infergate.store.db import Database, held_by_condition, set_state
 from infergate.work.states import DeliveryState, JobState, NotificationState, SeriesState
 
 
@@ -189,7 +189,7 @@ def _take_back(
 ) -> Recovered:
     if nodes is not None and not nodes:
         return Recovered()
-    held = "" if nodes is None else f" AND COALESCE(node, '') IN ({', '.join('?' * len(nodes))})"
+    held = "" if nodes is None else f" AND {held_by_condition(nodes)}"
     names = tuple(nodes or ())
     interrupted = db.execute(
         f"SELECT job_id, interruptions FROM jobs WHERE state = ?{held}",  # noqa: S608 - marks only
