@@ -33,10 +33,15 @@ def build_segmentation(
     if findings.label_map is None or not findings.segment_numbers:
         raise ResultEncodingError(f"plugin {spec.name} found no segment to encode")
     numbering = seg_segment_numbers(findings)
-    lookup = np.zeros(256, dtype=np.uint8)
-    for plugin_number, seg_number in numbering.items():
-        lookup[plugin_number] = seg_number
-    label_map = lookup[findings.label_map]
+    label_map = findings.label_map
+    renumbered = any(plugin != seg for plugin, seg in numbering.items())
+    if renumbered or int(label_map.max()) > len(numbering):
+        # Through a table (labels that are no segment become background): a gather over
+        # the whole label map, several times slower than the maximum, so only when needed.
+        lookup = np.zeros(256, dtype=np.uint8)
+        for plugin_number, seg_number in numbering.items():
+            lookup[plugin_number] = seg_number
+        label_map = lookup[label_map]
     if source.multiframe:
         source_images, label_map = source.instances, source.in_source_order(label_map)
     else:

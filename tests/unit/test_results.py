@@ -176,6 +176,25 @@ def test_only_the_left_lung_becomes_segment_one(small_phantom: ChestPhantom) -> 
     assert [(s.SegmentNumber, s.SegmentLabel) for s in segments] == [(1, "Left lung")]
 
 
+def test_labels_that_are_no_segment_are_background_in_the_seg(
+    small_phantom: ChestPhantom,
+) -> None:
+    """Segment numbers 1..N need no renumbering, but a label above N (one the plugin
+    did not name a segment) is still left out of the SEG, as when renumbered."""
+    loaded = load_series(list(small_phantom.paths))
+    findings = _findings(loaded, (RIGHT_LUNG,))
+    assert findings.label_map is not None
+    label_map = findings.label_map.copy()
+    label_map[0, :10, :10] = 7  # no segment of the plugin's
+    findings = dataclasses.replace(findings, label_map=label_map)
+    seg, _ = encode(loaded, findings, plugin.spec, _identity())
+    decoded = _round_trip(seg.dataset)
+    assert [s.SegmentNumber for s in decoded.SegmentSequence] == [1]
+    # Every frame is the right lung's, and the lung's pixels are all that is set.
+    frames = decoded.pixel_array.reshape(-1, *label_map.shape[1:])
+    assert int(frames.sum()) == int((label_map == RIGHT_LUNG).sum())
+
+
 def test_findings_without_segments_give_an_sr_alone(small_phantom: ChestPhantom) -> None:
     loaded = load_series(list(small_phantom.paths))
     empty = np.zeros(loaded.series.volume.shape, dtype=np.uint8)
