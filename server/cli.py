@@ -12,14 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infergate import __version__
 from infergate.config import Settings, load_settings
 from infergate.dicom.tls import client_context, server_context
 from infergate.errors import ConfigError, InfergateError, OpsClientError
 from infergate.inference.embedded import EmbeddedTriton
-from infergate.inference.endpoints import Endpoints
-from infergate.inference.shared_memory import remove_stale_regions
 from infergate.ingest.listener_pool import ListenerPool
 from infergate.ingest.spool import Spool
 from infergate.logs import configure_logging, get_logger
@@ -35,6 +34,9 @@ from infergate.routing.explain import explain
 from infergate.store import Recovered, Store
 from infergate.work.forkserver import start_forkserver
 from infergate.work.states import JobState
+
+if TYPE_CHECKING:
+    from infergate.inference.endpoints import Endpoints
 
 log = get_logger("infergate.cli")
 
@@ -71,6 +73,10 @@ def triton_for(
             meanwhile()
         if embedded is not None:
             embedded.wait_ready()
+        # The gRPC client's modules, imported once tritonserver is launched (see launch).
+        from infergate.inference.endpoints import Endpoints
+        from infergate.inference.shared_memory import remove_stale_regions
+
         triton = settings.triton
         if any(triton.shared_memory_with(url) for url in triton.endpoints):
             remove_stale_regions()
@@ -104,22 +110,25 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    store = Store(settings.storage.database, pool_size=settings.storage.database_pool_size)
-    recovered = _clean_after_the_last_run(store, settings)
     check_tls_files(settings)
     plugins = enabled_plugins(settings, discover())
     check_plugin_names(settings, plugins)
     for loaded in plugins:
         log.info("plugins.loaded", plugin=loaded.spec.name, version=loaded.spec.version)
-    if settings.work.job_processes:
-        start_forkserver()  # it warms up, at a lower priority, while Triton starts
-    # The listeners start while Triton loads its models: instances are taken (and kept
-    # durably) from the first seconds; their series wait for the stages below.
+    store = Store(settings.storage.database, pool_size=settings.storage.database_pool_size)
     listeners = ListenerPool(settings, store)
+    recovered = Recovered()
     taking_since = 0.0
 
     def meanwhile() -> None:
-        nonlocal taking_since
+        """While Triton loads its models (Triton is launched first: its model stubs take
+        the longest to start): what the last run left, then the listeners. Instances are
+        taken (and kept durably) from the first seconds; their series wait for the
+        stages, which start once Triton is ready."""
+        nonlocal recovered, taking_since
+        recovered = _clean_after_the_last_run(store, settings)
+        if settings.work.job_processes:
+            start_forkserver()  # it warms up, at a lower priority, while Triton starts
         listeners.start()
         taking_since = time.time()
         # The stages' modules, imported while Triton loads (see infergate.stages).

@@ -22,7 +22,6 @@ from pathlib import Path
 from infergate.config import TritonSettings
 from infergate.errors import TritonUnavailableError
 from infergate.inference.port_holders import port_holders, processes_running
-from infergate.inference.triton import TritonClient
 from infergate.lifetime import die_with_parent
 from infergate.logs import get_logger
 
@@ -66,6 +65,9 @@ def prepare_backends(target: Path) -> Path:
 _LOOPBACK = "127.0.0.1"
 # Seconds tritonserver waits for requests in flight when told to stop.
 _EXIT_TIMEOUT_S = 5
+# How often readiness is asked at start (a gRPC call on loopback costs ~1 ms): the
+# gateway is ready within this of Triton's own readiness.
+_READY_POLL_S = 0.05
 
 
 def _stop_process(pid: int, timeout_s: float = 10.0) -> None:
@@ -245,6 +247,10 @@ class EmbeddedTriton:
             _stop_process(pid)
 
     def wait_ready(self) -> None:
+        # Imported here, not with this module: the gateway launches tritonserver before
+        # it pays for importing the gRPC client (~0.3 s of a start).
+        from infergate.inference.triton import TritonClient  # noqa: PLC0415
+
         deadline = time.monotonic() + self._settings.startup_timeout_s
         client = TritonClient(self._settings.grpc_url, self._settings.request_timeout_s)
         try:
@@ -257,7 +263,7 @@ class EmbeddedTriton:
                 if client.is_ready():
                     log.info("triton.embedded.ready", grpc_port=self._settings.grpc_port)
                     return
-                time.sleep(0.25)
+                time.sleep(_READY_POLL_S)
         finally:
             client.close()
         self.stop()

@@ -5,9 +5,10 @@ It warms up at the job processes' lower CPU priority (``lifetime.JOB_NICENESS``)
 start it competes with the listeners and Triton's model stubs for the cores, and they
 are what the gateway's readiness waits for. Job processes inherit the priority.
 
-It also imports the command line's module, which imports every module of the
-gateway: a forkserver's child runs the parent's main script again before its target
-(multiprocessing's spawn preparation), and the ``infergate`` script imports
+It imports the job process's module (and so the Triton client and the job's
+steps), and the command line's module and what it imports: a forkserver's child
+runs the parent's main script again before its target (multiprocessing's spawn
+preparation), and the ``infergate`` script imports
 ``infergate.cli``. Imported here once, that costs each job nothing; left to each
 job, it took ~0.7 s of every job's start.
 """
@@ -23,7 +24,8 @@ from infergate.work.warmup import warm  # noqa: E402 - imported at the lower pri
 
 warm()
 
-import infergate.cli  # noqa: E402, F401 - see above
+import infergate.cli  # noqa: E402 - see above
+import infergate.work.job_process  # noqa: E402, F401 - a job's own modules (the Triton client)
 
 # Started as `python -m infergate.cli`, each child runs that module again by runpy,
 # which warns, on stderr and before the child's logging is set up, that the module is
