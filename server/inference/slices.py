@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -97,10 +98,24 @@ def read_slices(path: Path) -> list[Slice]:
     return [Slice(path, ds, orientation, position, projection, shape, slope, intercept)]
 
 
-def modality_values(slices: Sequence[Slice]) -> Iterator[npt.NDArray[np.float32]]:
+@overload
+def modality_values(
+    slices: Sequence[Slice], *, integer: Literal[False] = False
+) -> Iterator[npt.NDArray[np.float32]]: ...
+@overload
+def modality_values(
+    slices: Sequence[Slice], *, integer: Literal[True]
+) -> Iterator[npt.NDArray[np.float32] | npt.NDArray[np.int32]]: ...
+def modality_values(
+    slices: Sequence[Slice], *, integer: bool = False
+) -> Iterator[npt.NDArray[np.float32] | npt.NDArray[np.int32]]:
     """The values of each of ``slices`` after the modality LUT (as displayed, for a
     projection image), in their order, one float32 array at a time. An instance's pixel
-    data is read when its first slice comes and dropped after its last."""
+    data is read when its first slice comes and dropped after its last.
+
+    ``integer``: a slice whose LUT is a whole-number shift (slope 1, the usual CT) comes
+    as int32 instead, exact and several times quicker to make than float32 (for an
+    integer volume, which would round the floats again)."""
     last_use = {id(s.header): i for i, s in enumerate(slices)}
     for index, item in enumerate(slices):
         ds = item.header
@@ -115,6 +130,13 @@ def modality_values(slices: Sequence[Slice]) -> Iterator[npt.NDArray[np.float32]
                 f"instance {item.path.name}: pixel data is {stored.shape[-2:]},"
                 f" the header says {item.shape}"
             )
+        if integer and item.slope == 1.0 and item.intercept.is_integer() and not item.projection:
+            shifted = stored.astype(np.int32)
+            if item.intercept != 0.0:
+                shifted += int(item.intercept)
+            _drop_pixels(ds, last_use[id(ds)] == index)
+            yield shifted
+            continue
         values = stored.astype(np.float32)
         if item.slope != 1.0:
             values *= item.slope
@@ -122,9 +144,14 @@ def modality_values(slices: Sequence[Slice]) -> Iterator[npt.NDArray[np.float32]
             values += item.intercept
         if item.projection:
             values = displayed(values, ds)
-        if last_use[id(ds)] == index and "PixelData" in ds:
-            del ds.PixelData
+        _drop_pixels(ds, last_use[id(ds)] == index)
         yield values
+
+
+def _drop_pixels(ds: Dataset, last: bool) -> None:
+    """An instance's pixel data let go once its last slice is decoded."""
+    if last and "PixelData" in ds:
+        del ds.PixelData
 
 
 def _frames(path: Path, ds: Dataset, count: int, shape: tuple[int, int]) -> list[Slice]:

@@ -322,10 +322,18 @@ def _volume_dtype(name: str) -> np.dtype[np.float32] | np.dtype[np.int16]:
     raise VolumeError(f"a volume is float32 or int16, not {name!r}")
 
 
-def _put(volume: VolumeArray, index: int, values: npt.NDArray[np.float32]) -> None:
+def _put(
+    volume: VolumeArray, index: int, values: npt.NDArray[np.float32] | npt.NDArray[np.int32]
+) -> None:
     """Slice ``index`` of ``volume`` is ``values``, rounded and clipped to an integer
     volume's range."""
-    volume[index] = values if volume.dtype == np.float32 else as_int16(values)
+    if volume.dtype == np.float32:
+        volume[index] = values
+    elif values.dtype == np.int32:
+        limits = np.iinfo(np.int16)
+        np.clip(values, limits.min, limits.max, out=volume[index], casting="unsafe")
+    else:
+        volume[index] = as_int16(cast("npt.NDArray[np.float32]", values))
 
 
 def _fill(
@@ -337,6 +345,11 @@ def _fill(
     """``volume`` from ``slices`` (ordered along the normal), read one at a time:
     each shifted in plane by its ``shifts`` when sheared, and resampled onto the
     regular grid when they lie at fractional ``grid_index`` positions on it."""
+    if volume.dtype == np.int16 and shifts is None and grid_index is None:
+        # Whole numbers where the volume is integer and nothing is interpolated.
+        for i, whole in enumerate(modality_values(slices, integer=True)):
+            _put(volume, i, whole)
+        return
     acquired = modality_values(slices)
     if shifts is not None:
         acquired = _unsheared(acquired, shifts)

@@ -37,6 +37,45 @@ def test_rescale_gives_hounsfield_units(small_phantom: ChestPhantom) -> None:
     assert float(np.median(centre)) == pytest.approx(40, abs=60)
 
 
+def test_an_int16_volume_is_the_rounded_float_volume(
+    small_phantom: ChestPhantom, head_ct: list[Path]
+) -> None:
+    """The int16 volume (CT plugins) is made from whole numbers where the LUT is a
+    whole-number shift, and by rounding floats otherwise: the same values either way."""
+    for paths in (list(small_phantom.paths), head_ct):
+        exact = load_series(paths, volume_type="int16").series.volume
+        floats = load_series(paths).series.volume
+        assert exact.dtype == np.int16
+        np.testing.assert_array_equal(exact, np.rint(floats).astype(np.int16))
+
+
+def test_int16_values_are_clipped_and_fractional_luts_rounded(
+    small_phantom: ChestPhantom, tmp_path: Path
+) -> None:
+    """Slice 0: a stored value past int16's range after its shift is clipped; slice 1:
+    a slope of 0.5 and intercept -1024.5 go through floats, rounded half to even."""
+    paths = by_z(small_phantom.paths)[:3]
+
+    def change(index: int, ds: Dataset) -> None:
+        pixels = ds.pixel_array.astype(np.uint16)
+        if index == 0:
+            ds.PixelRepresentation = 0
+            ds.BitsStored = ds.BitsAllocated = 16
+            ds.HighBit = 15
+            pixels[0, 0] = 40000
+            ds.RescaleIntercept = 1000
+        if index == 1:
+            pixels[0, 0], pixels[0, 1] = 2050, 2052
+            ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024.5
+        ds.PixelData = pixels.astype(ds.pixel_array.dtype if index else np.uint16).tobytes()
+
+    volume = load_series(rewrite(paths, tmp_path / "luts", change), volume_type="int16")
+    values = volume.series.volume
+    assert int(values[0, 0, 0]) == 32767  # 40000 + 1000, clipped
+    assert (int(values[1, 0, 0]), int(values[1, 0, 1])) == (0, 2)  # 0.5 and 1.5
+    assert int(values[2, 0, 0]) == int(load_series(paths).series.volume[2, 0, 0])
+
+
 def test_real_tilted_head_ct(head_ct: list[Path]) -> None:
     # This scanner writes the tilt into the orientation: the slices lie along the tilted
     # normal, so the stack is regular and nothing is resampled.
