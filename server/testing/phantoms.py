@@ -77,6 +77,80 @@ def axial_grid(
     return list(np.meshgrid(z_positions, coords, coords, indexing="ij"))
 
 
+# Label values of a chest phantom's truth (those of the ct_lung plugin's segments).
+RIGHT_LUNG_LABEL = 1
+LEFT_LUNG_LABEL = 2
+
+
+@dataclass(frozen=True)
+class ChestGeometry:
+    """The shapes of a chest phantom in patient coordinates (mm, LPS: x to the
+    patient's left, y posterior, z head-ward, 0 at the series' middle); a lung's z
+    semi-axis is a fraction of the series' half-extent along z. The defaults are
+    :func:`write_chest_ct`'s; a training set varies them
+    (``model_repository/ct_lung_unet/train``)."""
+
+    body_axes: tuple[float, float] = (170.0, 120.0)
+    table_y: tuple[float, float] = (135.0, 150.0)
+    airway_centre_y: float = -40.0
+    airway_radius: float = 9.0
+    airway_from: float = 0.55  # the trachea above this fraction of the half-extent
+    # centre (x, y, z), semi-axes (x, y, z as a fraction of the half-extent)
+    right_lung: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+        (-70.0, -5.0, 0.0),
+        (55.0, 80.0, 0.80),
+    )
+    left_lung: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+        (70.0, -5.0, -5.0),
+        (48.0, 72.0, 0.72),
+    )
+    vessels: tuple[tuple[float, float, float], ...] = (
+        (-70.0, 0.0, 20.0),
+        (-60.0, -30.0, -30.0),
+        (65.0, 10.0, 0.0),
+    )
+    vessel_radius: float = 5.0
+    noise_hu: float = 15.0
+
+
+def chest_slice(
+    geometry: ChestGeometry,
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    z: float,
+    *,
+    extent: float,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8]]:
+    """One axial slice of the phantom at ``z`` (mm) on the in-plane grid ``x``, ``y``
+    (:func:`axial_grid`), in a series of half-extent ``extent`` (mm), its noise drawn
+    from ``rng``: its HU, and its truth (``RIGHT_LUNG_LABEL``,
+    ``LEFT_LUNG_LABEL``, 0 elsewhere; a vessel inside a lung is lung)."""
+    g = geometry
+    body = (x / g.body_axes[0]) ** 2 + (y / g.body_axes[1]) ** 2 <= 1.0
+    table = (np.abs(x) <= 200.0) & (y >= g.table_y[0]) & (y <= g.table_y[1])
+    airway = x**2 + (y - g.airway_centre_y) ** 2 <= g.airway_radius**2
+    plane = [np.full_like(x, z), y, x]
+    hu = np.full(x.shape, AIR_HU, dtype=np.float64)
+    hu[body] = TISSUE_HU
+    hu[table] = TABLE_HU
+    labels = np.zeros(x.shape, dtype=np.uint8)
+    for label, ((cx, cy, cz), (ax, ay, az)) in (
+        (RIGHT_LUNG_LABEL, g.right_lung),
+        (LEFT_LUNG_LABEL, g.left_lung),
+    ):
+        inside = ellipsoid(plane, (cx, cy, cz), (ax, ay, az * extent))
+        labels[inside] = label
+        hu[inside] = LUNG_HU
+    if z >= g.airway_from * extent:
+        hu[airway & body] = AIR_HU
+    radius = g.vessel_radius
+    for cx, cy, cz in g.vessels:
+        hu[ellipsoid(plane, (cx, cy, cz), (radius, radius, radius))] = VESSEL_HU
+    hu += rng.normal(0.0, g.noise_hu, size=hu.shape)
+    return np.clip(hu, -1024, 3000).astype(np.int16), labels
+
+
 def write_chest_ct(
     directory: Path,
     *,
@@ -86,9 +160,11 @@ def write_chest_ct(
     slice_spacing: float = 2.5,
     seed: int = 7,
     identity: PhantomIdentity | None = None,
+    geometry: ChestGeometry | None = None,
 ) -> ChestPhantom:
     """Write a synthetic chest CT series into ``directory`` and return its truth."""
     ident = identity or PhantomIdentity()
+    shapes = geometry or ChestGeometry()
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     # Patient coordinates (LPS): x to the patient's left, y posterior, z head-ward.
@@ -97,33 +173,12 @@ def write_chest_ct(
     # Built one slice at a time, so that a study of thousands of slices takes the
     # memory of its int16 volume alone.
     _, y, x = axial_grid(size, pixel_spacing, np.zeros(1))
-    y, x = y[0], x[0]
-    extent = z_top
-    body = (x / 170.0) ** 2 + (y / 120.0) ** 2 <= 1.0
-    table = (np.abs(x) <= 200.0) & (y >= 135.0) & (y <= 150.0)
-    airway = x**2 + (y + 40.0) ** 2 <= 9.0**2
-    lungs = {
-        "right": ((-70.0, -5.0, 0.0), (55.0, 80.0, 0.80 * extent)),
-        "left": ((70.0, -5.0, -5.0), (48.0, 72.0, 0.72 * extent)),
-    }
-    vessels = ((-70.0, 0.0, 20.0), (-60.0, -30.0, -30.0), (65.0, 10.0, 0.0))
     volume = np.empty((slices, size, size), dtype=np.int16)
-    voxels = {"right": 0, "left": 0}
+    voxels = {RIGHT_LUNG_LABEL: 0, LEFT_LUNG_LABEL: 0}
     for index, z in enumerate(z_positions):
-        plane = [np.full_like(x, z), y, x]
-        hu = np.full((size, size), AIR_HU, dtype=np.float64)
-        hu[body] = TISSUE_HU
-        hu[table] = TABLE_HU
-        for side, (centre, axes) in lungs.items():
-            inside = ellipsoid(plane, centre, axes)
-            voxels[side] += int(inside.sum())
-            hu[inside] = LUNG_HU
-        if z >= 0.55 * extent:
-            hu[airway & body] = AIR_HU
-        for cx, cy, cz in vessels:
-            hu[ellipsoid(plane, (cx, cy, cz), (5.0, 5.0, 5.0))] = VESSEL_HU
-        hu += rng.normal(0.0, 15.0, size=hu.shape)
-        volume[index] = np.clip(hu, -1024, 3000).astype(np.int16)
+        volume[index], labels = chest_slice(shapes, x[0], y[0], float(z), extent=z_top, rng=rng)
+        for label in voxels:
+            voxels[label] += int((labels == label).sum())
 
     voxel_ml = pixel_spacing * pixel_spacing * slice_spacing / 1000.0
     written = write_axial_series(
@@ -141,8 +196,8 @@ def write_chest_ct(
         study_uid=written.study_uid,
         series_uid=written.series_uid,
         sop_instance_uids=written.sop_instance_uids,
-        right_lung_ml=voxels["right"] * voxel_ml,
-        left_lung_ml=voxels["left"] * voxel_ml,
+        right_lung_ml=voxels[RIGHT_LUNG_LABEL] * voxel_ml,
+        left_lung_ml=voxels[LEFT_LUNG_LABEL] * voxel_ml,
         identity=ident,
     )
 

@@ -1,0 +1,135 @@
+"""The trained network (model_repository/ct_lung_unet) as the embedded Triton serves
+it: the same answer as onnxruntime called directly, and requests batched together."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from infergate.inference.embedded import EmbeddedTriton
+from infergate.inference.triton import TritonClient
+from infergate.inference.volume import load_series
+from infergate.testing import ChestPhantom
+from infergate_plugins.ct_lung.plugin import MIN_LUNG_ML
+from peers import REPO, triton_settings
+
+pytestmark = pytest.mark.integration
+
+MODEL = "ct_lung_unet"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonClient]:
+    settings = triton_settings(REPO / "model_repository", request_timeout_s=120)
+    server = EmbeddedTriton(settings, tmp_path_factory.mktemp("triton"), models=(MODEL,))
+    server.start()
+    client = TritonClient(settings.grpc_url, settings.request_timeout_s)
+    yield client
+    client.close()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model_module() -> ModuleType:
+    """The model's own module: its onnxruntime session, outside Triton."""
+    path = REPO / "model_repository" / MODEL / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location("ct_lung_unet_model", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _volume(phantom: ChestPhantom) -> npt.NDArray[np.int16]:
+    return np.ascontiguousarray(load_series(list(phantom.paths), volume_type="int16").series.volume)
+
+
+def _stats(client: TritonClient) -> dict[str, Any]:
+    stats: dict[str, Any] = client._client.get_inference_statistics(MODEL, as_json=True)
+    return stats["model_stats"][0]  # type: ignore[no-any-return]
+
+
+def test_triton_answers_as_onnxruntime_does(
+    served: TritonClient, model_module: ModuleType, small_phantom: ChestPhantom
+) -> None:
+    hu = _volume(small_phantom)
+    answer = served.infer(MODEL, {"CT_HU": hu}, ("LUNG_LABELS",), slice_chunk=8)
+    direct = model_module.labels_of(
+        model_module.session(REPO / "model_repository" / MODEL / "1" / "model.onnx"), hu
+    )
+    labels = answer.outputs["LUNG_LABELS"]
+    assert labels.shape == hu.shape
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, direct)
+    # It found two lungs, the first at smaller columns, as ct_lung_seg labels them.
+    assert set(np.unique(labels)) == {0, 1, 2}
+    columns = [np.nonzero(labels == k)[2].mean() for k in (1, 2)]
+    assert columns[0] < columns[1]
+
+
+def test_requests_of_several_jobs_are_batched_together(
+    served: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    """Four jobs' requests at once, of 4 slices each: Triton's dynamic batcher runs
+    fewer batches than it got requests (the statistics count both)."""
+    hu = _volume(small_phantom)[:4]
+    before = _stats(served)
+    answers: list[npt.NDArray[np.generic]] = []
+    start = threading.Barrier(4)
+
+    def job() -> None:
+        client = TritonClient(served.url, 120)
+        try:
+            start.wait()
+            answers.append(
+                client.infer(MODEL, {"CT_HU": hu}, ("LUNG_LABELS",)).outputs["LUNG_LABELS"]
+            )
+        finally:
+            client.close()
+
+    for _ in range(3):  # a round or two may find the batcher idle; three seldom do
+        threads = [threading.Thread(target=job) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        start.reset()
+    deadline = time.monotonic() + 5
+    while True:
+        after = _stats(served)
+        requests = int(after["inference_count"]) - int(before.get("inference_count", 0))
+        if requests >= 48 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert len(answers) == 12
+    for answer in answers:
+        np.testing.assert_array_equal(answer, answers[0])
+    assert requests == 48  # inference_count counts slices (batch items)
+    assert executions < 12
+
+
+def test_a_real_head_ct_has_no_lung_the_plugin_would_keep(
+    served: TritonClient, head_ct: list[Path]
+) -> None:
+    """A scan no one here made, with no lungs: what the network calls lung in it is
+    less than ct_lung's smallest lung (its postprocess, shared by this model's plugin,
+    keeps no candidate under MIN_LUNG_ML)."""
+    loaded = load_series(head_ct, volume_type="int16")
+    hu = np.ascontiguousarray(loaded.series.volume)
+    labels = served.infer(MODEL, {"CT_HU": hu}, ("LUNG_LABELS",), slice_chunk=16).outputs[
+        "LUNG_LABELS"
+    ]
+    for label in (1, 2):
+        volume_ml = float(np.count_nonzero(labels == label)) * loaded.series.voxel_volume_ml
+        assert volume_ml < MIN_LUNG_ML
