@@ -24,19 +24,31 @@ from infergate.errors import InferenceError
 Arrays = dict[str, npt.NDArray[np.generic]]
 
 
-def split_slices(inputs: Mapping[str, npt.NDArray[np.generic]], chunk: int) -> list[Arrays]:
-    """``inputs`` as requests of at most ``chunk`` slices each (one when it fits)."""
+def slice_cut(
+    inputs: Mapping[str, npt.NDArray[np.generic]], chunk: int
+) -> tuple[int, frozenset[str]] | None:
+    """The number of slices and the inputs cut along them when ``inputs`` go as chunks
+    of at most ``chunk`` slices; None when they go as one request."""
     if chunk < 1:
         raise InferenceError(f"a chunk must hold at least one slice, not {chunk}")
     if not inputs:
-        return [{}]
+        return None
     largest = max(inputs.values(), key=lambda a: a.nbytes)
-    if largest.ndim < 2:
-        return [dict(inputs)]
+    if largest.ndim < 2 or largest.shape[0] <= chunk:
+        return None
     slices = largest.shape[0]
-    if slices <= chunk:
+    cut = frozenset(
+        name for name, array in inputs.items() if array.ndim >= 1 and array.shape[0] == slices
+    )
+    return slices, cut
+
+
+def split_slices(inputs: Mapping[str, npt.NDArray[np.generic]], chunk: int) -> list[Arrays]:
+    """``inputs`` as requests of at most ``chunk`` slices each (one when it fits)."""
+    plan = slice_cut(inputs, chunk)
+    if plan is None:
         return [dict(inputs)]
-    cut = {name for name, array in inputs.items() if array.ndim >= 1 and array.shape[0] == slices}
+    slices, cut = plan
     return [
         {
             name: array[start : start + chunk] if name in cut else array

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -168,18 +169,54 @@ def remove_stale_regions(directory: Path = _SHM_DIR) -> list[str]:
     return removed
 
 
+@dataclass(frozen=True)
+class SharedTensor:
+    """A tensor in a registered region: where it lies, and what it is."""
+
+    name: str
+    region: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[np.generic]
+
+    def _span(self, start: int, count: int | None) -> tuple[list[int], int, int]:
+        """The shape, offset and bytes of slices ``start`` to ``start + count`` along
+        the first axis (all of it when ``count`` is None)."""
+        shape = list(self.shape)
+        offset = self.offset
+        if count is not None:
+            offset += start * int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            shape[0] = count
+        return shape, offset, int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def request_input(self, start: int = 0, count: int | None = None) -> grpcclient.InferInput:
+        """The request's input (of those slices only)."""
+        shape, offset, size = self._span(start, count)
+        tensor = grpcclient.InferInput(self.name, shape, np_to_triton_dtype(self.dtype))
+        tensor.set_shared_memory(self.region, size, offset=offset)
+        return tensor
+
+    def requested_output(
+        self, start: int = 0, count: int | None = None
+    ) -> grpcclient.InferRequestedOutput:
+        """The request's output, written by Triton there (those slices only)."""
+        _, offset, size = self._span(start, count)
+        requested = grpcclient.InferRequestedOutput(self.name)
+        requested.set_shared_memory(self.region, size, offset=offset)
+        return requested
+
+
 @contextmanager
 def shared_memory_inputs(
     client: grpcclient.InferenceServerClient,
     inputs: Mapping[str, npt.NDArray[np.generic]],
     timeout_s: float,
     memory: JobMemory | None = None,
-) -> Iterator[list[grpcclient.InferInput]]:
-    """The request inputs, through regions registered with Triton for as long as the
-    block runs: an input that lies in one of ``memory``'s regions where it is, the
-    others copied into one region of their own. Raises
-    :class:`SharedMemoryUnavailableError` when a region cannot be made or Triton
-    cannot map it."""
+) -> Iterator[list[SharedTensor]]:
+    """The request inputs, in regions registered with Triton for as long as the block
+    runs: an input that lies in one of ``memory``'s regions where it is, the others
+    copied into one region of their own. Raises :class:`SharedMemoryUnavailableError`
+    when a region cannot be made or Triton cannot map it."""
     placed: dict[str, tuple[Region, int]] = {}
     copied: dict[str, npt.NDArray[np.generic]] = {}
     for name, array in inputs.items():
@@ -201,13 +238,10 @@ def shared_memory_inputs(
         for region in {id(r): r for r, _ in placed.values()}.values():
             _register(client, region, timeout_s)
             registered.append(region)
-        request_inputs = []
-        for name, array in inputs.items():
-            region, offset = placed[name]
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_shared_memory(region.name, array.nbytes, offset=offset)
-            request_inputs.append(tensor)
-        yield request_inputs
+        yield [
+            SharedTensor(name, placed[name][0].name, placed[name][1], array.shape, array.dtype)
+            for name, array in inputs.items()
+        ]
     finally:
         for region in registered:
             _unregister(client, region.name, timeout_s)
@@ -218,23 +252,21 @@ def shared_memory_inputs(
 @contextmanager
 def shared_memory_outputs(
     client: grpcclient.InferenceServerClient,
-    sizes: Mapping[str, int],
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype[np.generic]]],
     timeout_s: float,
     memory: JobMemory,
-) -> Iterator[dict[str, tuple[grpcclient.InferRequestedOutput, Region]]]:
-    """For each output of ``sizes`` (its bytes, known before the model runs), a region
-    of the job's memory Triton writes it into, registered for as long as the block
-    runs; the output's arrays stay valid as long as ``memory``."""
-    placed: dict[str, tuple[grpcclient.InferRequestedOutput, Region]] = {}
+) -> Iterator[dict[str, tuple[SharedTensor, Region]]]:
+    """For each output of ``shapes`` (its shape and type, known before the model
+    runs), a region of the job's memory Triton writes it into, registered for as long
+    as the block runs; the output's arrays stay valid as long as ``memory``."""
+    placed: dict[str, tuple[SharedTensor, Region]] = {}
     registered: list[Region] = []
     try:
-        for name, size in sizes.items():
-            region = memory.region(size)
+        for name, (shape, dtype) in shapes.items():
+            region = memory.region(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
             _register(client, region, timeout_s)
             registered.append(region)
-            requested = grpcclient.InferRequestedOutput(name)
-            requested.set_shared_memory(region.name, region.size)
-            placed[name] = (requested, region)
+            placed[name] = (SharedTensor(name, region.name, 0, shape, dtype), region)
         yield placed
     finally:
         for region in registered:

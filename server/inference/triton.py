@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,10 +26,11 @@ from infergate.errors import (
     SharedMemoryUnavailableError,
     TritonUnavailableError,
 )
-from infergate.inference.chunks import join_slices, split_slices
+from infergate.inference.chunks import join_slices, slice_cut, split_slices
 from infergate.inference.shared_memory import (
     JobMemory,
     Region,
+    SharedTensor,
     shared_memory_inputs,
     shared_memory_outputs,
 )
@@ -181,41 +182,127 @@ class TritonClient:
         Through shared memory, one request; an input made in ``memory`` is read by
         Triton where it lies, and an output of ``known_outputs`` (its shape and type
         known before the model runs) is written by Triton into a region of ``memory``,
-        its array valid as long as ``memory`` is. Over gRPC, one request, or, when
-        ``slice_chunk`` says the model takes slices alone, chunks of that many slices
-        with up to ``max_in_flight`` requests at once (``chunks``).
+        its array valid as long as ``memory`` is. With such outputs and ``slice_chunk``,
+        one request per chunk of slices instead, each naming its part of the same
+        regions (a model that batches slices takes at most its ``max_batch_size``).
+        Over gRPC, one request, or, when ``slice_chunk`` says the model takes slices
+        alone, chunks of that many slices with up to ``max_in_flight`` requests at once
+        (``chunks``).
 
         Raises :class:`TritonUnavailableError` when Triton cannot be reached (worth
         retrying), :class:`InferenceTimeoutError` past the deadline, and
         :class:`InferenceError` on any other failure.
         """
         deadline = self.timeout_s if timeout_s is None else timeout_s
+        plan = None if slice_chunk is None else slice_cut(inputs, slice_chunk)
         if self.shared_memory:
             try:
-                with shared_memory_inputs(self._client, inputs, deadline, memory) as request_inputs:
+                with shared_memory_inputs(self._client, inputs, deadline, memory) as shared:
                     if memory is None or not memory.shared or not known_outputs:
-                        return self._infer(model, request_inputs, outputs, version, deadline)
-                    sizes = {
-                        name: int(np.prod(shape)) * dtype.itemsize
-                        for name, (shape, dtype) in known_outputs.items()
-                        if name in outputs
-                    }
-                    with shared_memory_outputs(self._client, sizes, deadline, memory) as placed:
-                        return self._infer(
-                            model, request_inputs, outputs, version, deadline, placed=placed
+                        return self._infer_shared(
+                            model, shared, {}, outputs, version=version, deadline=deadline
+                        )
+                    shapes = {n: known_outputs[n] for n in outputs if n in known_outputs}
+                    with shared_memory_outputs(self._client, shapes, deadline, memory) as placed:
+                        return self._infer_shared(
+                            model,
+                            shared,
+                            placed,
+                            outputs,
+                            version=version,
+                            deadline=deadline,
+                            slice_chunk=slice_chunk,
+                            plan=plan,
                         )
             except SharedMemoryUnavailableError as exc:
                 log.warning("inference.shared_memory.unavailable", url=self.url, reason=str(exc))
                 self.shared_memory = False
-        if slice_chunk is not None:
+        if slice_chunk is not None and plan is not None:
             parts = split_slices(inputs, slice_chunk)
-            if len(parts) > 1:
-                answers = self._infer_in_flight(model, parts, outputs, version, deadline)
-                ran = sorted({answer.model_version for answer in answers})
-                return Inference(
-                    join_slices([answer.outputs for answer in answers], outputs), ",".join(ran)
-                )
+            names = [grpcclient.InferRequestedOutput(name) for name in outputs]
+            answers = self._infer_in_flight(
+                model,
+                [partial(_grpc_request, part, names) for part in parts],
+                outputs,
+                deadline,
+                version,
+            )
+            ran = sorted({answer.model_version for answer in answers})
+            return Inference(
+                join_slices([answer.outputs for answer in answers], outputs), ",".join(ran)
+            )
         return self._infer(model, _grpc_inputs(inputs), outputs, version, deadline)
+
+    def _infer_shared(
+        self,
+        model: str,
+        shared: list[SharedTensor],
+        placed: Mapping[str, tuple[SharedTensor, Region]],
+        outputs: tuple[str, ...],
+        *,
+        version: str,
+        deadline: float,
+        slice_chunk: int | None = None,
+        plan: tuple[int, frozenset[str]] | None = None,
+    ) -> Inference:
+        """Inputs in registered regions, outputs of ``placed`` written by Triton into
+        theirs: one request, or, when ``plan`` cuts the slices and every placed output
+        has them as its first axis, one request per chunk of ``slice_chunk`` slices,
+        each naming its byte ranges of the same regions, in flight at once (a model
+        with a batch dimension takes no more than its ``max_batch_size`` at once)."""
+        regions = {name: region for name, (_, region) in placed.items()}
+        if (
+            slice_chunk is None
+            or plan is None
+            or any(tensor.shape[0] != plan[0] for tensor, _ in placed.values())
+        ):
+            requested = [
+                placed[name][0].requested_output()
+                if name in placed
+                else grpcclient.InferRequestedOutput(name)
+                for name in outputs
+            ]
+            request_inputs = [tensor.request_input() for tensor in shared]
+            return self._infer(
+                model,
+                request_inputs,
+                outputs,
+                version,
+                deadline,
+                requested=requested,
+                regions=regions,
+            )
+        slices, cut = plan
+        rest = tuple(name for name in outputs if name not in placed)
+
+        def chunk(
+            start: int,
+        ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
+            count = min(slice_chunk, slices - start)
+            request_inputs = [
+                t.request_input(start, count) if t.name in cut else t.request_input()
+                for t in shared
+            ]
+            requested = [
+                placed[name][0].requested_output(start, count)
+                if name in placed
+                else grpcclient.InferRequestedOutput(name)
+                for name in outputs
+            ]
+            return request_inputs, requested
+
+        answers = self._infer_in_flight(
+            model,
+            [partial(chunk, start) for start in range(0, slices, slice_chunk)],
+            rest,
+            deadline,
+            version,
+        )
+        joined = join_slices([answer.outputs for answer in answers], rest) if rest else {}
+        for name, (tensor, region) in placed.items():
+            joined[name] = region.array(tensor.shape, tensor.dtype)
+        ran = sorted({answer.model_version for answer in answers})
+        return Inference({name: joined[name] for name in outputs}, ",".join(ran))
 
     def _infer(
         self,
@@ -225,36 +312,34 @@ class TritonClient:
         version: str,
         deadline: float,
         *,
-        placed: Mapping[str, tuple[grpcclient.InferRequestedOutput, Region]] | None = None,
+        requested: list[grpcclient.InferRequestedOutput] | None = None,
+        regions: Mapping[str, Region] | None = None,
     ) -> Inference:
-        placed = placed or {}
-        requested = [
-            placed[name][0] if name in placed else grpcclient.InferRequestedOutput(name)
-            for name in outputs
-        ]
+        """One request; the outputs of ``regions`` are read where Triton wrote them."""
         try:
             result = self._client.infer(
                 model,
                 request_inputs,
                 model_version=version,
-                outputs=requested,
+                outputs=requested or [grpcclient.InferRequestedOutput(name) for name in outputs],
                 client_timeout=deadline,
             )
         except InferenceServerException as exc:
             raise _translated(exc, model, deadline) from exc
-        return _answer(result, model, outputs, {name: r for name, (_, r) in placed.items()})
+        return _answer(result, model, outputs, regions)
 
     def _infer_in_flight(
         self,
         model: str,
-        parts: list[dict[str, npt.NDArray[np.generic]]],
+        requests: list[Callable[[], Request]],
         outputs: tuple[str, ...],
-        version: str,
         deadline: float,
+        version: str,
     ) -> list[Inference]:
-        """Each of ``parts`` as its own asynchronous request, ``max_in_flight`` at a time;
-        their answers in order, or the first failure once none is in flight."""
-        results: list[Inference | None] = [None] * len(parts)
+        """Each of ``requests`` (made when its turn comes) as its own asynchronous
+        request, ``max_in_flight`` at a time; the ``outputs`` of their answers in order,
+        or the first failure once none is in flight."""
+        results: list[Inference | None] = [None] * len(requests)
         failures: list[InferenceServerException | InferenceError] = []
         slots = threading.Semaphore(self.max_in_flight)
         finished = threading.Semaphore(0)
@@ -280,17 +365,17 @@ class TritonClient:
                     f"Triton model '{model}' gave no answer within its deadline of {deadline:g} s"
                 )
 
-        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         sent = 0
         try:
-            for index, part in enumerate(parts):
+            for index, make in enumerate(requests):
                 wait(slots)
                 if failures:
                     slots.release()
                     break
+                request_inputs, requested = make()
                 self._client.async_infer(
                     model,
-                    _grpc_inputs(part),
+                    request_inputs,
                     partial(done, index),
                     model_version=version,
                     outputs=requested,
@@ -307,6 +392,17 @@ class TritonClient:
                 raise first
             raise _translated(first, model, deadline) from first
         return [r for r in results if r is not None]
+
+
+# A request: its inputs, and the outputs it asks for.
+Request = tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]
+
+
+def _grpc_request(
+    inputs: Mapping[str, npt.NDArray[np.generic]],
+    requested: list[grpcclient.InferRequestedOutput],
+) -> Request:
+    return _grpc_inputs(inputs), requested
 
 
 def _grpc_inputs(inputs: Mapping[str, npt.NDArray[np.generic]]) -> list[grpcclient.InferInput]:

@@ -133,3 +133,40 @@ def test_a_real_head_ct_has_no_lung_the_plugin_would_keep(
     for label in (1, 2):
         volume_ml = float(np.count_nonzero(labels == label)) * loaded.series.voxel_volume_ml
         assert volume_ml < MIN_LUNG_ML
+
+
+def test_chunks_through_shared_memory_name_parts_of_the_job_regions(
+    served: TritonClient, chest_phantom: ChestPhantom
+) -> None:
+    """A volume of more slices than the model's batch may hold (100 > 64) goes through
+    the job's shared memory as chunks of its slices: each request names its part of
+    the volume's region and of the label map's, which Triton writes in place; the
+    answer is that of the chunks over gRPC."""
+    shared = TritonClient(served.url, 120, shared_memory=True)
+    memory = shared.job_memory()
+    try:
+        loaded = load_series(list(chest_phantom.paths), volume_type="int16", allocate=memory.empty)
+        hu = loaded.series.volume
+        assert memory.find(hu) is not None
+        known = {"LUNG_LABELS": (hu.shape, np.dtype(np.uint8))}
+        before = _stats(served)
+        answer = shared.infer(
+            MODEL,
+            {"CT_HU": hu},
+            ("LUNG_LABELS",),
+            slice_chunk=32,
+            memory=memory,
+            known_outputs=known,
+        )
+        labels = answer.outputs["LUNG_LABELS"]
+        assert memory.find(labels) is not None  # written by Triton into the job's region
+        assert answer.model_version == "1"
+        deadline = time.monotonic() + 5
+        while int(_stats(served)["inference_count"]) - int(before["inference_count"]) < 100:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        over_grpc = served.infer(MODEL, {"CT_HU": np.asarray(hu)}, ("LUNG_LABELS",), slice_chunk=32)
+        np.testing.assert_array_equal(labels, over_grpc.outputs["LUNG_LABELS"])
+    finally:
+        memory.close()
+        shared.close()

@@ -144,9 +144,7 @@ def test_a_volume_built_in_job_memory_is_read_by_triton_where_it_lies(
         found = memory.find(inputs["CT_HU"])
         assert found is not None
         with shared_memory_inputs(triton._client, inputs, 60, memory) as request:
-            regions = {
-                t.name(): t._input.parameters["shared_memory_region"].string_param for t in request
-            }
+            regions = {t.name: t.region for t in request}
         assert regions["CT_HU"] == found[0].name
         assert regions["SPACING_MM"] != found[0].name  # a few numbers, copied
         known = {"LUNG_LABELS": (inputs["CT_HU"].shape, np.dtype(np.uint8))}
