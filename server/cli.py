@@ -245,6 +245,8 @@ def list_plugins() -> int:
         print(f"  modalities: {', '.join(sorted(spec.modalities))}")
         rule = json.dumps(spec.rule) if spec.rule else "acquired images of its modalities"
         print(f"  default rule ({spec.priority}): {rule}")
+        if spec.opt_in:
+            print("  opt-in: runs only where plugins.enabled lists it")
         print(
             f"  Triton model: {spec.model_name}"
             + (f" v{spec.model_version}" if spec.model_version else "")

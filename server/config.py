@@ -678,7 +678,8 @@ class NotificationSettings(_Section):
 
 
 class PluginSettings(_Section):
-    """Which installed plugins run. ``enabled`` None: every installed one."""
+    """Which installed plugins run. ``enabled`` None: every installed one but the
+    opt-in ones (``PluginSpec.opt_in``), which run only where it lists them."""
 
     enabled: tuple[str, ...] | None = None
 

@@ -172,6 +172,10 @@ class PluginSpec:
     # clipped to its range: Hounsfield units lose nothing), half the memory, which a
     # plugin whose model takes int16 hands to it as it is, not copied.
     volume_type: Literal["float32", "int16"] = "float32"
+    # Runs only where plugins.enabled lists it, not on every installed plugin's
+    # default: a second model for a task another plugin does by default (a trained
+    # network beside the heuristic one), which would give each series both results.
+    opt_in: bool = False
 
     def series_description(self, kind: str) -> str:
         """The Series Description of its results of ``kind`` ("SEG", "SR"): that they

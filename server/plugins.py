@@ -103,12 +103,19 @@ def discover() -> list[LoadedPlugin]:
 
 
 def enabled_plugins(settings: Settings, installed: list[LoadedPlugin]) -> list[LoadedPlugin]:
-    """The installed plugins that ``plugins.enabled`` lists (all if it is not set); one
-    listed but not installed is a :class:`ConfigError`, one installed but not listed is
-    logged as skipped."""
+    """The installed plugins that ``plugins.enabled`` lists (if it is not set, all but
+    the opt-in ones: ``PluginSpec.opt_in``); one listed but not installed is a
+    :class:`ConfigError`, one installed but not enabled is logged as skipped."""
     wanted = settings.plugins.enabled
     if wanted is None:
-        return installed
+        for loaded in installed:
+            if loaded.spec.opt_in:
+                log.info(
+                    "plugins.skipped",
+                    plugin=loaded.spec.name,
+                    reason="opt-in: runs only where plugins.enabled lists it",
+                )
+        return [p for p in installed if not p.spec.opt_in]
     names = {p.spec.name for p in installed}
     missing = sorted(set(wanted) - names)
     if missing:

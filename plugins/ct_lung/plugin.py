@@ -39,6 +39,29 @@ BODY_HU = -500.0
 # skull phantom, or of a stomach, is centred).
 MIN_LUNG_OFFSET = 0.08
 
+# Acquired axial CT of the chest: by Body Part Examined or, where a scanner leaves that
+# empty, the series description; not derived images (a dose screen, a reformat) nor
+# scout views. A hospital's own rule (routing.rules) may say otherwise.
+CHEST_CT_RULE: dict[str, object] = {
+    "modality": ["CT"],
+    "orientation": ["axial"],
+    "all": [ACQUIRED_IMAGES],
+    "any": [
+        {"body_part": ["CHEST", "THORAX", "LUNG", "CHESTABDOMEN", "CHESTABDPELVIS"]},
+        {"series_description": r"(?i)\b(chest|thorax|thoracic|lung|pulmonary)"},
+    ],
+    "not": {
+        "any": [
+            {"image_type": ["LOCALIZER"]},
+            {"series_description": "(?i)scout|localizer|topogram|surview"},
+        ]
+    },
+}
+LUNG_SEGMENTS = (
+    SegmentSpec(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, LUNG, laterality=RIGHT),
+    SegmentSpec(LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, LUNG, laterality=LEFT),
+)
+
 SPEC = PluginSpec(
     name="ct_lung",
     version="1.0.0",
@@ -46,34 +69,14 @@ SPEC = PluginSpec(
     title="Lung segmentation",
     modalities=frozenset({"CT"}),
     model_name="ct_lung_seg",
-    # Acquired axial CT of the chest: by Body Part Examined or, where a scanner leaves
-    # that empty, the series description; not derived images (a dose screen, a
-    # reformat) nor scout views. A hospital's own rule (routing.rules) may say otherwise.
-    rule={
-        "modality": ["CT"],
-        "orientation": ["axial"],
-        "all": [ACQUIRED_IMAGES],
-        "any": [
-            {"body_part": ["CHEST", "THORAX", "LUNG", "CHESTABDOMEN", "CHESTABDPELVIS"]},
-            {"series_description": r"(?i)\b(chest|thorax|thoracic|lung|pulmonary)"},
-        ],
-        "not": {
-            "any": [
-                {"image_type": ["LOCALIZER"]},
-                {"series_description": "(?i)scout|localizer|topogram|surview"},
-            ]
-        },
-    },
+    rule=CHEST_CT_RULE,
     inputs=(
         TensorSpec("CT_HU", "INT16", (-1, -1, -1)),
         TensorSpec("SPACING_MM", "FP32", (3,)),
     ),
     volume_type="int16",
     outputs=(TensorSpec("LUNG_LABELS", "UINT8", (-1, -1, -1), shape_of="CT_HU"),),
-    segments=(
-        SegmentSpec(RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, LUNG, laterality=RIGHT),
-        SegmentSpec(LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, LUNG, laterality=LEFT),
-    ),
+    segments=LUNG_SEGMENTS,
 )
 
 
@@ -94,43 +97,50 @@ class CtLungPlugin:
         labels = np.asarray(outputs["LUNG_LABELS"], dtype=np.uint8)
         if labels.shape != series.volume.shape:
             raise ValueError(f"LUNG_LABELS has shape {labels.shape}, volume {series.volume.shape}")
-        # The row direction says which way the columns run: towards the patient's left
-        # (+x in DICOM patient coordinates) or right.
-        columns_point_left = series.row_direction[0] >= 0
-        label_map = np.zeros(labels.shape, dtype=np.uint8)
-        summary: dict[str, float | int | str] = {}
-        for model_label in (1, 2):
-            mask = labels == model_label
-            volume_ml = float(np.count_nonzero(mask)) * series.voxel_volume_ml
-            summary[f"candidate_{model_label}_ml"] = round(volume_ml, 1)
-            if volume_ml < MIN_LUNG_ML:
-                continue
-            offset, width_mm = _lateral_position(series, mask)
-            if width_mm < MIN_THORAX_WIDTH_MM:
-                summary[f"candidate_{model_label}_not_a_lung"] = "body too narrow for a thorax"
-                continue
-            if abs(offset) < MIN_LUNG_OFFSET:
-                summary[f"candidate_{model_label}_not_a_lung"] = "on the body's midline"
-                continue
-            # Its side, each candidate by its own position: a single lung is labelled
-            # by the side it is on, and two parts of one lung are that lung.
-            on_left = (offset > 0) == columns_point_left
-            label_map[mask] = LEFT_LUNG if on_left else RIGHT_LUNG
-            del mask  # before the next one is made
-        voxels = {n: np.count_nonzero(label_map == n) for n in (RIGHT_LUNG, LEFT_LUNG)}
-        numbers = tuple(n for n, count in voxels.items() if count)
-        measurements = tuple(
-            Measurement(n, VOLUME, round(float(voxels[n]) * series.voxel_volume_ml, 1), MILLILITER)
-            for n in numbers
-        )
-        evaluations: tuple[Evaluation, ...] = () if numbers else (Evaluation(LUNG, ABSENT),)
-        return Findings(
-            label_map=label_map if numbers else None,
-            segment_numbers=numbers,
-            measurements=measurements,
-            evaluations=evaluations,
-            summary={"lungs_found": len(numbers), **summary},
-        )
+        return lung_findings(series, labels)
+
+
+def lung_findings(series: Series, labels: npt.NDArray[np.uint8]) -> Findings:
+    """The lungs among a model's two candidates (``labels`` 1 and 2, the volume's
+    shape), each by its own position, and their volumes: the findings of every lung
+    model that labels candidates as ``ct_lung_seg`` does (``ct_lung_unet`` too)."""
+    # The row direction says which way the columns run: towards the patient's left
+    # (+x in DICOM patient coordinates) or right.
+    columns_point_left = series.row_direction[0] >= 0
+    label_map = np.zeros(labels.shape, dtype=np.uint8)
+    summary: dict[str, float | int | str] = {}
+    for model_label in (1, 2):
+        mask = labels == model_label
+        volume_ml = float(np.count_nonzero(mask)) * series.voxel_volume_ml
+        summary[f"candidate_{model_label}_ml"] = round(volume_ml, 1)
+        if volume_ml < MIN_LUNG_ML:
+            continue
+        offset, width_mm = _lateral_position(series, mask)
+        if width_mm < MIN_THORAX_WIDTH_MM:
+            summary[f"candidate_{model_label}_not_a_lung"] = "body too narrow for a thorax"
+            continue
+        if abs(offset) < MIN_LUNG_OFFSET:
+            summary[f"candidate_{model_label}_not_a_lung"] = "on the body's midline"
+            continue
+        # Its side, each candidate by its own position: a single lung is labelled
+        # by the side it is on, and two parts of one lung are that lung.
+        on_left = (offset > 0) == columns_point_left
+        label_map[mask] = LEFT_LUNG if on_left else RIGHT_LUNG
+        del mask  # before the next one is made
+    voxels = {n: np.count_nonzero(label_map == n) for n in (RIGHT_LUNG, LEFT_LUNG)}
+    numbers = tuple(n for n, count in voxels.items() if count)
+    measurements = tuple(
+        Measurement(n, VOLUME, round(float(voxels[n]) * series.voxel_volume_ml, 1), MILLILITER)
+        for n in numbers
+    )
+    evaluations: tuple[Evaluation, ...] = () if numbers else (Evaluation(LUNG, ABSENT),)
+    return Findings(
+        label_map=label_map if numbers else None,
+        segment_numbers=numbers,
+        measurements=measurements,
+        evaluations=evaluations,
+        summary={"lungs_found": len(numbers), **summary},
+    )
 
 
 def _lateral_position(series: Series, mask: npt.NDArray[np.bool_]) -> tuple[float, float]:

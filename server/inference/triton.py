@@ -56,6 +56,9 @@ class ModelMetadata:
     versions: tuple[str, ...]
     inputs: tuple[ModelTensor, ...]
     outputs: tuple[ModelTensor, ...]
+    # The most items (slices) one request may carry in its first dimension, which
+    # Triton's metadata includes in each tensor's shape; 0: the model does not batch.
+    max_batch_size: int = 0
 
 
 class TritonClient:
@@ -122,6 +125,9 @@ class TritonClient:
             meta = self._client.get_model_metadata(
                 model, version, as_json=True, client_timeout=self.timeout_s
             )
+            config = self._client.get_model_config(
+                model, version, as_json=True, client_timeout=self.timeout_s
+            )
         except InferenceServerException as exc:
             raise TritonUnavailableError(
                 f"Triton at {self.url} did not answer for model '{model}': {exc.message()}"
@@ -138,6 +144,7 @@ class TritonClient:
             versions=tuple(meta.get("versions", [])),
             inputs=tensors("inputs"),
             outputs=tensors("outputs"),
+            max_batch_size=int(config.get("config", {}).get("max_batch_size", 0)),
         )
 
     def _reason(self, model: str) -> str:
@@ -154,8 +161,10 @@ class TritonClient:
     def check_plugin(self, spec: PluginSpec) -> ModelMetadata:
         """Check that the model a plugin calls exists and matches its declared tensors."""
         meta = self.model_metadata(spec.model_name, spec.model_version)
-        problems = _compare("input", spec.inputs, meta.inputs) + _compare(
-            "output", spec.outputs, meta.outputs
+        problems = (
+            _compare("input", spec.inputs, meta.inputs)
+            + _compare("output", spec.outputs, meta.outputs)
+            + _batch_problems(spec, meta.max_batch_size)
         )
         if problems:
             raise ModelMismatchError(
@@ -251,17 +260,22 @@ class TritonClient:
         each naming its byte ranges of the same regions, in flight at once (a model
         with a batch dimension takes no more than its ``max_batch_size`` at once)."""
         regions = {name: region for name, (_, region) in placed.items()}
+
+        def requested(*part: int) -> list[grpcclient.InferRequestedOutput]:
+            """The outputs asked for: a placed one as its region (or ``part`` of it,
+            start and count of slices), any other in the answer."""
+            return [
+                placed[name][0].requested_output(*part)
+                if name in placed
+                else grpcclient.InferRequestedOutput(name)
+                for name in outputs
+            ]
+
         if (
             slice_chunk is None
             or plan is None
             or any(tensor.shape[0] != plan[0] for tensor, _ in placed.values())
         ):
-            requested = [
-                placed[name][0].requested_output()
-                if name in placed
-                else grpcclient.InferRequestedOutput(name)
-                for name in outputs
-            ]
             request_inputs = [tensor.request_input() for tensor in shared]
             return self._infer(
                 model,
@@ -269,27 +283,19 @@ class TritonClient:
                 outputs,
                 version,
                 deadline,
-                requested=requested,
+                requested=requested(),
                 regions=regions,
             )
         slices, cut = plan
         rest = tuple(name for name in outputs if name not in placed)
 
-        def chunk(
-            start: int,
-        ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
+        def chunk(start: int) -> Request:
             count = min(slice_chunk, slices - start)
             request_inputs = [
                 t.request_input(start, count) if t.name in cut else t.request_input()
                 for t in shared
             ]
-            requested = [
-                placed[name][0].requested_output(start, count)
-                if name in placed
-                else grpcclient.InferRequestedOutput(name)
-                for name in outputs
-            ]
-            return request_inputs, requested
+            return request_inputs, requested(start, count)
 
         answers = self._infer_in_flight(
             model,
@@ -483,6 +489,23 @@ def _compare(
                 f" {list(spec.shape)} in the plugin"
             )
     return problems
+
+
+def _batch_problems(spec: PluginSpec, max_batch_size: int) -> list[str]:
+    """What stops a model that batches from taking the plugin's requests: it takes at
+    most ``max_batch_size`` slices in one, so the plugin must send chunks no larger."""
+    if max_batch_size <= 0:
+        return []
+    if spec.slice_chunk is None:
+        sent = "whole volumes (no slice_chunk)"
+    elif spec.slice_chunk > max_batch_size:
+        sent = f"chunks of {spec.slice_chunk} slices"
+    else:
+        return []
+    return [
+        f"the model takes at most {max_batch_size} slices a request (max_batch_size);"
+        f" the plugin sends {sent}"
+    ]
 
 
 def _shapes_agree(declared: tuple[int, ...], served: tuple[int, ...]) -> bool:

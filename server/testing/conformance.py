@@ -93,7 +93,7 @@ def check_plugin(plugin: object) -> list[str]:
             problems.append(f"preprocess raised {type(exc).__name__} on a {modality} series: {exc}")
             continue
         problems += _check_tensors("input", spec.inputs, inputs)
-        for outputs in _model_outputs(spec, series):
+        for outputs in _model_outputs(spec, series, inputs):
             problems += _check_postprocess(checked, spec, series, outputs)
         if not np.array_equal(series.volume, before):
             problems.append(f"the {modality} series' volume was changed by the plugin")
@@ -123,18 +123,28 @@ def _check_tensors(
     return problems
 
 
-def _model_outputs(spec: PluginSpec, series: Series) -> list[dict[str, npt.NDArray[np.generic]]]:
+def _model_outputs(
+    spec: PluginSpec, series: Series, inputs: Mapping[str, npt.NDArray[np.generic]]
+) -> list[dict[str, npt.NDArray[np.generic]]]:
     """Outputs as the declared model could return them: zeros, then, for each declared
     segment, its number over a block of ~500 mL in the body, right of its midline (an
-    organ of one side, a lesion)."""
+    organ of one side, a lesion). An output with the shape of an input (``shape_of``)
+    has the shape the plugin gave that input (a volume padded for the model, say)."""
     fills = [0] + [segment.number for segment in spec.segments]
     variants = []
     for fill in fills:
         outputs = {}
         for tensor in spec.outputs:
-            shape = tuple(
-                (series.volume.shape[i] if len(tensor.shape) == 3 else 1) if size == -1 else size
-                for i, size in enumerate(tensor.shape)
+            given = inputs.get(tensor.shape_of) if tensor.shape_of is not None else None
+            shape = (
+                tuple(given.shape)
+                if given is not None
+                else tuple(
+                    (series.volume.shape[i] if len(tensor.shape) == 3 else 1)
+                    if size == -1
+                    else size
+                    for i, size in enumerate(tensor.shape)
+                )
             )
             dtype = np.dtype(triton_to_np_dtype(tensor.datatype))
             array = np.zeros(shape, dtype=dtype)

@@ -51,6 +51,21 @@ class ChestPhantom:
     right_lung_ml: float
     left_lung_ml: float
     identity: PhantomIdentity
+    # What the truth is made from (``truth``): the shapes, the in-plane grid, and the
+    # z of each instance (in the order of ``paths``) and the series' half-extent.
+    geometry: ChestGeometry
+    size: int
+    pixel_spacing: float
+    z_positions: tuple[float, ...]
+    extent: float
+
+    def truth(self, index: int) -> npt.NDArray[np.uint8]:
+        """The lungs of instance ``index`` (of ``paths``): ``RIGHT_LUNG_LABEL``,
+        ``LEFT_LUNG_LABEL``, 0 elsewhere, rows x columns, as written."""
+        _, y, x = axial_grid(self.size, self.pixel_spacing, np.zeros(1))
+        rng = np.random.default_rng(0)  # the noise of the HU, not of the truth
+        z = self.z_positions[index]
+        return chest_slice(self.geometry, x[0], y[0], z, extent=self.extent, rng=rng)[1]
 
 
 def ellipsoid(
@@ -199,6 +214,11 @@ def write_chest_ct(
         right_lung_ml=voxels[RIGHT_LUNG_LABEL] * voxel_ml,
         left_lung_ml=voxels[LEFT_LUNG_LABEL] * voxel_ml,
         identity=ident,
+        geometry=shapes,
+        size=size,
+        pixel_spacing=pixel_spacing,
+        z_positions=tuple(float(z) for z in z_positions),
+        extent=float(z_top),
     )
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,11 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from infergate.errors import ModelMismatchError
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.inference.triton import TritonClient
 from infergate.inference.volume import load_series
 from infergate.testing import ChestPhantom
 from infergate_plugins.ct_lung.plugin import MIN_LUNG_ML
+from infergate_plugins.ct_lung_unet import plugin as unet_plugin
 from peers import REPO, triton_settings
 
 pytestmark = pytest.mark.integration
@@ -175,3 +178,18 @@ def test_chunks_through_shared_memory_name_parts_of_the_job_regions(
     finally:
         memory.close()
         shared.close()
+
+
+def test_the_plugin_passes_the_check_against_the_live_model(served: TritonClient) -> None:
+    """What ``infergate check`` does for it: names, types, shapes, the version it
+    pins, and chunks no larger than the batch the model takes."""
+    meta = served.check_plugin(unet_plugin.spec)
+    assert meta.max_batch_size == 64
+    assert meta.versions == ("1",)
+    whole = replace(unet_plugin.spec, slice_chunk=None)
+    with pytest.raises(ModelMismatchError, match=r"at most 64 slices .* whole volumes"):
+        served.check_plugin(whole)
+    with pytest.raises(ModelMismatchError, match="the plugin sends chunks of 100 slices"):
+        served.check_plugin(replace(unet_plugin.spec, slice_chunk=100))
+    with pytest.raises(ModelMismatchError, match="no ready model 'ct_lung_unet'"):
+        served.check_plugin(replace(unet_plugin.spec, model_version="2"))

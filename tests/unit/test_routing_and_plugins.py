@@ -34,7 +34,7 @@ class _Plugin:
 
 def test_in_repo_plugins_are_found_through_entry_points() -> None:
     loaded = {p.spec.name: p for p in discover()}
-    assert sorted(loaded) == ["ct_head_bleed", "ct_lung", "cxr_quality"]
+    assert sorted(loaded) == ["ct_head_bleed", "ct_lung", "ct_lung_unet", "cxr_quality"]
     assert loaded["ct_lung"].plugin is ct_lung
     for name, found in loaded.items():
         assert f"infergate_plugins.{name}:plugin" in found.source
