@@ -107,15 +107,18 @@ def lung_findings(series: Series, labels: npt.NDArray[np.uint8]) -> Findings:
     # The row direction says which way the columns run: towards the patient's left
     # (+x in DICOM patient coordinates) or right.
     columns_point_left = series.row_direction[0] >= 0
-    label_map = np.zeros(labels.shape, dtype=np.uint8)
     summary: dict[str, float | int | str] = {}
+    lungs: dict[int, int] = {}  # model label -> the lung it is
+    voxels = {RIGHT_LUNG: 0, LEFT_LUNG: 0}
     for model_label in (1, 2):
         mask = labels == model_label
-        volume_ml = float(np.count_nonzero(mask)) * series.voxel_volume_ml
+        count = int(np.count_nonzero(mask))
+        volume_ml = count * series.voxel_volume_ml
         summary[f"candidate_{model_label}_ml"] = round(volume_ml, 1)
         if volume_ml < MIN_LUNG_ML:
             continue
         offset, width_mm = _lateral_position(series, mask)
+        del mask  # before the next one is made
         if width_mm < MIN_THORAX_WIDTH_MM:
             summary[f"candidate_{model_label}_not_a_lung"] = "body too narrow for a thorax"
             continue
@@ -125,9 +128,8 @@ def lung_findings(series: Series, labels: npt.NDArray[np.uint8]) -> Findings:
         # Its side, each candidate by its own position: a single lung is labelled
         # by the side it is on, and two parts of one lung are that lung.
         on_left = (offset > 0) == columns_point_left
-        label_map[mask] = LEFT_LUNG if on_left else RIGHT_LUNG
-        del mask  # before the next one is made
-    voxels = {n: np.count_nonzero(label_map == n) for n in (RIGHT_LUNG, LEFT_LUNG)}
+        lungs[model_label] = LEFT_LUNG if on_left else RIGHT_LUNG
+        voxels[lungs[model_label]] += count
     numbers = tuple(n for n, count in voxels.items() if count)
     measurements = tuple(
         Measurement(n, VOLUME, round(float(voxels[n]) * series.voxel_volume_ml, 1), MILLILITER)
@@ -135,7 +137,7 @@ def lung_findings(series: Series, labels: npt.NDArray[np.uint8]) -> Findings:
     )
     evaluations: tuple[Evaluation, ...] = () if numbers else (Evaluation(LUNG, ABSENT),)
     return Findings(
-        label_map=label_map if numbers else None,
+        label_map=_relabelled(labels, lungs) if numbers else None,
         segment_numbers=numbers,
         measurements=measurements,
         evaluations=evaluations,
@@ -143,15 +145,32 @@ def lung_findings(series: Series, labels: npt.NDArray[np.uint8]) -> Findings:
     )
 
 
+def _relabelled(labels: npt.NDArray[np.uint8], lungs: Mapping[int, int]) -> npt.NDArray[np.uint8]:
+    """The label map of the lungs: each model label of ``lungs`` as its lung, every
+    other voxel 0; a copy of ``labels`` (which may lie in memory let go after the
+    postprocess), made by copying when the model's labels are the lungs' already."""
+    if lungs == {RIGHT_LUNG: RIGHT_LUNG, LEFT_LUNG: LEFT_LUNG} and int(labels.max()) <= 2:
+        return labels.copy()
+    label_map = np.zeros(labels.shape, dtype=np.uint8)
+    for model_label, lung in lungs.items():
+        np.copyto(label_map, np.uint8(lung), where=labels == model_label)
+    return label_map
+
+
 def _lateral_position(series: Series, mask: npt.NDArray[np.bool_]) -> tuple[float, float]:
     """Where the candidate ``mask`` lies across the body, in the slices and rows it
     spans (no table there): its centre's distance from the body's centre in columns,
     as a fraction of the body's width (negative: towards column 0), and that width
     in mm."""
-    slices = np.nonzero(mask.any(axis=(1, 2)))[0]
-    rows = np.nonzero(mask.any(axis=(0, 2)))[0]
+    rows_by_slice = mask.any(axis=2)
+    slices = np.nonzero(rows_by_slice.any(axis=1))[0]
+    rows = np.nonzero(rows_by_slice.any(axis=0))[0]
+    # Its voxels per column, summed over slices first (a sum along the first axis
+    # runs over whole rows of memory; in uint16 or uint32, enough for every slice).
+    wide = np.uint16 if mask.shape[0] < 2**16 else np.uint32
+    per_column = np.add.reduce(mask.view(np.uint8), axis=0, dtype=wide).sum(axis=0, dtype=np.int64)
     # The body's columns, a slice at a time (no mask of the body the size of the volume).
-    occupied = mask.any(axis=(0, 1))
+    occupied = per_column > 0
     for index in range(slices[0], slices[-1] + 1):
         occupied |= (series.volume[index, rows[0] : rows[-1] + 1] > BODY_HU).any(axis=0)
     columns = np.nonzero(occupied)[0]
@@ -159,6 +178,5 @@ def _lateral_position(series: Series, mask: npt.NDArray[np.bool_]) -> tuple[floa
     width = last - first + 1
     centre = (first + last) / 2.0
     # The mean column of its voxels, from their count per column (no index arrays).
-    per_column = np.count_nonzero(mask, axis=(0, 1))
     candidate_centre = float(per_column @ np.arange(per_column.size)) / float(per_column.sum())
     return (candidate_centre - centre) / width, width * series.spacing[2]
