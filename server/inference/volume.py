@@ -323,11 +323,13 @@ def _volume_dtype(name: str) -> np.dtype[np.float32] | np.dtype[np.int16]:
 
 
 def _put(
-    volume: VolumeArray, index: int, values: npt.NDArray[np.float32] | npt.NDArray[np.int32]
+    volume: VolumeArray,
+    index: int,
+    values: npt.NDArray[np.float32] | npt.NDArray[np.int16] | npt.NDArray[np.int32],
 ) -> None:
     """Slice ``index`` of ``volume`` is ``values``, rounded and clipped to an integer
     volume's range."""
-    if volume.dtype == np.float32:
+    if volume.dtype == np.float32 or values.dtype == np.int16:
         volume[index] = values
     elif values.dtype == np.int32:
         limits = np.iinfo(np.int16)
