@@ -13,6 +13,7 @@ preparation), and the ``infergate`` script imports
 job, it took ~0.7 s of every job's start.
 """
 
+import gc
 import os
 import warnings
 
@@ -36,3 +37,10 @@ warnings.filterwarnings(
     category=RuntimeWarning,
     module="runpy",
 )
+
+# Everything above lives as long as the forkserver: frozen out of the collector, so a
+# job's collections do not walk it and write to each object's header, which would copy
+# every page of it into each job process (copy-on-write, ~26,000 page faults, 0.15 s of
+# a 300-slice job's encoding).
+gc.collect()
+gc.freeze()

@@ -10,6 +10,7 @@ listens; the jobs that reach Triton end there.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import signal
 import threading
@@ -60,6 +61,19 @@ class _Failing:
         self, series: Series, outputs: Mapping[str, npt.NDArray[np.generic]]
     ) -> Findings:
         raise AssertionError("never reached")
+
+
+class _Reporting(_Failing):
+    """preprocess writes how many objects its process's collector leaves alone
+    (``gc.freeze``), then fails its job."""
+
+    def __init__(self, report: Path) -> None:
+        super().__init__("reports", "raise")
+        self.report = report
+
+    def preprocess(self, series: Series) -> dict[str, npt.NDArray[np.generic]]:
+        self.report.write_text(str(gc.get_freeze_count()))
+        raise ValueError("reported")
 
 
 class _Unpicklable(_Failing):
@@ -159,3 +173,20 @@ def test_a_plugin_that_cannot_go_to_a_job_process_is_refused_at_start(
         JobScheduler(_settings(), Store(tmp_path / "s.db"), [plugin], triton)
     # On threads it may run.
     JobScheduler(_settings(job_processes=False), Store(tmp_path / "t.db"), [plugin], triton)
+
+
+def test_a_job_process_does_not_collect_what_the_forkserver_warmed_up(
+    tmp_path: Path, triton: TritonClient, small_phantom: ChestPhantom
+) -> None:
+    """The forkserver's modules and warm-up objects are frozen out of the collector: a
+    job's collections leave them (and the pages they share with the forkserver)
+    untouched instead of copying them into each job process."""
+    store = Store(tmp_path / "s.db")
+    queue_job(store, "reported", "reports", small_phantom.paths)
+    report = tmp_path / "frozen.txt"
+    plugin = LoadedPlugin(_Reporting(report), "test")
+    drain_jobs(JobScheduler(_settings(), store, [plugin], triton), store)
+    assert store.job("reported").state is JobState.FAILED
+    # Every object of the imported modules: far more than any job makes before its
+    # preprocess (numpy, pydicom and highdicom alone are hundreds of thousands).
+    assert int(report.read_text()) > 100_000
