@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 from types import ModuleType
 
@@ -59,3 +60,29 @@ def test_empty_volume_gives_no_labels(lung_model: ModuleType) -> None:
     labels = lung_model.segment_lungs(hu, np.array([1.0, 1.0, 1.0]))
     assert labels.dtype == np.uint8
     assert not labels.any()
+
+
+def test_the_model_holds_about_three_bytes_a_voxel_besides_its_input(
+    lung_model: ModuleType, small_phantom: ChestPhantom
+) -> None:
+    """What segment_lungs allocates at its peak, counted by tracemalloc (numpy reports
+    its arrays to it), for the phantom and for it twice over: what each voxel more
+    costs is the component labels (2 bytes) and a mask (1) at once, not the 5 it took
+    with each step's masks copied. (What does not grow with the volume, the counting
+    slabs, drops out of the difference.)"""
+    loaded = load_series(list(small_phantom.paths))
+    hu = loaded.series.volume.astype(np.int16)
+    spacing = np.array(loaded.series.spacing)
+
+    def peak_of(volume: npt.NDArray[np.int16]) -> int:
+        tracemalloc.start()
+        try:
+            lung_model.segment_lungs(volume, spacing, 1)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    once, twice = peak_of(hu), peak_of(np.concatenate([hu, hu]))
+    per_voxel = (twice - once) / hu.size
+    print(f"ct_lung_seg peak {once / 2**20:.1f} MiB, {per_voxel:.2f} bytes a voxel more")
+    assert per_voxel < 3.5

@@ -41,8 +41,8 @@ AIRWAY_MIDLINE_FRACTION = 0.15
 # A lung candidate holds at least this fraction of the largest candidate.
 SECOND_LUNG_MIN_FRACTION = 0.15
 MAX_SPLIT_EROSIONS = 12
-# Voxels counted at once (an int64 copy of 32 MB).
-_SLAB_VOXELS = 4 * 1024 * 1024
+# Voxels counted at once (an int64 copy of 8 MB).
+_SLAB_VOXELS = 1024 * 1024
 
 
 def _component_sizes(labels: Array, count: int) -> Array:
@@ -79,33 +79,37 @@ def _label(mask: Array) -> tuple[Array, int]:
     return labels, count
 
 
-def _largest_component(mask: Array) -> Array:
-    labels, count = _label(mask)
-    if count == 0:
-        return mask
-    largest: Array = labels == (int(np.argmax(_component_sizes(labels, count))) + 1)
-    return largest
-
-
 def _fill_slices(mask: Array, threads: int = 0) -> Array:
-    """Fill holes in each axial slice, working only inside the mask's bounding box."""
-    filled = np.zeros_like(mask)
-    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    """Fill holes in each axial slice of ``mask``, in place (each slice is its own),
+    working only inside the mask's bounding box; returns ``mask``."""
+    boxes = ndimage.find_objects(mask.view(np.uint8))
     if not boxes or boxes[0] is None:
-        return filled
+        return mask
     z_range, y_range, x_range = boxes[0]
 
     def fill(offset: int) -> None:
         index = z_range.start + offset
-        filled[index, y_range, x_range] = ndimage.binary_fill_holes(mask[index, y_range, x_range])
+        mask[index, y_range, x_range] = ndimage.binary_fill_holes(mask[index, y_range, x_range])
 
     _each_slice(fill, z_range.stop - z_range.start, threads)
-    return filled
+    return mask
 
 
 def body_mask(hu: Array, threads: int = 0) -> Array:
     """Voxels inside the patient: the largest dense region, each slice filled."""
-    # An opening in-plane detaches the table and blankets that touch the body.
+    # The opened mask is let go once labelled (it is no one's but _label's argument):
+    # the labels say it all, and one volume's bytes fewer are held at the peak.
+    labels, count = _label(_opened(hu, threads))
+    if count == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    body: Array = labels == (int(np.argmax(_component_sizes(labels, count))) + 1)
+    del labels
+    return _fill_slices(body, threads)
+
+
+def _opened(hu: Array, threads: int) -> Array:
+    """The dense voxels, opened in-plane: the opening detaches the table and blankets
+    that touch the body."""
     structure = ndimage.generate_binary_structure(2, 1)
     opened = np.empty(hu.shape, dtype=bool)
 
@@ -115,12 +119,13 @@ def body_mask(hu: Array, threads: int = 0) -> Array:
         )
 
     _each_slice(open_slice, hu.shape[0], threads)
-    return _fill_slices(_largest_component(opened), threads)
+    return opened
 
 
 def _remove_airways(air: Array, body: Array, spacing: Array, threads: int = 0) -> Array:
+    """``air`` without the trachea and main bronchi, in place (a slice's regions are
+    found before any of that slice is changed); returns ``air``."""
     pixel_area = float(spacing[1] * spacing[2])
-    cleaned = air.copy()
 
     def clean(index: int) -> None:
         columns = np.nonzero(body[index].any(axis=0))[0]
@@ -141,10 +146,10 @@ def _remove_airways(air: Array, body: Array, spacing: Array, threads: int = 0) -
         )
         if airway.any():
             drop = np.concatenate(([False], airway))
-            cleaned[index][drop[labels]] = False
+            air[index][drop[labels]] = False
 
     _each_slice(clean, air.shape[0], threads)
-    return cleaned
+    return air
 
 
 def _split(component: Array) -> tuple[Array, Array] | None:
@@ -194,35 +199,73 @@ def _grow(owner: Array, region: Array) -> None:
 
 def segment_lungs(hu: Array, spacing: Array, threads: int = 0) -> Array:
     """Label the two lungs in ``hu``; see the module docstring for the method."""
-    # Each large array is let go as soon as the next step no longer needs it: the
-    # model's memory stays a few times the volume's, whatever its size.
+    # Each large array is let go as soon as the next step no longer needs it, and
+    # masks are changed in place: besides the input, the model holds at most the
+    # component labels (two bytes a voxel) and a mask or two (one byte each).
     body = body_mask(hu, threads)
-    air = (hu < AIR_HU) & body
+    air = hu < AIR_HU
+    air &= body
     air = _remove_airways(air, body, spacing, threads)
     del body
     labels, count = _label(air)
     del air
-    labels_out = np.zeros(hu.shape, dtype=np.uint8)
     if count == 0:
-        return labels_out
+        return np.zeros(hu.shape, dtype=np.uint8)
     sizes = _component_sizes(labels, count)
     order = np.argsort(sizes)[::-1]
-    largest = labels == order[0] + 1
-    lungs: list[Array]
     if count >= 2 and sizes[order[1]] >= SECOND_LUNG_MIN_FRACTION * sizes[order[0]]:
-        lungs = [largest, labels == order[1] + 1]
+        # The two largest components as candidates 1 and 2 of one uint8 map.
+        lookup = np.zeros(count + 1, dtype=np.uint8)
+        lookup[order[0] + 1], lookup[order[1] + 1] = 1, 2
+        candidates = _through(lookup, labels)
         del labels
     else:
+        largest = labels == order[0] + 1
         del labels
         halves = _split(largest)
-        lungs = list(halves) if halves is not None else [largest]
-    del largest
-    for index, lung in enumerate(lungs):
-        lungs[index] = _fill_slices(lung, threads)
-    lungs.sort(key=_mean_column)
-    for number, lung in enumerate(lungs, start=1):
-        labels_out[lung & (labels_out == 0)] = number
-    return labels_out
+        if halves is None:  # one lung
+            candidates = largest.view(np.uint8)
+        else:  # both lungs in one region, split: what neither half holds is left out
+            del largest
+            candidates = halves[0].view(np.uint8)
+            candidates[halves[1]] = 2
+            del halves
+    return _filled_and_ordered(candidates, threads)
+
+
+def _through(lookup: Array, labels: Array) -> Array:
+    """``lookup[labels]`` as uint8, a slab at a time (no int64 index copy of it all)."""
+    out = np.empty(labels.shape, dtype=np.uint8)
+    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
+    for start in range(0, labels.shape[0], slab):
+        out[start : start + slab] = lookup[labels[start : start + slab]]
+    return out
+
+
+def _filled_and_ordered(candidates: Array, threads: int) -> Array:
+    """The candidates (1, 2) each with its slices' holes filled, numbered by their mean
+    column (1 the smaller), the first numbered where the two overlap; in place in
+    ``candidates``: a filled candidate's voxels are marked in a bit of their own
+    (4 and 8) and the marks turned into the numbers at the end."""
+    numbers = [n for n in (1, 2) if np.any(candidates == n)]
+    columns = {}
+    for bit, number in zip((4, 8), numbers, strict=False):
+        lung = _fill_slices((candidates & 3) == number, threads)
+        columns[bit] = _mean_column(lung)
+        candidates[lung] |= bit
+        del lung
+    ordered = sorted(columns, key=lambda bit: columns[bit])
+    lookup = np.zeros(16, dtype=np.uint8)
+    for value in range(16):
+        for number, bit in enumerate(ordered, start=1):
+            if value & bit:
+                lookup[value] = number
+                break
+    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(candidates.shape[1:]))))
+    for start in range(0, candidates.shape[0], slab):
+        part = candidates[start : start + slab]
+        part[...] = lookup[part]
+    return candidates
 
 
 def _mean_column(mask: Array) -> float:
