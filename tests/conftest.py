@@ -141,6 +141,13 @@ def cxr_model() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def unet_model() -> ModuleType:
+    """The ct_lung_unet model's module (onnxruntime on the committed network), outside
+    Triton."""
+    return _model_module("ct_lung_unet")
+
+
+@pytest.fixture(scope="session")
 def bleed_head(tmp_path_factory: pytest.TempPathFactory) -> HeadPhantom:
     """A synthetic head CT with a right parietal and a left frontal hyperdensity."""
     return write_head_ct(tmp_path_factory.mktemp("bleed-head"), (RIGHT_PARIETAL, LEFT_FRONTAL))

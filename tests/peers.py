@@ -481,6 +481,30 @@ def infergate_config(
     return config
 
 
+def run_cli(
+    *arguments: str,
+    cwd: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``infergate ARGUMENTS`` (``python -m infergate.cli``) run to its end in ``cwd``,
+    its output captured; its exit status is for the caller to check."""
+    return subprocess.run(
+        [sys.executable, "-m", "infergate.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=PEER_ENV if env is None else env,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def json_events(output: str) -> list[dict[str, Any]]:
+    """The JSON log events among the lines of ``output``."""
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
 def storescu(
     port: int, files: list[Path], called_ae: str = "INFERGATE", options: tuple[str, ...] = ()
 ) -> None:

@@ -3,8 +3,6 @@ plugin (Debian's orthanc-dicomweb) and HTTP basic authentication, started by the
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +10,11 @@ import yaml
 
 from infergate.testing import ChestPhantom
 from peers import (
-    PEER_ENV,
     InfergateProcess,
     Orthanc,
     assert_no_patient_data,
     infergate_config,
+    run_cli,
     storescu,
 )
 
@@ -56,15 +54,7 @@ def test_results_reach_a_dicomweb_pacs_that_was_down_once_each(
         pacs.start()
         server.wait_event("export.delivered", timeout=60, fail_on=("export.dead_letter",))
         path = server.workdir / "infergate.yaml"
-        checked = subprocess.run(
-            [sys.executable, "-m", "infergate.cli", "check", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=PEER_ENV,
-            cwd=server.workdir,
-            check=False,
-        )
+        checked = run_cli("check", "--config", str(path), cwd=server.workdir)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert "check.destination.answered" in checked.stdout + checked.stderr
         # check used the running gateway's Triton, and left it running.

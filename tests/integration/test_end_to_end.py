@@ -6,10 +6,7 @@ embedded tritonserver, Orthanc is the PACS, dciodvfy checks what arrived.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +23,13 @@ from infergate.testing import ChestPhantom, HeadPhantom, code_problems, write_ch
 from infergate.testing.multiframe import write_multiframe_ct
 from infergate.testing.phantoms import LEFT_LUNG_LABEL, RIGHT_LUNG_LABEL
 from peers import (
-    PEER_ENV,
     REPO,
     InfergateProcess,
     Orthanc,
     dciodvfy_errors,
     infergate_config,
+    json_events,
+    run_cli,
     storescu,
     wait_until,
     walk_content,
@@ -248,17 +246,9 @@ def test_the_trained_network_segments_the_phantom_as_its_record_says(
     _assert_no_phi(infergate, chest_phantom.identity)
 
     # infergate check, on the gateway's own Triton: the plugin against the live model.
-    checked = subprocess.run(
-        [sys.executable, "-m", "infergate.cli", "check", "--config", "infergate.yaml"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=PEER_ENV,
-        cwd=infergate.workdir,
-        check=False,
-    )
+    checked = run_cli("check", "--config", "infergate.yaml", cwd=infergate.workdir)
     assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
-    events = [json.loads(line) for line in checked.stdout.splitlines() if line.startswith("{")]
+    events = json_events(checked.stdout)
     (ok,) = [e for e in events if e["event"] == "check.plugin.ok"]
     assert (ok["plugin"], ok["version"], ok["model"]) == ("ct_lung_unet", "1.0.0", "ct_lung_unet")
 

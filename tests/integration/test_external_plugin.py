@@ -20,6 +20,7 @@ from peers import (
     dciodvfy_errors,
     infergate_config,
     pip_install,
+    run_cli,
     storescu,
     walk_content,
 )
@@ -36,15 +37,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cli(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "infergate.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**PEER_ENV, "PYTHONPATH": str(site)},
-        cwd=cwd,
-        check=False,
-    )
+    return run_cli(*args, cwd=cwd, env={**PEER_ENV, "PYTHONPATH": str(site)})
 
 
 def test_the_installed_plugin_is_found_checked_and_routed(

@@ -16,7 +16,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -32,13 +31,13 @@ from postgres import PostgresServer, start_postgres
 from infergate.inference.embedded import EmbeddedTriton
 from infergate.testing import LEFT_FRONTAL, RIGHT_PARIETAL, ChestPhantom, write_head_ct
 from peers import (
-    PEER_ENV,
     REPO,
     InfergateProcess,
     Orthanc,
     free_port,
     infergate_config,
     require_program,
+    run_cli,
     storescu,
     triton_settings,
     wait_until,
@@ -87,11 +86,9 @@ class Cluster:
 
 def _cli(node: InfergateProcess, *arguments: str) -> subprocess.CompletedProcess[str]:
     """``infergate ARGUMENTS`` against the running ``node``'s settings."""
-    return subprocess.run(
-        [sys.executable, "-m", "infergate.cli", *arguments,
-         "--config", str(node.workdir / "infergate.yaml")],
-        capture_output=True, text=True, timeout=60, env=PEER_ENV, check=False,
-    )  # fmt: skip
+    return run_cli(
+        *arguments, "--config", str(node.workdir / "infergate.yaml"), cwd=node.workdir, timeout=60
+    )
 
 
 def _cluster(

@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,10 @@ from peers import (
     assert_no_patient_data,
     free_port,
     infergate_config,
+    json_events,
     process_name,
     process_tree,
+    run_cli,
     storescu,
     wait_until,
 )
@@ -196,17 +197,9 @@ def test_check_echoes_every_destination_and_fails_for_one_that_does_not_answer(
     }
     path = tmp_path / "ig.yaml"
     path.write_text(yaml.safe_dump(config))
-    checked = subprocess.run(
-        [sys.executable, "-m", "infergate.cli", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=PEER_ENV,
-        cwd=tmp_path,
-        check=False,
-    )
+    checked = run_cli("check", "--config", str(path), cwd=tmp_path)
     assert checked.returncode == 1, checked.stdout[-3000:]
-    events = [json.loads(line) for line in checked.stdout.splitlines() if line.startswith("{")]
+    events = json_events(checked.stdout)
     answered = [e for e in events if e["event"] == "check.destination.answered"]
     unreachable = [e for e in events if e["event"] == "check.destination.unreachable"]
     assert [e["destination"] for e in answered] == [orthanc.ae_title]

@@ -3,7 +3,6 @@ it: the same answer as onnxruntime called directly, and requests batched togethe
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -41,18 +40,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonClient]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def model_module() -> ModuleType:
-    """The model's own module: its onnxruntime session, outside Triton."""
-    path = REPO / "model_repository" / MODEL / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("ct_lung_unet_model", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _volume(phantom: ChestPhantom) -> npt.NDArray[np.int16]:
     return np.ascontiguousarray(load_series(list(phantom.paths), volume_type="int16").series.volume)
 
@@ -68,12 +55,12 @@ def _count(stats: dict[str, Any], what: str = "inference_count") -> int:
 
 
 def test_triton_answers_as_onnxruntime_does(
-    served: TritonClient, model_module: ModuleType, small_phantom: ChestPhantom
+    served: TritonClient, unet_model: ModuleType, small_phantom: ChestPhantom
 ) -> None:
     hu = _volume(small_phantom)
     answer = served.infer(MODEL, {"CT_HU": hu}, ("LUNG_LABELS",), slice_chunk=8)
-    direct = model_module.labels_of(
-        model_module.session(REPO / "model_repository" / MODEL / "1" / "model.onnx"), hu
+    direct = unet_model.labels_of(
+        unet_model.session(REPO / "model_repository" / MODEL / "1" / "model.onnx"), hu
     )
     labels = answer.outputs["LUNG_LABELS"]
     assert labels.shape == hu.shape

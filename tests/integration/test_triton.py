@@ -6,7 +6,6 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,7 +27,7 @@ from infergate.plugin_api import TensorSpec
 from infergate.testing import ChestPhantom
 from infergate.testing.radiograph_phantom import chest_radiograph_image
 from infergate_plugins.ct_lung import plugin
-from peers import PEER_ENV, REPO, triton_settings
+from peers import REPO, run_cli, triton_settings
 
 pytestmark = pytest.mark.integration
 
@@ -252,15 +251,7 @@ def _check(tmp_path: Path, repository: Path) -> subprocess.CompletedProcess[str]
     }
     path = tmp_path / "ig.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.run(
-        [sys.executable, "-m", "infergate.cli", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=PEER_ENV,
-        check=False,
-        cwd=tmp_path,
-    )
+    return run_cli("check", "--config", str(path), cwd=tmp_path, timeout=180)
 
 
 def test_check_passes_on_the_shipped_repository(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ outside Triton, the lungs of a phantom whose size is not the network's multiple.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -96,35 +95,23 @@ class _NotOptIn(CtLungUnetPlugin):
     spec = replace(CtLungUnetPlugin.spec, opt_in=False)
 
 
-@pytest.fixture(scope="module")
-def model_module() -> ModuleType:
-    """The model's own module (onnxruntime on the committed network), outside Triton."""
-    path = REPO / "model_repository" / "ct_lung_unet" / "1" / "model.py"
-    spec = importlib.util.spec_from_file_location("ct_lung_unet_model", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _dice(found: npt.NDArray[np.uint8], truth: npt.NDArray[np.uint8], label: int) -> float:
     a, b = found == label, truth == label
     return 2.0 * float(np.count_nonzero(a & b)) / float(np.count_nonzero(a) + np.count_nonzero(b))
 
 
 def test_the_network_finds_the_lungs_of_a_phantom_it_must_pad(
-    model_module: ModuleType, tmp_path: Path
+    unet_model: ModuleType, tmp_path: Path
 ) -> None:
     # 500 x 500 pixels: padded to 512 for the network, cut back for the results.
     phantom = write_chest_ct(tmp_path, slices=24, size=500, slice_spacing=10.0)
     loaded = load_series(list(phantom.paths), volume_type="int16")
     series = loaded.series
     hu = plugin.preprocess(series)["CT_HU"]
-    session = model_module.session(
+    session = unet_model.session(
         REPO / "model_repository" / "ct_lung_unet" / "1" / "model.onnx", threads=2
     )
-    labels = model_module.labels_of(session, np.ascontiguousarray(hu))
+    labels = unet_model.labels_of(session, np.ascontiguousarray(hu))
     findings = plugin.postprocess(series, {"LUNG_LABELS": labels})
     assert findings.label_map is not None
     # The truth in the volume's order (slices along the normal: the z of each).
