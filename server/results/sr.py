@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -35,7 +36,7 @@ from infergate.results.identity import (
     model_parameters,
 )
 from infergate.results.library import library_images
-from infergate.results.outline import outline
+from infergate.results.outline import outline, pixels_per_slice
 from infergate.results.seg import seg_segment_numbers
 from infergate.results.sources import SourceSlices
 
@@ -93,12 +94,13 @@ def _finding_site(segment: SegmentSpec) -> hd.sr.FindingSite:
 
 
 def _segment_groups(
-    source: SourceSlices,
     seg: Dataset,
+    source: SourceSlices,
     findings: Findings,
     spec: PluginSpec,
     identity: ResultIdentity,
     *,
+    per_slice: Mapping[int, npt.NDArray[np.int64]],
     pictured: dict[str, Dataset],
 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     if findings.label_map is None:
@@ -107,8 +109,7 @@ def _segment_groups(
     groups = []
     for plugin_number in sorted(numbering):
         segment = spec.segment(plugin_number)
-        in_slice = (findings.label_map == plugin_number).any(axis=(1, 2))
-        present = [int(index) for index in np.nonzero(in_slice)[0]]
+        present = [int(index) for index in np.nonzero(per_slice[plugin_number])[0]]
         covered = source.references(present)
         images, series = None, None
         if len(covered) == 1:  # one image: a multi-frame instance, or a single slice
@@ -150,6 +151,7 @@ def _outline_groups(
     spec: PluginSpec,
     identity: ResultIdentity,
     *,
+    per_slice: Mapping[int, npt.NDArray[np.int64]],
     pictured: dict[str, Dataset],
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """Each segment's outline on the slice where it is largest (TID 1410, a SCOORD
@@ -159,7 +161,7 @@ def _outline_groups(
     groups = []
     for plugin_number in sorted(seg_segment_numbers(findings)):
         segment = spec.segment(plugin_number)
-        shape = outline(findings.label_map == plugin_number)
+        shape = outline(findings.label_map, plugin_number, per_slice[plugin_number])
         if shape is None:
             continue
         ((ds, frames),) = source.references([shape.slice_index])
@@ -238,9 +240,12 @@ def build_report(
     # The images the content references one by one, for the Image Library.
     pictured: dict[str, Dataset] = {}
     try:
-        if seg is not None:
-            groups.extend(_segment_groups(source, seg, findings, spec, identity, pictured=pictured))
-            groups.extend(_outline_groups(source, findings, spec, identity, pictured=pictured))
+        if seg is not None and findings.label_map is not None:
+            # Each segment's pixels in each slice, counted once for both kinds of group.
+            per_slice = pixels_per_slice(findings.label_map, sorted(seg_segment_numbers(findings)))
+            about = (source, findings, spec, identity)
+            groups.extend(_segment_groups(seg, *about, per_slice=per_slice, pictured=pictured))
+            groups.extend(_outline_groups(*about, per_slice=per_slice, pictured=pictured))
         for image_index, slices in sorted((images or {}).items()):
             shown = source.references(slices)
             pictured.update((str(ds.SOPInstanceUID), ds) for ds, _ in shown)

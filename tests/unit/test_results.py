@@ -16,6 +16,7 @@ from infergate.config import DeviceSettings
 from infergate.inference.volume import LoadedSeries, load_series
 from infergate.plugin_api import MILLILITER, VOLUME, Findings, Measurement
 from infergate.results.identity import ResultIdentity
+from infergate.results.outline import pixels_per_slice
 from infergate.results.writer import DEIDENTIFICATION_UNSTATED, encode, write_result
 from infergate.testing import ChestPhantom, code_problems
 from infergate.work.states import ResultKind
@@ -347,3 +348,14 @@ def test_an_image_the_library_cannot_describe_is_left_out_of_it_not_the_report(
         for item in series.ReferencedSOPSequence
     }
     assert str(loaded.headers[3].SOPInstanceUID) in evidence
+
+
+def test_pixels_per_slice_counts_each_label_in_each_slice() -> None:
+    rng = np.random.default_rng(7)
+    label_map = rng.integers(0, 4, size=(9, 17, 23), dtype=np.uint8)
+    label_map[4] = 0  # a slice without any
+    counts = pixels_per_slice(label_map, [1, 3])
+    assert sorted(counts) == [1, 3]
+    for number, per_slice in counts.items():
+        np.testing.assert_array_equal(per_slice, (label_map == number).sum(axis=(1, 2)))
+    assert counts[1][4] == counts[3][4] == 0
