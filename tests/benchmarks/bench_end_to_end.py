@@ -19,6 +19,13 @@ processes share, such as a shared memory region, is counted once over them, whic
 RSS counts in each), each also above the idle tree just before the study was sent;
 and the job process's own peak (``inference.job.done``). PSS is what the host gives.
 
+``--ingest-beside N`` sends, while the study's job runs, copies of the real head CT
+(``tests/data/ct-head-tilt``, 30 instances, routed to no plugin when only ct_lung is
+enabled) as new studies one after another over one association, up to N of them,
+and the same copies once to the idle gateway before the study: the ingest rate
+beside the job and alone, and that every instance of them was answered with success
+(storescu fails otherwise).
+
 ``--reference REV`` runs the same study through the code of commit REV too (the
 previous release; default the last commit before issue 14), interleaved with this
 tree's runs, from a ``git archive`` of it.
@@ -35,10 +42,12 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
+import pydicom
 import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,8 +61,10 @@ from infergate.testing import (
 )
 from peers import (
     PREVIOUS_RELEASE,
+    REAL_DATA,
     Orthanc,
     TreeMemory,
+    copy_as_new_study,
     infergate_config,
     infergate_of,
     reference_tree,
@@ -99,6 +110,53 @@ def _timestamp(event: dict[str, object]) -> float:
     return datetime.fromisoformat(str(event["timestamp"])).timestamp()
 
 
+class _Beside(threading.Thread):
+    """Sends ``studies`` one after another until told to stop or none is left; counts
+    the instances answered and the time they took."""
+
+    def __init__(self, port: int, studies: list[list[Path]]) -> None:
+        super().__init__(daemon=True)
+        self.port, self.studies = port, studies
+        self.halt = threading.Event()
+        self.sent, self.seconds = 0, 0.0
+        self.error: Exception | None = None
+
+    def finish(self) -> None:
+        """Stop after the study being sent; raise if anything was refused."""
+        self.halt.set()
+        if self.is_alive():
+            self.join(600)
+        if self.error is not None:
+            raise RuntimeError(f"ingest beside the job failed: {self.error}")
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            for study in self.studies:
+                if self.halt.is_set():
+                    break
+                storescu(self.port, study)
+                self.sent += len(study)
+        except Exception as exc:  # reported by the run, which fails
+            self.error = exc
+        self.seconds = time.perf_counter() - started
+
+
+def _head_studies(folder: Path, count: int, first: int = 0) -> list[list[Path]]:
+    """``count`` copies of the real head CT, each a study of its own."""
+    head = sorted((REAL_DATA / "ct-head-tilt").glob("*.dcm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return [copy_as_new_study(head, folder / str(first + i))[1] for i in range(count)]
+
+
+def _send_rate(port: int, studies: list[list[Path]]) -> float:
+    """Instances a second of ``studies`` sent in turn to an idle gateway."""
+    started = time.perf_counter()
+    for study in studies:
+        storescu(port, study)
+    return sum(len(s) for s in studies) / (time.perf_counter() - started)
+
+
 def one_run(
     work: Path,
     plugin: str,
@@ -108,6 +166,7 @@ def one_run(
     transport: str,
     quiet_s: float,
     code: dict[str, str] | None = None,
+    beside: int = 0,
 ) -> dict[str, float]:
     orthanc = Orthanc(work / "orthanc")
     orthanc.start()
@@ -119,17 +178,34 @@ def one_run(
         server.start()
         assert server.process is not None
         time.sleep(2.0)  # the forkserver's warm-up done
+        alone, copies = (
+            _head_studies(work / "beside", min(beside, 5)),
+            _head_studies(work / "beside", beside, first=5),
+        )
+        idle_rate = _send_rate(server.port, alone) if alone else 0.0
         memory = TreeMemory(server.process.pid)
         memory.mark_idle()
         memory.start()
         started = time.perf_counter()
         storescu(server.port, paths)
         acknowledged_wall, acknowledged = time.time(), time.perf_counter()
-        complete = server.wait_event("assembly.series.complete", 60)[0]
-        study = complete["study_uid"]
-        wait_until(lambda: orthanc.find_instances(study, "SR"), 180, "the SR in Orthanc", 0.02)
+        study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        (complete,) = wait_until(
+            lambda: [
+                e
+                for e in server.events()
+                if e["event"] == "assembly.series.complete" and e["study_uid"] == study
+            ],
+            600,
+            "the study's series complete",
+        )
+        sender = _Beside(server.port, copies)
+        if copies:
+            sender.start()
+        wait_until(lambda: orthanc.find_instances(study, "SR"), 1800, "the SR in Orthanc", 0.02)
         stored = time.perf_counter()
         stored_wall = time.time()
+        sender.finish()
         started_job = server.wait_event("inference.job.started", 5)[0]
         done = server.wait_event("inference.job.done", 5)[0]
         sent = server.wait_event("export.sent", 5)[0]
@@ -167,6 +243,10 @@ def one_run(
         "to_found_s": stored_wall - _timestamp(sent),
     }
     result.update(measured)
+    if beside:
+        result["beside_sent"] = float(sender.sent)
+        result["beside_img_s"] = sender.sent / sender.seconds if sender.seconds else 0.0
+        result["alone_img_s"] = idle_rate
     if "peak_memory_mib" in done:
         result["job_process_peak_mib"] = float(done["peak_memory_mib"])
     return result
@@ -190,6 +270,9 @@ def main() -> None:
     parser.add_argument("--transport", choices=(*TRANSPORTS, "both"), default="both")
     parser.add_argument("--slices", type=int, default=100, help="ct_lung's phantom")
     parser.add_argument("--reference", default=None, help=f"a commit, e.g. {PREVIOUS_RELEASE}")
+    parser.add_argument(
+        "--ingest-beside", type=int, default=0, help="head CT studies sent while the job runs"
+    )
     args = parser.parse_args()
     plugins = PLUGINS if args.plugin == "all" else (args.plugin,)
     transports = tuple(TRANSPORTS) if args.transport == "both" else (args.transport,)
@@ -213,6 +296,7 @@ def main() -> None:
                                 transport=transport,
                                 quiet_s=args.quiet,
                                 code=code,
+                                beside=args.ingest_beside,
                             )
                         )
                 for name, runs in results.items():
