@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,13 +45,20 @@ MAX_SPLIT_EROSIONS = 12
 _SLAB_VOXELS = 1024 * 1024
 
 
+def _slabs(shape: tuple[int, ...]) -> Iterator[slice]:
+    """Runs of whole slices (first axis) of about ``_SLAB_VOXELS`` voxels each, for
+    work that makes an int64 copy of what it is given."""
+    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], slab):
+        yield slice(start, start + slab)
+
+
 def _component_sizes(labels: Array, count: int) -> Array:
     """Voxel count of components 1..count (bincount: ~10x faster than sum_labels here),
     a slab of slices at a time: bincount makes an int64 copy of what it counts."""
     sizes = np.zeros(count + 1, dtype=np.int64)
-    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
-    for start in range(0, labels.shape[0], slab):
-        sizes += np.bincount(labels[start : start + slab].ravel(), minlength=count + 1)
+    for slab in _slabs(labels.shape):
+        sizes += np.bincount(labels[slab].ravel(), minlength=count + 1)
     return sizes[1:]
 
 
@@ -233,12 +240,13 @@ def segment_lungs(hu: Array, spacing: Array, threads: int = 0) -> Array:
     return _filled_and_ordered(candidates, threads)
 
 
-def _through(lookup: Array, labels: Array) -> Array:
-    """``lookup[labels]`` as uint8, a slab at a time (no int64 index copy of it all)."""
-    out = np.empty(labels.shape, dtype=np.uint8)
-    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
-    for start in range(0, labels.shape[0], slab):
-        out[start : start + slab] = lookup[labels[start : start + slab]]
+def _through(lookup: Array, labels: Array, out: Array | None = None) -> Array:
+    """``lookup[labels]`` as uint8, a slab at a time (no int64 index copy of it all),
+    into ``out`` (which may be ``labels`` itself) or a new array."""
+    if out is None:
+        out = np.empty(labels.shape, dtype=np.uint8)
+    for slab in _slabs(labels.shape):
+        out[slab] = lookup[labels[slab]]
     return out
 
 
@@ -261,11 +269,7 @@ def _filled_and_ordered(candidates: Array, threads: int) -> Array:
             if value & bit:
                 lookup[value] = number
                 break
-    slab = max(1, _SLAB_VOXELS // max(1, int(np.prod(candidates.shape[1:]))))
-    for start in range(0, candidates.shape[0], slab):
-        part = candidates[start : start + slab]
-        part[...] = lookup[part]
-    return candidates
+    return _through(lookup, candidates, out=candidates)
 
 
 def _mean_column(mask: Array) -> float:
